@@ -1,0 +1,201 @@
+"""Command line: ``unetseg train | predict | evaluate | download | models``.
+
+Each subcommand only parses arguments and calls a plain importable function.
+User errors print one ``error:`` line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from unetseg.errors import UnetsegError
+
+EPILOG = "Data root: --data-root, else $UNETSEG_DATA_ROOT, else data/ in the repository."
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a U-Net from a config",
+        description="Train a U-Net. A shipped config name or YAML path sets the run; flags and --set override it. "
+        "The run folder gets config.yaml, split.json, metrics.jsonl, best.pt, last.pt and curves.png.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--config", default="hippocampus_2d", help="shipped config name or YAML path (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--no-skip", action="store_true", help="switch every long skip connection off")
+    p.add_argument("--seed", type=int, help="training seed (the split has its own: data.split_seed)")
+    p.add_argument("--data-root", help="folder holding the data set folders")
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from config: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment images or volumes",
+        description="Segment files. NIfTI in -> NIfTI label map out (same shape, affine, header); "
+        "PNG/JPG/TIF in -> PNG mask out. Folders are searched for supported files.",
+    )
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice and HD95 of a checkpoint on labelled data",
+        description="Evaluate a checkpoint on labelled cases: writes per_case.csv and summary.json, prints the summary.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--dataset", default="hippocampus", choices=["hippocampus", "dsb2018", "folder"])
+    p.add_argument("--data-root", help="folder holding the data set folders")
+    p.add_argument("--split", default="val", choices=["val", "all"],
+                   help="val: the checkpoint's validation cases; all: every labelled case (default: %(default)s)")
+    p.add_argument("--out", default="evaluation", help="output folder (default: %(default)s)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "download",
+        help="download an original data set archive",
+        description="Download and extract the original public archive with MONAI's helpers (MD5-checked where published).",
+    )
+    p.add_argument("dataset", choices=["hippocampus", "dsb2018"])
+    p.add_argument("--root", default="data", help="where to extract (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unetseg",
+        description="U-Net segmentation of medical images with switchable long skip connections.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_download(sub)
+    sub.add_parser("models", help="list the trained models shipped with the package")
+    return parser
+
+
+def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from unetseg.config import apply_overrides, load_config
+    from unetseg.train import fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UnetsegError(f"{run_dir}: no config.yaml; --resume needs a run folder made by unetseg train")
+        cfg = load_config(str(run_dir / "config.yaml"))
+        out = run_dir
+    else:
+        overrides = list(args.overrides)
+        if args.epochs is not None:
+            overrides.append(f"train.epochs={args.epochs}")
+        if args.no_skip:
+            overrides.append("model.skips=false")
+        if args.seed is not None:
+            overrides.append(f"train.seed={args.seed}")
+        if args.device:
+            overrides.append(f"train.device={args.device}")
+        cfg = apply_overrides(load_config(args.config), overrides)
+        out = Path(args.out or f"runs/{cfg.name}")
+    run = fit(cfg, out, data_root=args.data_root, resume=bool(args.resume),
+              command=["unetseg", *argv], progress=not args.quiet)
+    print(f"run folder: {run}")
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Expand folders into their supported image files; missing paths raise."""
+    from unetseg.data.io import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES
+
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES))
+            if not found:
+                raise UnetsegError(f"{item}: no NIfTI or image files in this folder")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UnetsegError(f"{item}: no such file or folder")
+    return files
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from unetseg.infer import Segmenter, write_prediction
+
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    for path in tqdm(collect_inputs(args.inputs), desc="predicting", unit="file"):
+        labels, meta = segmenter.predict_file(path, tta=args.tta, largest_component=args.largest_component)
+        tqdm.write(f"{path} -> {write_prediction(labels, meta, args.out)}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from unetseg.evaluate import evaluate, format_summary
+
+    summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, args.out, args.tta, args.device)
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'per_case.csv'} and {Path(args.out) / 'summary.json'}")
+
+
+def run_download(args: argparse.Namespace) -> None:
+    from unetseg.data.download import download
+
+    print(f"data set ready at {download(args.dataset, args.root)}")
+
+
+def run_models() -> None:
+    import json
+
+    from unetseg.infer import PRETRAINED_DIR, shipped_models
+
+    for name in shipped_models():
+        metrics = PRETRAINED_DIR / name / "metrics.json"
+        dice = json.loads(metrics.read_text()).get("mean_dice") if metrics.is_file() else None
+        print(f"{name:<24} validation mean Dice {dice:.4f}" if dice is not None else name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            run_train(args, argv)
+        elif args.command == "predict":
+            run_predict(args)
+        elif args.command == "evaluate":
+            run_evaluate(args)
+        elif args.command == "download":
+            run_download(args)
+        elif args.command == "models":
+            run_models()
+    except UnetsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

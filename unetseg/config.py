@@ -1,0 +1,153 @@
+"""Run configuration: the dataclasses below hold the only defaults.
+
+YAML files (``unetseg/configs/*.yaml``) and ``--set section.field=value``
+overrides change fields; the resolved config is written into every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unetseg.errors import UnetsegError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of :class:`unetseg.model.UNet` that a config may set."""
+
+    spatial_dims: int = 2  # 2 (slices or images) or 3 (whole volumes)
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # feature maps per level, finest first
+    skips: bool | list[bool] = True  # long skips: all on, all off, or one flag per decoder level (finest first)
+    merge: str = "concat"  # long-skip merge: "concat" (U-Net) or "add" (ResNet-style)
+    residual: bool = False  # short residual skips inside each conv block
+    norm: str = "batch"  # "batch", "instance" or "group"
+    dropout: float = 0.0  # dropout between the two convolutions of a block
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it becomes network input."""
+
+    dataset: str = "hippocampus"  # "hippocampus" (MSD Task04), "dsb2018", or "folder" (images/ + masks/)
+    root: str | None = None  # data root; None: --data-root, else $UNETSEG_DATA_ROOT, else data/
+    slice_axis: int = 2  # for 2D training on volumes: the spatial axis slices are cut along
+    patch_size: list[int] = field(default_factory=lambda: [48, 64])  # training input size (padded / cropped)
+    normalization: str = "percentile"  # "percentile" (clip 0.5-99.5 %, rescale to [0,1]) or "zscore"
+    val_fraction: float = 0.2  # share of cases held out for validation (when num_folds == 0)
+    num_folds: int = 0  # k-fold cross-validation when > 1; `fold` picks the validation fold
+    fold: int = 0
+    split_seed: int = 0  # seed of the case-level train/val split
+    max_cases: int | None = None  # use only the first N cases (after sorting) - for quick runs and tests
+
+
+@dataclass
+class AugmentConfig:
+    """albumentations augmentation for 2D training; never applied to validation."""
+
+    strength: float = 1.0  # scales every probability and magnitude below; 0 switches augmentation off
+    flip: bool = True  # horizontal and vertical flips
+    affine: bool = True  # rotation +-15 deg, scale 0.85-1.15, shift 5 % (times strength)
+    elastic: bool = False  # elastic deformation (slower)
+    intensity: bool = True  # brightness / contrast, and gamma when normalization is "percentile"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 2e-3  # AdamW peak learning rate
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # "cosine" or "poly" (power 0.9), stepped every iteration
+    warmup_steps: int = 50  # linear warm-up iterations
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    num_workers: int = 0  # DataLoader workers; 0 keeps augmentation in the main process (deterministic)
+    steps_per_epoch: int | None = None  # None: one pass over the training samples
+    val_every: int = 1  # validate every N epochs (and always after the last)
+    val_max_cases: int | None = None  # validate on the first N validation cases only
+    grad_log_every: int = 0  # log per-layer gradient norms every N steps (0: off)
+    dice_ce_lambda_ce: float = 1.0  # weight of cross-entropy in MONAI's DiceCELoss
+
+
+@dataclass
+class Config:
+    """A whole run: name plus the four sections."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a :class:`Config` from nested dicts; unknown keys raise :class:`UnetsegError`."""
+    unknown = set(raw) - {"name", *SECTIONS}
+    if unknown:
+        raise UnetsegError(f"{source}: unknown section(s) {sorted(unknown)}; expected name, {', '.join(SECTIONS)}")
+    cfg = Config(name=str(raw.get("name", "run")))
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - names
+        if bad:
+            raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
+        setattr(cfg, section, cls(**values))
+    return cfg
+
+
+def load_config(name_or_path: str) -> Config:
+    """Load a shipped config by name (``hippocampus_2d``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UnetsegError(
+            f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(available_configs())}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UnetsegError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings (values parsed as YAML) and return a new config."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or parts[0] not in SECTIONS:
+            raise UnetsegError(f"--set {item!r}: expected section.field=value with section in {', '.join(SECTIONS)}")
+        section, name = parts
+        if name not in raw[section]:
+            raise UnetsegError(f"--set {item!r}: '{section}' has no field '{name}'; valid: {sorted(raw[section])}")
+        raw[section][name] = yaml.safe_load(value)
+    return config_from_dict(raw, source="--set")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

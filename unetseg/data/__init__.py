@@ -1,0 +1,1 @@
+"""Data: readers (``io``), numpy preprocessing, augmentation and datasets."""

@@ -1,0 +1,75 @@
+"""Pure-numpy preprocessing: intensity normalisation, padding, cropping, slicing.
+
+Arrays are channel-first images ``(C, *S)`` or label maps ``(*S)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+Normalization = Literal["zscore", "percentile"]
+
+
+def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> np.ndarray:
+    """Normalise each channel of ``image (C, *S)`` on its own; returns float32 of the same shape.
+
+    - ``"zscore"``: subtract the channel mean, divide by its standard deviation
+      (per case, as nnU-Net does for MRI).
+    - ``"percentile"``: clip to the 0.5th-99.5th percentiles, then rescale to
+      ``[0, 1]`` (robust to a few very bright voxels; keeps intensities
+      non-negative so gamma augmentation applies).
+    A constant channel becomes all zeros.
+    """
+    if method not in ("zscore", "percentile"):
+        raise ValueError(f"normalization must be 'zscore' or 'percentile', got {method!r}")
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, channel in enumerate(image.astype(np.float32)):
+        if method == "percentile":
+            lo, hi = (float(v) for v in np.percentile(channel, [0.5, 99.5]))
+            out[c] = (np.clip(channel, lo, hi) - lo) / (hi - lo) if hi > lo else 0.0
+            continue
+        std = float(channel.std())
+        out[c] = (channel - channel.mean()) / std if std > 0 else 0.0
+    return out
+
+
+def pad_to_shape(array: np.ndarray, shape: Sequence[int], value: float = 0.0) -> np.ndarray:
+    """Pad the trailing ``len(shape)`` axes of ``array`` at the high end up to ``shape``.
+
+    Axes already at least as large are left alone (no cropping).
+    """
+    lead = array.ndim - len(shape)
+    pad = [(0, 0)] * lead + [(0, max(0, t - s)) for s, t in zip(array.shape[lead:], shape)]
+    if not any(p for _, p in pad):
+        return array
+    return np.pad(array, pad, mode="constant", constant_values=value)
+
+
+def round_up_to_multiple(shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """Smallest shape >= ``shape`` whose sides are multiples of ``multiple``."""
+    return tuple(-(-int(s) // multiple) * multiple for s in shape)
+
+
+def volume_to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    """Cut a volume into 2D slices along a spatial axis.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` image or ``(X, Y, Z)`` label map.
+        axis: spatial axis 0, 1 or 2 (X, Y or Z).
+
+    Returns:
+        ``(N, C, H, W)`` or ``(N, H, W)``, N the size of ``axis``.
+    """
+    if axis not in (0, 1, 2):
+        raise ValueError(f"slice axis must be 0, 1 or 2, got {axis}")
+    has_channels = volume.ndim == 4
+    return np.moveaxis(volume, axis + int(has_channels), 0)
+
+
+def slices_to_volume(slices: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`volume_to_slices`: ``(N, C, H, W)`` -> ``(C, X, Y, Z)``; ``(N, H, W)`` -> ``(X, Y, Z)``."""
+    has_channels = slices.ndim == 4
+    return np.moveaxis(slices, 0, axis + int(has_channels))

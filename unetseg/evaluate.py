@@ -1,0 +1,121 @@
+"""Evaluation: per-case Dice and HD95, their summary, and the files ``unetseg evaluate`` writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from unetseg.data.datasets import Case, dataset_info, list_cases, load_cases
+from unetseg.errors import UnetsegError
+from unetseg.infer import Segmenter, load_checkpoint
+from unetseg.losses import case_metrics
+
+
+def evaluate_cases(
+    segmenter: Segmenter, cases: Sequence[Case], tta: bool = False, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Predict each labelled case (whole volume or image) and score it.
+
+    Returns one row per case: ``case_id``, then ``dice_<class>`` and
+    ``hd95_<class>`` for each foreground class (HD95 in mm for NIfTI, pixels for 2D).
+    """
+    rows = []
+    names = segmenter.class_names[1:]
+    for case in tqdm(cases, desc="evaluating", unit="case", leave=False, disable=not progress):
+        prediction = segmenter.predict(case.image, tta=tta, normalized=True)
+        m = case_metrics(prediction, case.label, segmenter.num_classes, case.meta.spacing[: case.label.ndim])
+        row: dict[str, Any] = {"case_id": case.case_id}
+        row.update({f"dice_{n}": float(v) for n, v in zip(names, m["dice"])})
+        row.update({f"hd95_{n}": float(v) for n, v in zip(names, m["hd95"])})
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+    """Mean and std per foreground class over cases (NaNs skipped), and ``mean_dice`` over classes."""
+    classes = {}
+    for name in class_names[1:]:
+        entry = {}
+        for metric in ("dice", "hd95"):
+            values = np.array([r[f"{metric}_{name}"] for r in rows], dtype=float)
+            finite = values[np.isfinite(values)]
+            entry[f"{metric}_mean"] = float(finite.mean()) if finite.size else float("nan")
+            entry[f"{metric}_std"] = float(finite.std()) if finite.size else float("nan")
+            entry[f"{metric}_cases"] = int(finite.size)
+        classes[name] = entry
+    mean_dice = float(np.nanmean([c["dice_mean"] for c in classes.values()])) if classes else float("nan")
+    return {"num_cases": len(rows), "classes": classes, "mean_dice": mean_dice}
+
+
+def write_evaluation(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_case.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return csv_path, summary_path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines of a summary."""
+    lines = [f"{summary['num_cases']} cases, mean foreground Dice {summary['mean_dice']:.4f}"]
+    for name, c in summary["classes"].items():
+        lines.append(
+            f"  {name:<12} Dice {c['dice_mean']:.4f} +- {c['dice_std']:.4f}   HD95 {c['hd95_mean']:.3f} +- {c['hd95_std']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data_root: str | Path | None,
+    dataset: str,
+    split: str = "val",
+    out_dir: str | Path = "evaluation",
+    tta: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on labelled cases and write per-case CSV and summary JSON.
+
+    Args:
+        split: ``"val"`` - the validation cases stored in the checkpoint (its
+            training run's split); ``"all"`` - every labelled case under the root.
+
+    Returns:
+        The summary dict (also written to ``out_dir/summary.json``).
+    """
+    if split not in ("val", "all"):
+        raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
+    payload = load_checkpoint(checkpoint)
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
+    refs, info = list_cases(dataset_info(dataset), data_root)
+    if split == "val":
+        wanted = set(payload.get("split", {}).get("val", []))
+        if not wanted:
+            raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
+        refs = [r for r in refs if r.case_id in wanted]
+        if len(refs) != len(wanted):
+            raise UnetsegError(
+                f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
+            )
+    if tuple(info.class_names) != segmenter.class_names:
+        raise UnetsegError(
+            f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
+        )
+    cases = load_cases(refs, info, segmenter.preprocessing["normalization"])
+    rows = evaluate_cases(segmenter, cases, tta=tta)
+    summary = summarize(rows, info.class_names)
+    summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta})
+    write_evaluation(rows, summary, out_dir)
+    return summary

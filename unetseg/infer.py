@@ -1,0 +1,258 @@
+"""Inference: checkpoints, the :class:`Segmenter`, and prediction of files.
+
+A checkpoint is a plain dict (safe for ``torch.load(weights_only=True)``)
+holding the model's constructor arguments and the preprocessing settings, so
+inference needs nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from skimage.measure import label as connected_components
+
+from unetseg.data import io
+from unetseg.data.datasets import to_channels
+from unetseg.data.preprocess import normalize_intensity, slices_to_volume, volume_to_slices
+from unetseg.errors import DataError, UnetsegError
+from unetseg.model import UNet
+
+CHECKPOINT_FORMAT = "unetseg-checkpoint-v1"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write ``payload`` atomically: to a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def shipped_models() -> list[str]:
+    """Names of the trained models that ship with the package."""
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "model.pt").is_file()) if PRETRAINED_DIR.is_dir() else []
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint path, or the ``model.pt`` of a shipped model of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "best.pt").is_file():
+        return path / "best.pt"
+    shipped = PRETRAINED_DIR / str(name_or_path) / "model.pt"
+    if shipped.is_file():
+        return shipped
+    raise UnetsegError(
+        f"checkpoint {str(name_or_path)!r} not found; give a .pt path, a run folder, "
+        f"or a shipped model: {', '.join(shipped_models()) or '(none installed)'}"
+    )
+
+
+def load_checkpoint(name_or_path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``); never executes pickled code."""
+    path = resolve_checkpoint(name_or_path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle with code in it
+        raise DataError(path, f"not a loadable unetseg checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(path, f"not a unetseg checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def build_model(model_args: dict[str, Any]) -> UNet:
+    """Rebuild a :class:`UNet` from the constructor arguments stored in a checkpoint."""
+    return UNet(**model_args)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnetsegError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep only the largest connected component of each foreground class (scikit-image labelling)."""
+    out = np.zeros_like(labels)
+    for k in range(1, num_classes):
+        components = connected_components(labels == k)
+        if components.max() == 0:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        out[components == sizes.argmax()] = k
+    return out
+
+
+class Segmenter:
+    """Segments images with a trained :class:`UNet`.
+
+    Args:
+        model: the network (put in eval mode here).
+        preprocessing: ``normalization``, ``slice_axis``, ``patch_size``,
+            ``in_channels`` as stored in checkpoints.
+        class_names: background first.
+        device: where to run.
+        batch_size: slices or windows per forward pass.
+
+    Example::
+
+        seg = Segmenter.from_checkpoint("hippocampus_2d")
+        labels = seg.predict(volume)   # (X, Y, Z) raw intensities -> (X, Y, Z) labels
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        preprocessing: dict[str, Any],
+        class_names: Sequence[str],
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ) -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.preprocessing = dict(preprocessing)
+        self.class_names = tuple(class_names)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
+        """Build from a checkpoint path, run folder, or shipped model name."""
+        payload = load_checkpoint(name_or_path)
+        model = build_model(payload["model_args"])
+        model.load_state_dict(payload["state_dict"])
+        return cls(model, payload["preprocessing"], payload["class_names"], device)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.model.spatial_dims
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare(self, image: np.ndarray, channel_axis: int | None = None, source: str | Path = "image") -> np.ndarray:
+        """Raw image -> normalised ``(C, *S)`` float32 with the model's channel count.
+
+        Args:
+            image: a 2D image or 3D volume. Without a channel axis (``(H, W)``,
+                ``(X, Y, Z)``) it is one channel; otherwise name its axis.
+            channel_axis: the channel axis (``-1`` for ``(H, W, 3)`` RGB), or None.
+        """
+        image = np.asarray(image, dtype=np.float32)
+        image = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
+        if image.ndim not in (3, 4):
+            raise DataError(source, f"expected a 2D image or 3D volume, got shape {image.shape}")
+        image = to_channels(image, self.preprocessing["in_channels"], source)
+        return normalize_intensity(image, self.preprocessing["normalization"])
+
+    @torch.no_grad()
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of a batch ``(B, C, *S) -> (B, K, *S)``; sliding window for large inputs."""
+        roi = tuple(self.preprocessing["patch_size"])
+        batch = batch.to(self.device)
+        if len(roi) == batch.ndim - 2 and any(s > 2 * r for s, r in zip(batch.shape[2:], roi)):
+            logits = sliding_window_inference(
+                batch, roi_size=roi, sw_batch_size=self.batch_size, predictor=self.model, overlap=0.25, mode="gaussian"
+            )
+        else:
+            logits = self.model(batch)
+        return torch.softmax(logits.float(), dim=1)
+
+    def _probabilities(self, image: np.ndarray, flip_axes: Sequence[int] = ()) -> np.ndarray:
+        """Probabilities ``(K, *S)`` of a normalised image ``(C, *S)``, optionally flipped along spatial axes."""
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        volume_in_2d = self.spatial_dims == 2 and image.ndim == 4
+        if volume_in_2d:
+            x = torch.from_numpy(np.ascontiguousarray(volume_to_slices(image, self.preprocessing["slice_axis"])))
+        else:
+            x = x[None]
+        dims = [d + 2 for d in flip_axes]
+        if dims:
+            x = torch.flip(x, dims)
+        probs = torch.cat([self._forward(chunk) for chunk in torch.split(x, self.batch_size)])
+        if dims:
+            probs = torch.flip(probs, dims)
+        probs = probs.cpu().numpy()
+        return slices_to_volume(probs, self.preprocessing["slice_axis"]) if volume_in_2d else probs[0]
+
+    def predict_proba(
+        self, image: np.ndarray, tta: bool = False, channel_axis: int | None = None, normalized: bool = False
+    ) -> np.ndarray:
+        """Class probabilities ``(K, *S)``.
+
+        Args:
+            image: raw image (see :meth:`prepare`), or already normalised
+                ``(C, *S)`` when ``normalized=True``.
+            tta: average over flips along each in-plane axis of the network
+                (test-time augmentation).
+            channel_axis: see :meth:`prepare`.
+        """
+        if not normalized:
+            image = self.prepare(image, channel_axis)
+        probs = self._probabilities(image)
+        if tta:
+            for axis in range(self.spatial_dims):
+                probs = probs + self._probabilities(image, flip_axes=(axis,))
+            probs = probs / (self.spatial_dims + 1)
+        return probs
+
+    def predict(
+        self,
+        image: np.ndarray,
+        tta: bool = False,
+        largest_component: bool = False,
+        channel_axis: int | None = None,
+        normalized: bool = False,
+    ) -> np.ndarray:
+        """Label map ``(*S)`` int64 for a raw image (see :meth:`predict_proba`).
+
+        ``largest_component`` keeps each foreground class's largest connected component.
+        """
+        labels = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized).argmax(axis=0)
+        return keep_largest_component(labels, self.num_classes) if largest_component else labels
+
+    def predict_file(
+        self, path: str | Path, tta: bool = False, largest_component: bool = False
+    ) -> tuple[np.ndarray, io.ImageMeta]:
+        """Read an image file and predict it; returns labels and the file's metadata."""
+        image, meta = io.read_image(path)
+        self.check_compatible(meta.kind, path)
+        labels = self.predict(image, tta=tta, largest_component=largest_component, channel_axis=0)
+        return labels, meta
+
+    def check_compatible(self, kind: str, source: str | Path = "image") -> None:
+        """Raise :class:`DataError` when a file of ``kind`` ("nifti" or "image2d") does not suit this model."""
+        if kind == "nifti" and self.preprocessing["in_channels"] != 1:
+            raise DataError(source, "this model segments 2D colour images, not volumes; pick a volume model")
+        if kind == "image2d" and self.spatial_dims == 3:
+            raise DataError(source, "this 3D model segments volumes; give a NIfTI file or pick a 2D model")
+
+
+def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path) -> Path:
+    """Save a prediction next to others in ``out_dir``: NIfTI keeps affine and header; 2D becomes PNG."""
+    out_dir = Path(out_dir)
+    name = meta.path.name
+    if meta.kind == "nifti":
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        return io.write_nifti_label(labels, meta, out_dir / f"{stem}.nii.gz")
+    return io.write_png_mask(labels, out_dir / f"{Path(name).stem}.png")

@@ -1,0 +1,52 @@
+"""Thin wrappers over MONAI's loss and metrics."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+
+
+def make_loss(lambda_ce: float = 1.0) -> DiceCELoss:
+    """MONAI Dice + cross-entropy on logits ``(B, K, *S)`` and labels ``(B, 1, *S)``."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=lambda_ce)
+
+
+def case_metrics(
+    prediction: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-class Dice and HD95 of one case (foreground classes only).
+
+    Args:
+        prediction: ``(*S)`` integer labels.
+        truth: ``(*S)`` integer labels, same shape.
+        num_classes: classes including background.
+        spacing: voxel size per axis (mm) for HD95; pixels when None.
+
+    Returns:
+        ``{"dice": (K-1,), "hd95": (K-1,)}``. Dice is NaN where a class is absent
+        from both; HD95 is NaN where it is absent from either (MONAI's convention
+        would give inf), so means over cases can skip those with ``nanmean``.
+    """
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != truth shape {truth.shape}")
+    pred = one_hot(torch.as_tensor(prediction, dtype=torch.long)[None, None], num_classes)
+    true = one_hot(torch.as_tensor(truth, dtype=torch.long)[None, None], num_classes)
+    dice = compute_dice(pred, true, include_background=False, ignore_empty=True)[0].numpy()
+    hd95 = np.full(num_classes - 1, np.nan)
+    for k in range(1, num_classes):
+        if pred[0, k].any() and true[0, k].any():
+            with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd95[k - 1] = float(
+                    compute_hausdorff_distance(
+                        pred[:, k : k + 1], true[:, k : k + 1], include_background=True, percentile=95,
+                        spacing=None if spacing is None else [float(s) for s in spacing],
+                    )[0, 0]
+                )
+    return {"dice": dice.astype(float), "hd95": hd95}
