@@ -178,6 +178,7 @@ def fit(
     resume: bool = False,
     command: Sequence[str] | None = None,
     progress: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> Path:
     """Train ``cfg`` and write its run folder; returns the folder.
 
@@ -190,6 +191,8 @@ def fit(
             so a resumed run matches an uninterrupted one on CPU).
         command: the command line, recorded in ``command.txt``.
         progress: show tqdm bars.
+        stop_after_epoch: stop after this epoch (0-based) as if interrupted; the
+            schedule still spans ``cfg.train.epochs`` and ``resume`` continues it.
     """
     out = Path(out_dir)
     device = resolve_device(cfg.train.device)
@@ -333,6 +336,8 @@ def fit(
                     f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f}{dice} "
                     f"({row['samples_per_s']:.0f} samples/s, {row['elapsed_s']:.0f} s)"
                 )
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
     if di.world_size > 1:
         dist.barrier()
     return out

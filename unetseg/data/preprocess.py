@@ -29,7 +29,7 @@ def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> 
     for c, channel in enumerate(image.astype(np.float32)):
         if method == "percentile":
             lo, hi = (float(v) for v in np.percentile(channel, [0.5, 99.5]))
-            out[c] = (np.clip(channel, lo, hi) - lo) / (hi - lo) if hi > lo else 0.0
+            out[c] = np.clip((channel - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
             continue
         std = float(channel.std())
         out[c] = (channel - channel.mean()) / std if std > 0 else 0.0

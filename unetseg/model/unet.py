@@ -40,9 +40,10 @@ class UNet(nn.Module):
 
     Parameter counts (2D, ``in_channels=1``, ``out_channels=3``, the default
     ``channels=(16, 32, 64, 128)``, batch norm, ``merge="concat"``):
-    with all skips 470,099; with none 450,515 (the skip levels' first decoder
-    convolutions are narrower). The 3D network with the same arguments has
-    1,399,491 / 1,340,739. ``tests/test_model.py`` checks these figures.
+    with all skips 482,483; with none 434,099 (each decoder level's first
+    convolution loses ``channels[i]`` input maps: 9 * (16^2 + 32^2 + 64^2) =
+    48,384 weights). The 3D network with the same arguments has 1,401,299 /
+    1,256,147. ``tests/test_model.py`` checks these figures.
 
     Args:
         spatial_dims: 2 or 3.

@@ -1,0 +1,270 @@
+"""Readers on the real shared files and on tiny synthetic fixtures; splits; preprocessing; augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage import io as skio
+
+from unetseg.config import AugmentConfig
+from unetseg.data import io
+from unetseg.data.datasets import (
+    PatchDataset,
+    dataset_info,
+    list_cases,
+    load_case,
+    read_dsb_mask,
+    split_cases,
+    training_samples,
+)
+from unetseg.data.preprocess import normalize_intensity, pad_to_shape, slices_to_volume, volume_to_slices
+from unetseg.data.transforms import augment, build_augmentation
+from unetseg.errors import DataError
+
+# ---- real data ---------------------------------------------------------------------------
+
+
+def test_hippocampus_real_case(data_root):
+    refs, info = list_cases(dataset_info("hippocampus"), data_root)
+    assert len(refs) == 208
+    assert info.class_names == ("background", "anterior", "posterior")
+    case = load_case(refs[0], info, "percentile")
+    assert case.image.ndim == 4 and case.image.shape[0] == 1
+    assert case.label.shape == case.image.shape[1:]
+    assert set(np.unique(case.label)) == {0, 1, 2}
+    assert 0.0 <= case.image.min() and case.image.max() <= 1.0
+    raw = nib.load(str(refs[0].image))
+    np.testing.assert_allclose(case.meta.affine, raw.affine)
+    assert case.meta.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_dsb_real_case_mask_is_union_of_instances(data_root):
+    refs, info = list_cases(dataset_info("dsb2018"), data_root)
+    assert len(refs) == 600
+    ref = refs[0]
+    case = load_case(ref, info, "percentile")
+    assert case.image.shape[0] == 3 and case.label.shape == case.image.shape[1:]
+    instance_files = sorted(ref.label.glob("*.png"))
+    union = np.zeros(case.label.shape, bool)
+    for f in instance_files:
+        union |= skio.imread(str(f)) > 0
+    assert (case.label.astype(bool) == union).all()
+    assert 0 < case.label.mean() < 1
+
+
+# ---- synthetic fixtures --------------------------------------------------------------------
+
+
+def write_msd(root, shapes=((12, 14, 10), (11, 16, 9), (12, 12, 12)), label_values=(0, 1, 2)):
+    """A tiny MSD task folder with random images and labels."""
+    task = root / "Task04_Hippocampus"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    for i, shape in enumerate(shapes):
+        name = f"hippocampus_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32) * 100, affine), task / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(rng.choice(label_values, shape).astype(np.uint8), affine), task / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (task / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "training": training, "test": []})
+    )
+    return task
+
+
+def test_synthetic_msd_reader_keeps_affine_and_spacing(tmp_path):
+    write_msd(tmp_path)
+    refs, info = list_cases(dataset_info("hippocampus"), tmp_path)
+    assert [r.case_id for r in refs] == ["hippocampus_000", "hippocampus_001", "hippocampus_002"]
+    case = load_case(refs[1], info, "zscore")
+    assert case.image.shape == (1, 11, 16, 9)
+    assert case.meta.spacing == (1.5, 1.0, 2.0)
+    assert abs(float(case.image.mean())) < 1e-4 and abs(float(case.image.std()) - 1) < 1e-3
+
+
+def test_missing_dataset_json_names_file(tmp_path):
+    task = write_msd(tmp_path)
+    (task / "dataset.json").unlink()
+    with pytest.raises(DataError, match="dataset.json"):
+        list_cases(dataset_info("hippocampus"), tmp_path)
+
+
+def test_missing_data_root_says_how_to_fix(tmp_path):
+    with pytest.raises(DataError, match="--data-root"):
+        list_cases(dataset_info("hippocampus"), tmp_path / "nowhere")
+
+
+def test_unknown_label_values_rejected(tmp_path):
+    write_msd(tmp_path, label_values=(0, 1, 5))
+    refs, info = list_cases(dataset_info("hippocampus"), tmp_path)
+    with pytest.raises(DataError, match=r"unknown label values \[5\]"):
+        load_case(refs[0], info, "zscore")
+
+
+def test_shape_mismatch_rejected(tmp_path):
+    task = write_msd(tmp_path)
+    label_path = task / "labelsTr" / "hippocampus_000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), label_path)
+    refs, info = list_cases(dataset_info("hippocampus"), tmp_path)
+    with pytest.raises(DataError, match="does not match image shape"):
+        load_case(refs[0], info, "zscore")
+
+
+def test_truncated_and_empty_nifti_rejected(tmp_path):
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), good)
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(DataError, match="truncated.nii.gz: not a readable NIfTI"):
+        io.read_nifti_image(truncated)
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        io.read_nifti_image(empty)
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not a nifti header at all" * 20))
+    with pytest.raises(DataError, match="garbage.nii.gz"):
+        io.read_nifti_image(garbage)
+
+
+def test_4d_volume_rejected(tmp_path):
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 3), np.float32), np.eye(4)), path)
+    with pytest.raises(DataError, match="expected a 3D volume"):
+        io.read_nifti_image(path)
+
+
+def test_2d_readers_channels(tmp_path):
+    grey = tmp_path / "grey.png"
+    skio.imsave(grey, (np.arange(64, dtype=np.uint8).reshape(8, 8)), check_contrast=False)
+    rgba = tmp_path / "rgba.png"
+    skio.imsave(rgba, np.full((8, 8, 4), 200, np.uint8), check_contrast=False)
+    assert io.read_image_2d(grey)[0].shape == (1, 8, 8)
+    assert io.read_image_2d(rgba)[0].shape == (3, 8, 8)
+    two = tmp_path / "two.tif"
+    skio.imsave(two, np.zeros((8, 8, 2), np.uint8), check_contrast=False)
+    with pytest.raises(DataError, match="grey, RGB or RGBA"):
+        io.read_image_2d(two)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(grey.read_bytes()[:30])
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
+        io.read_image_2d(broken)
+
+
+def test_folder_pairs_and_dsb_union(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    img = np.zeros((10, 12, 3), np.uint8)
+    img[2:5, 3:7] = 255
+    skio.imsave(tmp_path / "images" / "a.png", img, check_contrast=False)
+    skio.imsave(tmp_path / "masks" / "a.png", (img[..., 0] > 0).astype(np.uint8) * 255, check_contrast=False)
+    refs, info = list_cases(dataset_info("folder"), tmp_path)
+    case = load_case(refs[0], info, "percentile")
+    assert case.label.sum() == 12 and case.image.shape == (3, 10, 12)
+
+    masks = tmp_path / "dsb" / "masks"
+    masks.mkdir(parents=True)
+    for k, (r, c) in enumerate([(1, 1), (6, 6)]):
+        m = np.zeros((9, 9), np.uint8)
+        m[r : r + 2, c : c + 2] = 255
+        skio.imsave(masks / f"{k}.png", m, check_contrast=False)
+    assert read_dsb_mask(masks).sum() == 8
+
+
+# ---- preprocessing, splits, samples, augmentation -------------------------------------------
+
+
+def test_normalisation_methods():
+    rng = np.random.default_rng(0)
+    image = rng.normal(50, 10, (2, 30, 30)).astype(np.float32)
+    image[0, 0, 0] = 1e6  # one outlier
+    p = normalize_intensity(image, "percentile")
+    assert p.min() == 0.0 and p.max() == 1.0
+    assert np.median(p[0]) > 0.3  # the outlier was clipped, not used as the maximum
+    z = normalize_intensity(image, "zscore")
+    np.testing.assert_allclose(z[1].mean(), 0, atol=1e-5)
+    assert (normalize_intensity(np.ones((1, 4, 4)), "zscore") == 0).all()
+
+
+def test_slices_round_trip_and_padding():
+    vol = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for axis in range(3):
+        s = volume_to_slices(vol, axis)
+        assert s.shape[0] == vol.shape[axis + 1]
+        assert (slices_to_volume(s, axis) == vol).all()
+    assert pad_to_shape(np.ones((1, 3, 5)), (4, 8)).shape == (1, 4, 8)
+    assert pad_to_shape(np.ones((6, 5)), (4, 8)).shape == (6, 8)
+
+
+@pytest.mark.parametrize("num_folds", [0, 5])
+def test_split_is_case_level_reproducible_and_disjoint(num_folds):
+    ids = [f"case_{i:03d}" for i in range(23)]
+    a = split_cases(ids, 0.2, seed=3, num_folds=num_folds, fold=1)
+    b = split_cases(list(reversed(ids)), 0.2, seed=3, num_folds=num_folds, fold=1)
+    assert a == b
+    assert not set(a["train"]) & set(a["val"])
+    assert sorted(a["train"] + a["val"]) == ids
+    assert split_cases(ids, 0.2, seed=4, num_folds=num_folds, fold=1) != a
+    if num_folds:
+        folds = [set(split_cases(ids, seed=3, num_folds=5, fold=f)["val"]) for f in range(5)]
+        assert set().union(*folds) == set(ids) and sum(map(len, folds)) == len(ids)
+
+
+def blocky_pair(rng, size=(48, 64)):
+    mask = np.zeros(size, np.int64)
+    mask[10:30, 12:40] = 1
+    mask[32:44, 40:60] = 2
+    image = (mask.astype(np.float32) / 2)[None] + rng.normal(0, 0.01, (1, *size)).astype(np.float32)
+    return np.clip(image, 0, 1), mask
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    transform = build_augmentation(AugmentConfig(strength=1.0, elastic=True, intensity=False), "percentile", seed=1)
+    moved = 0
+    for _ in range(20):
+        image, mask = blocky_pair(rng)
+        aug_image, aug_mask = augment(transform, image, mask)
+        assert aug_image.shape == image.shape and aug_mask.shape == mask.shape
+        recovered = np.rint(aug_image[0] * 2).astype(int)  # class encoded in intensity
+        assert (recovered == aug_mask).mean() > 0.97
+        moved += int((aug_mask != mask).any())
+    assert moved >= 10  # the transforms really did move things
+
+
+def test_augmentation_off_and_intensity_only():
+    assert build_augmentation(AugmentConfig(strength=0), "percentile") is None
+    t = build_augmentation(AugmentConfig(flip=False, affine=False, intensity=True, strength=2.0), "zscore", seed=0)
+    names = [type(x).__name__ for x in t.transforms]
+    assert names == ["RandomBrightnessContrast"]  # no gamma on z-scored data
+
+
+def test_patch_dataset_pads_crops_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 40, 70)).astype(np.float32), rng.random((1, 20, 30)).astype(np.float32)]
+    labels = [np.ones((40, 70), np.int64), np.ones((20, 30), np.int64)]
+    ds = PatchDataset(images, labels, (32, 64), transform=None, seed=5)
+    x, y = ds[1]
+    assert x.shape == (1, 32, 64) and y.shape == (32, 64)
+    assert y[:20, :30].all() and not y[20:].any()  # padded with background
+    ds.set_epoch(3)
+    first = ds[0][0]
+    ds.set_epoch(3)
+    assert (ds[0][0] == first).all()
+
+
+def test_training_samples_slices_volumes(tmp_path):
+    write_msd(tmp_path)
+    refs, info = list_cases(dataset_info("hippocampus"), tmp_path)
+    cases = [load_case(r, info, "zscore") for r in refs]
+    images, labels = training_samples(cases, spatial_dims=2, slice_axis=2)
+    assert len(images) == 10 + 9 + 12
+    assert images[0].shape == (1, 12, 14) and labels[0].shape == (12, 14)
+    images3d, _ = training_samples(cases, spatial_dims=3, slice_axis=2)
+    assert len(images3d) == 3 and images3d[0].ndim == 4

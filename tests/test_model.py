@@ -1,0 +1,133 @@
+"""UNet shapes, skip settings, parameter counts, padding and test-time lesions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unetseg.model import UNet
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("skips", [True, False, [True, False, True], [False, True, False]])
+@pytest.mark.parametrize("merge", ["concat", "add"])
+def test_output_shape_every_skip_setting(spatial_dims, skips, merge):
+    torch.manual_seed(0)
+    model = UNet(spatial_dims, in_channels=2, out_channels=4, channels=(4, 8, 8, 16) if merge == "concat" else (4, 8, 16, 32), skips=skips, merge=merge)
+    shape = (2, 2, *([16] * spatial_dims))
+    assert model(torch.randn(shape)).shape == (2, 4, *shape[2:])
+
+
+@pytest.mark.parametrize("size", [(31, 45), (17, 64), (1, 9)])
+def test_odd_sizes_are_padded_and_cropped_back(size):
+    model = UNet(2, 1, 3, channels=(4, 8, 16, 32)).eval()
+    x = torch.randn(1, 1, *size)
+    assert model(x).shape == (1, 3, *size)
+
+
+def test_odd_size_3d():
+    model = UNet(3, 1, 2, channels=(2, 4, 8)).eval()
+    assert model(torch.randn(1, 1, 7, 10, 13)).shape == (1, 2, 7, 10, 13)
+
+
+def test_padding_is_equivalent_to_explicit_zero_padding():
+    torch.manual_seed(0)
+    model = UNet(2, 1, 2, channels=(4, 8, 16)).eval()
+    x = torch.randn(1, 1, 13, 10)
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3))
+    assert torch.allclose(model(x), model(padded)[..., :13, :10], atol=1e-6)
+
+
+def test_without_padding_odd_size_raises_with_required_multiple():
+    model = UNet(2, 1, 2, channels=(4, 8, 16, 32), pad_to_multiple=False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model(torch.randn(1, 1, 30, 32))
+
+
+def test_wrong_number_of_skip_flags_raises():
+    with pytest.raises(ValueError, match="one flag per decoder level"):
+        UNet(2, 1, 2, channels=(4, 8, 16), skips=[True])
+
+
+def test_add_merge_needs_matching_channels():
+    with pytest.raises(ValueError, match="merge='add'"):
+        from unetseg.model.blocks import UpBlock
+
+        UpBlock(2, in_channels=8, skip_channels=3, out_channels=4, merge="add")
+
+
+def test_parameter_counts_match_docstring():
+    """The figures quoted in the UNet docstring (default config)."""
+    assert n_params(UNet(2, 1, 3)) == 482_483
+    assert n_params(UNet(2, 1, 3, skips=False)) == 434_099
+    assert n_params(UNet(3, 1, 3)) == 1_401_299
+    assert n_params(UNet(3, 1, 3, skips=False)) == 1_256_147
+
+
+def test_no_skip_level_reserves_no_channels():
+    with_skip = UNet(2, 1, 3, channels=(8, 16, 32), skips=[True, True])
+    without_first = UNet(2, 1, 3, channels=(8, 16, 32), skips=[False, True])
+    # decoder level 0's first conv takes 8 (skip) + 8 (upsampled) channels with the skip, 8 without.
+    assert with_skip.decoder[0].block.conv1.in_channels == 16
+    assert without_first.decoder[0].block.conv1.in_channels == 8
+    assert n_params(with_skip) - n_params(without_first) == 8 * 8 * 3 * 3
+    assert without_first.skip_levels() == [1]
+
+
+def test_skip_lesion_changes_output_and_restores():
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, channels=(4, 8, 16)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    reference = model(x)
+    model.lesion_skips([0])
+    lesioned = model(x)
+    assert not torch.allclose(reference, lesioned)
+    model.lesion_skips([])
+    assert torch.allclose(reference, model(x))
+
+
+def test_skip_lesion_equals_zeroed_encoder_tensor():
+    """Lesioning level 1 equals feeding zeros instead of the encoder tensor at that level."""
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, channels=(4, 8, 16)).eval()
+    x = torch.randn(1, 1, 16, 16)
+    model.lesion_skips([1])
+    lesioned = model(x)
+    model.lesion_skips([])
+    e0 = model.encoder[0](x)
+    e1 = model.encoder[1](model.pool(e0))
+    e2 = model.encoder[2](model.pool(e1))
+    d1 = model.decoder[1](e2, torch.zeros_like(e1))
+    manual = model.head(model.decoder[0](d1, e0))
+    assert torch.allclose(lesioned, manual, atol=1e-6)
+
+
+def test_lesion_of_missing_skip_raises():
+    model = UNet(2, 1, 3, channels=(4, 8, 16), skips=[False, True])
+    with pytest.raises(ValueError, match="has no long skip"):
+        model.lesion_skips([0])
+
+
+def test_residual_blocks_and_their_lesion():
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, channels=(4, 8, 16), residual=True).eval()
+    names = sorted(model.residual_blocks())
+    assert names == ["decoder.0", "decoder.1", "encoder.0", "encoder.1", "encoder.2"]
+    x = torch.randn(1, 1, 16, 16)
+    reference = model(x)
+    model.lesion_residuals(["encoder.1"])
+    assert not torch.allclose(reference, model(x))
+    model.lesion_residuals([])
+    assert torch.allclose(reference, model(x))
+    assert UNet(2, 1, 3, channels=(4, 8)).residual_blocks() == {}
+
+
+def test_gradients_reach_first_layer_with_and_without_skips():
+    for skips in (True, False):
+        model = UNet(2, 1, 3, channels=(4, 8, 16), skips=skips)
+        model(torch.randn(2, 1, 16, 16)).sum().backward()
+        assert model.encoder[0].conv1.weight.grad.abs().sum() > 0
