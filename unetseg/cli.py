@@ -7,6 +7,7 @@ User errors print one ``error:`` line and exit with status 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,7 +77,21 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         description="Download and extract the original public archive with MONAI's helpers (MD5-checked where published).",
     )
     p.add_argument("dataset", choices=["hippocampus", "dsb2018"])
-    p.add_argument("--root", default="data", help="where to extract (default: %(default)s)")
+    p.add_argument("--root", help="where to extract (default: $UNETSEG_DATA_ROOT, else data/); "
+                   "a data set already there is kept and not downloaded again")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="ship a finished run as a named model",
+        description="Copy a run's best.pt (weights only) into unetseg/pretrained/NAME with its config, "
+        "and evaluate it on the run's validation split into metrics.json.",
+        epilog=EPILOG,
+    )
+    p.add_argument("run_dir", help="run folder made by unetseg train")
+    p.add_argument("--name", required=True, help="model name, e.g. hippocampus_2d")
+    p.add_argument("--data-root", help="folder holding the data set folders")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_evaluate(sub)
     _add_download(sub)
+    _add_export(sub)
     sub.add_parser("models", help="list the trained models shipped with the package")
     return parser
 
@@ -160,12 +176,22 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_download(args: argparse.Namespace) -> None:
     from unetseg.data.download import download
 
-    print(f"data set ready at {download(args.dataset, args.root)}")
+    from unetseg.data.datasets import resolve_data_root
+
+    print(f"data set ready at {download(args.dataset, resolve_data_root(args.root))}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from unetseg.evaluate import format_summary
+    from unetseg.export import export_run
+
+    target = export_run(args.run_dir, args.name, args.data_root)
+    summary = json.loads((target / "metrics.json").read_text())
+    print(format_summary(summary))
+    print(f"shipped model written to {target}")
 
 
 def run_models() -> None:
-    import json
-
     from unetseg.infer import PRETRAINED_DIR, shipped_models
 
     for name in shipped_models():
@@ -186,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_evaluate(args)
         elif args.command == "download":
             run_download(args)
+        elif args.command == "export":
+            run_export(args)
         elif args.command == "models":
             run_models()
     except UnetsegError as exc:

@@ -1,0 +1,184 @@
+"""Command line and Python API: evaluate schema, predict keeps NIfTI geometry, clear errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from skimage import io as skio
+
+from unetseg.cli import main
+from unetseg.data import download as download_mod
+from unetseg.data.datasets import dataset_info, list_cases
+from unetseg.errors import UnetsegError
+from unetseg.infer import Segmenter, keep_largest_component
+
+from .conftest import tiny_config
+
+
+def first_val_case(run, data_root):
+    split = json.loads((run / "split.json").read_text())
+    refs, _ = list_cases(dataset_info("hippocampus"), data_root)
+    return next(r for r in refs if r.case_id == split["val"][0])
+
+
+def test_evaluate_output_schema_and_reproduces_training_validation(tiny_run, data_root, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--checkpoint", str(tiny_run / "best.pt"), "--data-root", str(data_root),
+               "--dataset", "hippocampus", "--split", "val", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mean foreground Dice" in printed and "anterior" in printed
+    rows = list(csv.DictReader((out / "per_case.csv").open()))
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert [r["case_id"] for r in rows] == sorted(split["val"])
+    assert list(rows[0]) == ["case_id", "dice_anterior", "dice_posterior", "hd95_anterior", "hd95_posterior"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == len(rows) and summary["split"] == "val"
+    assert set(summary["classes"]) == {"anterior", "posterior"}
+    for c in summary["classes"].values():
+        assert {"dice_mean", "dice_std", "hd95_mean", "hd95_std"} <= set(c)
+    dice = np.array([[float(r["dice_anterior"]), float(r["dice_posterior"])] for r in rows])
+    assert summary["classes"]["anterior"]["dice_mean"] == pytest.approx(np.nanmean(dice[:, 0]))
+    # the figure training logged for this checkpoint is reproduced exactly
+    logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["mean_dice"] == pytest.approx(logged["val_mean_dice"], abs=1e-6)
+
+
+def test_predict_nifti_keeps_shape_affine_and_header(tiny_run, data_root, tmp_path):
+    ref = first_val_case(tiny_run, data_root)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(tiny_run), str(ref.image), "--out", str(out), "--tta", "--largest-component"]) == 0
+    src = nib.load(str(ref.image))
+    pred = nib.load(str(out / ref.image.name))
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine)
+    assert pred.header.get_zooms() == src.header.get_zooms()
+    assert pred.header.get_qform(coded=True)[1] == src.header.get_qform(coded=True)[1]
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_predict_folder_of_pngs_with_sliding_window(tmp_path, data_root):
+    from unetseg.train import fit
+
+    cfg = tiny_config(["data.dataset=dsb2018", "data.patch_size=[64, 64]", "model.channels=[4, 8]"])
+    run = fit(cfg, tmp_path / "dsb_run", data_root=data_root, progress=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    skio.imsave(images / "big.png", rng.integers(0, 255, (300, 410, 3), dtype=np.uint8), check_contrast=False)
+    skio.imsave(images / "grey.tif", rng.integers(0, 255, (50, 70), dtype=np.uint8), check_contrast=False)
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), str(images), "--out", str(tmp_path / "masks")]) == 0
+    assert skio.imread(tmp_path / "masks" / "big.png").shape == (300, 410)
+    assert skio.imread(tmp_path / "masks" / "grey.png").shape == (50, 70)
+
+
+def test_python_api_predicts_volume(tiny_run, data_root):
+    ref = first_val_case(tiny_run, data_root)
+    volume = np.asarray(nib.load(str(ref.image)).dataobj)
+    seg = Segmenter.from_checkpoint(tiny_run / "best.pt")
+    labels = seg.predict(volume)
+    assert labels.shape == volume.shape and labels.dtype == np.int64
+    probs = seg.predict_proba(volume, tta=True)
+    assert probs.shape == (3, *volume.shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_keep_largest_component():
+    labels = np.zeros((10, 10), np.int64)
+    labels[0:2, 0:2] = 1
+    labels[5:9, 5:9] = 1
+    labels[0, 9] = 2
+    kept = keep_largest_component(labels, 3)
+    assert kept[0:2, 0:2].sum() == 0 and (kept[5:9, 5:9] == 1).all() and kept[0, 9] == 2
+
+
+# ---- bad input: one line, exit code 2, no traceback ------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "unetseg", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_truncated_file_gives_one_line_error_without_traceback(tiny_run, tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((30, 30, 30), np.float32), np.eye(4)), bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    result = run_cli("predict", "--checkpoint", str(tiny_run / "best.pt"), str(bad), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "scan.nii.gz" in errors[0] and "NIfTI" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), p / "four.nii.gz"), "expected a 3D volume"),
+        (lambda p: (p / "empty.nii").write_bytes(b""), "empty"),
+        (lambda p: (p / "notes.txt").write_text("hello"), "unsupported file type"),
+    ],
+)
+def test_bad_inputs_are_reported(tiny_run, tmp_path, capsys, make, expected):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    make(inputs)
+    path = next(inputs.iterdir())
+    rc = main(["predict", "--checkpoint", str(tiny_run / "best.pt"), str(path), "--out", str(tmp_path / "o")])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and "Traceback" not in stderr
+    assert len(errors) == 1 and expected in errors[0] and path.name in errors[0]
+
+
+def test_unknown_checkpoint_and_missing_data_root(tmp_path, capsys):
+    assert main(["predict", "--checkpoint", "no_such_model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "shipped model" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", "no_such_model", "--data-root", str(tmp_path)]) == 2
+
+
+def test_checkpoint_with_code_is_refused(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed!",))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"format": "unetseg-checkpoint-v1", "x": Evil()}))
+    with pytest.raises(UnetsegError, match="not a loadable unetseg checkpoint"):
+        Segmenter.from_checkpoint(bad)
+    assert "executed!" not in capsys.readouterr().out
+
+
+def test_download_without_internet_fails_fast_with_hint(tmp_path, monkeypatch, capsys):
+    archive = download_mod.ARCHIVES["hippocampus"]
+    monkeypatch.setitem(
+        download_mod.ARCHIVES, "hippocampus", download_mod.Archive("https://unreachable.invalid/x.tar", "x.tar", archive.md5, archive.extracts_to)
+    )
+    start = time.perf_counter()
+    rc = main(["download", "hippocampus", "--root", str(tmp_path)])
+    assert rc == 2 and time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data-root" in err[0] and "UNETSEG_DATA_ROOT" in err[0]
+
+
+def test_download_skips_existing_copy(tmp_path):
+    existing = tmp_path / "Task04_Hippocampus"
+    existing.mkdir()
+    (existing / "dataset.json").write_text("{}")
+    assert download_mod.download("hippocampus", tmp_path) == existing
+
+
+def test_help_explains_every_subcommand():
+    result = run_cli("--help")
+    for command in ("train", "predict", "evaluate", "download", "export", "models"):
+        assert command in result.stdout
+    train_help = run_cli("train", "--help").stdout
+    assert "--no-skip" in train_help and "--resume" in train_help and "UNETSEG_DATA_ROOT" in train_help

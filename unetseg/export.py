@@ -1,0 +1,61 @@
+"""Turn a finished run into a shipped model: ``unetseg/pretrained/<name>/``.
+
+The folder holds ``model.pt`` (weights + constructor arguments + preprocessing,
+no optimiser state), ``config.yaml`` (the run's resolved config),
+``metrics.json`` (``unetseg evaluate`` on the run's validation split, plus the
+training figures) and ``per_case.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from unetseg.errors import UnetsegError
+from unetseg.evaluate import evaluate
+from unetseg.infer import PRETRAINED_DIR, load_checkpoint, save_checkpoint
+from unetseg.plots import read_jsonl
+
+MAX_SHIPPED_BYTES = 10 * 1024 * 1024
+
+
+def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
+    """Figures from a run's ``metrics.jsonl``: epochs, wall time, best epoch, time to reach ``threshold``."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    val = [r for r in rows if "val_mean_dice" in r]
+    if not val:
+        raise UnetsegError(f"{run_dir}: metrics.jsonl has no validation rows; is the run finished?")
+    best = max(val, key=lambda r: r["val_mean_dice"])
+    reached = next((r for r in val if r["val_mean_dice"] >= threshold), None)
+    command = (run_dir / "command.txt").read_text().strip().splitlines() if (run_dir / "command.txt").is_file() else []
+    return {
+        "epochs": len(rows),
+        "wall_time_s": rows[-1]["elapsed_s"],
+        "best_epoch": best["epoch"],
+        "best_val_mean_dice": best["val_mean_dice"],
+        f"first_epoch_val_dice_ge_{threshold}": None if reached is None else reached["epoch"],
+        f"wall_time_to_val_dice_ge_{threshold}_s": None if reached is None else reached["elapsed_s"],
+        "mean_train_samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
+        "command": command,
+    }
+
+
+def export_run(run_dir: str | Path, name: str, data_root: str | Path | None = None, dest: str | Path = PRETRAINED_DIR) -> Path:
+    """Copy a run's ``best.pt`` (weights only) into ``dest/name`` with config and evaluated metrics."""
+    run_dir = Path(run_dir)
+    payload = load_checkpoint(run_dir / "best.pt")
+    target = Path(dest) / name
+    target.mkdir(parents=True, exist_ok=True)
+    keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "dataset", "split", "epoch", "config")
+    model_path = save_checkpoint({k: payload[k] for k in keep}, target / "model.pt")
+    if model_path.stat().st_size > MAX_SHIPPED_BYTES:
+        model_path.unlink()
+        raise UnetsegError(f"{run_dir}: model is {model_path.stat().st_size / 2**20:.1f} MB; shipped models must stay under 10 MB")
+    shutil.copyfile(run_dir / "config.yaml", target / "config.yaml")
+    summary = evaluate(model_path, data_root, payload["dataset"], "val", target, device="cpu")
+    summary["checkpoint"] = f"{name} (from {run_dir}/best.pt)"
+    summary["training"] = training_record(run_dir)
+    (target / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return target
