@@ -81,3 +81,17 @@ def test_lr_schedules():
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(55, 100, 10, "poly") == pytest.approx(0.5**0.9)
     assert np.all(np.diff([lr_factor(s, 100, 10, "cosine") for s in range(10, 100)]) <= 0)
+
+
+def test_3d_training_on_whole_volumes(tmp_path, data_root):
+    from unetseg.config import apply_overrides, load_config
+
+    cfg = apply_overrides(
+        load_config("hippocampus_3d"),
+        ["data.max_cases=4", "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=2",
+         "model.channels=[2, 4]", "train.warmup_steps=1"],
+    )
+    run = fit(cfg, tmp_path / "run3d", data_root=data_root, progress=False)
+    row = metrics(run)[-1]
+    assert 0.0 <= row["val_mean_dice"] <= 1.0 and np.isfinite(row["train_loss"])
+    assert torch.load(run / "best.pt", weights_only=True)["model_args"]["spatial_dims"] == 3

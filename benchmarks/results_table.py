@@ -1,0 +1,32 @@
+"""Print the README's results table from the shipped models' metrics.json files.
+
+    python benchmarks/results_table.py
+
+Each metrics.json is written by `unetseg export RUN --name NAME`, which runs
+`unetseg evaluate` on the run's validation split and records the training
+figures from the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+
+from unetseg.infer import PRETRAINED_DIR, shipped_models
+
+
+def main() -> None:
+    print("| model | val cases | mean Dice | per-class Dice | per-class HD95 | epochs | train wall time | time to Dice >= 0.85 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in shipped_models():
+        m = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
+        t = m["training"]
+        dice = ", ".join(f"{k} {v['dice_mean']:.3f}" for k, v in m["classes"].items())
+        hd = ", ".join(f"{k} {v['hd95_mean']:.2f}" for k, v in m["classes"].items())
+        reach = t.get("wall_time_to_val_dice_ge_0.85_s")
+        reach_txt = "not reached" if reach is None else f"{reach / 60:.1f} min (epoch {t['first_epoch_val_dice_ge_0.85'] + 1})"
+        print(f"| `{name}` | {m['num_cases']} | {m['mean_dice']:.4f} | {dice} | {hd} | {t['epochs']} | "
+              f"{t['wall_time_s'] / 60:.1f} min | {reach_txt} |")
+
+
+if __name__ == "__main__":
+    main()
