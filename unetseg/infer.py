@@ -167,10 +167,16 @@ class Segmenter:
 
     @torch.no_grad()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities of a batch ``(B, C, *S) -> (B, K, *S)``; sliding window for large inputs."""
-        roi = tuple(self.preprocessing["patch_size"])
+        """Softmax probabilities of a batch ``(B, C, *S) -> (B, K, *S)``.
+
+        Inputs larger than twice the training patch go through MONAI's
+        sliding-window inference (Gaussian-weighted, 25 % overlap).
+        """
+        # Windows twice the training patch: the network is fully convolutional, and
+        # fewer, larger windows are faster than many small ones.
+        roi = tuple(2 * p for p in self.preprocessing["patch_size"])
         batch = batch.to(self.device)
-        if len(roi) == batch.ndim - 2 and any(s > 2 * r for s, r in zip(batch.shape[2:], roi)):
+        if len(roi) == batch.ndim - 2 and any(s > r for s, r in zip(batch.shape[2:], roi)):
             logits = sliding_window_inference(
                 batch, roi_size=roi, sw_batch_size=self.batch_size, predictor=self.model, overlap=0.25, mode="gaussian"
             )
