@@ -3,13 +3,15 @@
 The folder holds ``model.pt`` (weights + constructor arguments + preprocessing,
 no optimiser state), ``config.yaml`` (the run's resolved config),
 ``metrics.json`` (``unetseg evaluate`` on the run's validation split, plus the
-training figures) and ``per_case.csv``.
+training figures), ``per_case.csv``, and the run's ``training_metrics.jsonl``
+and ``curves.png``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,11 @@ def export_run(run_dir: str | Path, name: str, data_root: str | Path | None = No
         model_path.unlink()
         raise UnetsegError(f"{run_dir}: model is {model_path.stat().st_size / 2**20:.1f} MB; shipped models must stay under 10 MB")
     shutil.copyfile(run_dir / "config.yaml", target / "config.yaml")
-    summary = evaluate(model_path, data_root, payload["dataset"], "val", target, device="cpu")
+    shutil.copyfile(run_dir / "metrics.jsonl", target / "training_metrics.jsonl")
+    shutil.copyfile(run_dir / "curves.png", target / "curves.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = evaluate(model_path, data_root, payload["dataset"], "val", tmp, device="cpu")
+        shutil.move(Path(tmp) / "per_case.csv", target / "per_case.csv")
     summary["checkpoint"] = f"{name} (from {run_dir}/best.pt)"
     summary["training"] = training_record(run_dir)
     (target / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -36,6 +36,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
