@@ -46,11 +46,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "PNG/JPG/TIF in -> PNG mask out. Folders are searched for supported files.",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_inference_options(p)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by predict and evaluate: which model, TTA, device."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -60,14 +65,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on labelled cases: writes per_case.csv and summary.json, prints the summary.",
         epilog=EPILOG,
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    _add_inference_options(p)
     p.add_argument("--dataset", default="hippocampus", choices=["hippocampus", "dsb2018", "folder"])
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="val: the checkpoint's validation cases; all: every labelled case (default: %(default)s)")
     p.add_argument("--out", default="evaluation", help="output folder (default: %(default)s)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
