@@ -1,4 +1,4 @@
-"""Command line: ``unetseg train | predict | evaluate | download | models``.
+"""Command line: ``unetseg train | predict | evaluate | download | export | ablate | models``.
 
 Each subcommand only parses arguments and calls a plain importable function.
 User errors print one ``error:`` line and exit with status 2, no traceback.
@@ -97,6 +97,26 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder holding the data set folders")
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="run a skip-connection study and write its report",
+        description="Train every variant x seed of a skip-connection study (long skips on/off, per level, concat/add, "
+        "residual, depth), resuming where a killed study stopped, then analyse (gradient flow, loss landscape, "
+        "lesions) and write report.md with figures from the saved run folders.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--config", required=True, help="shipped study name (hippocampus_2d, dsb2018_2d) or study YAML path")
+    p.add_argument("--quick", action="store_true", help="the whole pipeline on a small subset in minutes")
+    p.add_argument("--out", help="study folder with checkpoints (default: runs/ablation/<name>[-quick])")
+    p.add_argument("--report-dir", help="folder for artefacts and report (default: docs/ablation/<name>; "
+                   "with --quick: <out>/report)")
+    p.add_argument("--data-root", help="folder holding the data set folders")
+    p.add_argument("--report-only", action="store_true", help="redraw figures and report from the report folder only")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unetseg",
@@ -108,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_download(sub)
     _add_export(sub)
+    _add_ablate(sub)
     sub.add_parser("models", help="list the trained models shipped with the package")
     return parser
 
@@ -219,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_export(args)
         elif args.command == "models":
             run_models()
+        elif args.command == "ablate":
+            from unetseg.ablation.runner import ablate
+
+            report = ablate(args.config, args.quick, args.out, args.report_dir, args.data_root,
+                            args.report_only, args.jobs, progress=not args.quiet)
+            print(f"report: {report}")
     except UnetsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

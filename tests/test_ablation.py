@@ -1,0 +1,283 @@
+"""Skip-connection study: the variant matrix, the quick study end to end on real data, its report's numbers
+recomputed independently from the run folders, resuming a killed study, and the analysis primitives."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.stats import wilcoxon
+
+from unetseg.ablation.landscape import filter_normalized_direction, loss_slices
+from unetseg.ablation.runs import run_dir
+from unetseg.ablation.stats import bootstrap_ci, paired_comparison
+from unetseg.ablation.study import STUDY_DIR, load_study
+from unetseg.ablation.variants import base_config, build_variants, variant_config
+from unetseg.cli import main
+from unetseg.errors import UnetsegError
+from unetseg.model import UNet
+from unetseg.plots import read_jsonl
+from unetseg.train import fit
+
+FULL_VARIANTS = [
+    "skip", "noskip", "skip_off_L0", "skip_off_L1", "skip_off_L2", "add", "residual", "residual_noskip",
+    "depth3_skip", "depth3_noskip", "depth5_skip", "depth5_noskip",
+]
+
+
+# ---- the matrix (no data) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("study", ["hippocampus_2d", "dsb2018_2d"])
+def test_full_matrix_flips_only_model_fields(study):
+    spec = load_study(study)
+    variants = build_variants(spec)
+    assert [v.name for v in variants] == FULL_VARIANTS
+    assert len(spec.seeds) >= 3
+    base = base_config(spec).to_dict()
+    for v in variants:
+        for seed in spec.seeds:
+            cfg = variant_config(spec, v, seed).to_dict()
+            assert cfg["data"] == base["data"] and cfg["augment"] == base["augment"]
+            assert {k: x for k, x in cfg["train"].items() if k != "seed"} == {k: x for k, x in base["train"].items() if k != "seed"}
+            assert cfg["train"]["seed"] == seed
+            assert cfg["model"]["channels"] == [spec.width * 2**i for i in range(v.depth)]
+            model = UNet(channels=cfg["model"]["channels"], skips=cfg["model"]["skips"], merge=cfg["model"]["merge"],
+                         residual=cfg["model"]["residual"])
+            assert model.skip_levels() == [i for i, on in enumerate(v.skips) if on], v.name
+            assert bool(model.residual_blocks()) == (v.name.startswith("residual"))
+    by_name = {v.name: v for v in variants}
+    assert by_name["skip_off_L1"].skips == (True, False, True)
+    assert by_name["depth5_noskip"].reference == "depth5_skip" and by_name["residual_noskip"].reference == "residual"
+    # every run of a study has a fixed step budget, so variants compare at equal cost
+    assert base["train"]["steps_per_epoch"] and base["train"]["grad_log_every"] > 0
+
+
+def test_quick_section_and_bad_study_files(tmp_path):
+    quick = load_study("hippocampus_2d", quick=True)
+    assert quick.quick and quick.depth == 3 and "data.max_cases=10" in quick.overrides
+    assert [v.name for v in build_variants(quick)][-2:] == ["depth4_skip", "depth4_noskip"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nconfig: hippocampus_2d\nepochs: 3\n")
+    with pytest.raises(UnetsegError, match="unknown field.*epochs"):
+        load_study(str(bad))
+    with pytest.raises(UnetsegError, match="not found"):
+        load_study("no_such_study")
+
+
+# ---- analysis primitives (no data) ----------------------------------------------------------
+
+
+def test_filter_normalised_direction_matches_filter_norms():
+    torch.manual_seed(0)
+    model = UNet(channels=(4, 8, 16), residual=True)
+    d = filter_normalized_direction(model, torch.Generator().manual_seed(1))
+    for name, w in model.named_parameters():
+        if w.ndim <= 1:
+            assert not d[name].any(), name  # biases and norm parameters are not perturbed
+        else:
+            assert torch.allclose(d[name].flatten(1).norm(dim=1), w.detach().flatten(1).norm(dim=1), rtol=1e-4), name
+            assert not torch.allclose(d[name], w.detach())
+    d2 = filter_normalized_direction(model, torch.Generator().manual_seed(1))
+    assert all(torch.equal(d[k], d2[k]) for k in d)  # reproducible from the seed
+
+
+def test_loss_slices_centre_and_weights_restored():
+    torch.manual_seed(0)
+    model = UNet(channels=(4, 8), out_channels=2).eval()
+    x = torch.rand(6, 1, 16, 16)
+    y = (x[:, :1] > 0.5).long()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = loss_slices(model, x, y, points_1d=5, points_2d=3, span=1.0, batch_size=4)
+    assert s["loss_1d"].shape == (5,) and s["loss_2d"].shape == (3, 3)
+    assert s["loss_1d"][2] == pytest.approx(float(s["loss_center"]), abs=1e-6)  # alpha = 0 is the trained point
+    assert s["loss_2d"][1, 1] == pytest.approx(float(s["loss_center"]), abs=1e-6)
+    assert s["loss_1d"][0] != pytest.approx(s["loss_1d"][2])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_paired_statistics():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.6, 0.9, 40)
+    better = ref + 0.05 + rng.normal(0, 0.01, 40)
+    c = paired_comparison(better, ref)
+    assert c["cases"] == 40 and c["ci_low"] < c["mean_diff"] < c["ci_high"]
+    assert 0.04 < c["ci_low"] and c["ci_high"] < 0.06
+    assert c["wilcoxon_p"] == pytest.approx(wilcoxon(better - ref).pvalue) and c["wilcoxon_p"] < 1e-6
+    same = paired_comparison(ref, ref)
+    assert same["wilcoxon_p"] == 1.0 and same["ci_low"] == same["ci_high"] == 0.0
+    lo, hi = bootstrap_ci(rng.normal(0, 1, 30))
+    assert lo < 0 < hi
+    with pytest.raises(ValueError):
+        paired_comparison([1.0, 2.0], [1.0])
+
+
+# ---- the quick study on real data -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, data_root):
+    """``unetseg ablate --quick`` into a temporary study folder and report folder."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    study, report = tmp / "study", tmp / "report"
+    args = ["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(study), "--report-dir", str(report),
+            "--data-root", str(data_root), "--quiet"]
+    assert main(args) == 0
+    return {"study": study, "report": report, "args": args, "spec": load_study("hippocampus_2d", quick=True)}
+
+
+def test_quick_study_writes_every_run_with_shared_split_and_budget(quick_study):
+    spec, report = quick_study["spec"], quick_study["report"]
+    variants = build_variants(spec)
+    splits = set()
+    for v in variants:
+        for seed in spec.seeds:
+            run = run_dir(report, v.name, seed)
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            assert cfg == variant_config(spec, v, seed).to_dict()
+            splits.add((run / "split.json").read_text())
+            rows = read_jsonl(run / "metrics.jsonl")
+            assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["step"] == 6
+            grads = read_jsonl(run / "gradients.jsonl")
+            assert [g["step"] for g in grads] == [0, 2, 4]
+            per_case = json.loads((run / "per_case.json").read_text())
+            assert [r["case_id"] for r in per_case["cases"]] == json.loads((run / "split.json").read_text())["val"]
+            # the per-case scores reproduce the training loop's own final validation
+            for name in per_case["class_names"][1:]:
+                assert per_case["summary"]["classes"][name]["dice_mean"] == pytest.approx(rows[-1][f"val_dice_{name}"], abs=1e-6, nan_ok=True)
+    assert len(splits) == 1  # one split for the whole study
+    assert not list(report.rglob("*.pt")), "checkpoints must not reach the report folder"
+    assert (run_dir(quick_study["study"], "skip", 0) / "last.pt").is_file()
+    for fig in ("dice_per_variant", "training_curves", "gradient_flow", "depth", "lesions", "landscape_1d",
+                "landscape_2d", "qualitative"):
+        assert (report / "figures" / f"{fig}.png").stat().st_size > 5000, fig
+
+
+def _cell(text: str) -> tuple[float, float]:
+    mean, std = re.match(r"(-?[\d.]+) ± ([\d.]+)", text).groups()
+    return float(mean), float(std)
+
+
+def test_report_numbers_match_run_folders(quick_study):
+    """Every table cell is recomputed here from per_case.json with plain numpy, independently of report.py."""
+    spec, report = quick_study["spec"], quick_study["report"]
+    text = (report / "report.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    header = next(line for line in text.splitlines() if line.startswith("| variant")).strip("| ").split(" | ")
+    table = {r[0].strip("| `"): dict(zip(header, (c.strip(" |") for c in r))) for r in rows}
+    assert list(table) == [v.name for v in build_variants(spec)]
+
+    def seed_values(variant, key):
+        out = []
+        for seed in spec.seeds:
+            pc = json.loads((run_dir(report, variant, seed) / "per_case.json").read_text())
+            classes = pc["class_names"][1:]
+            if key == "mean":
+                out.append(np.mean([np.nanmean([r[f"dice_{c}"] for r in pc["cases"]]) for c in classes]))
+            else:
+                out.append(np.nanmean([r[key] for r in pc["cases"]]))
+        return np.array(out)
+
+    def case_means(variant):
+        per_seed = []
+        for seed in spec.seeds:
+            pc = json.loads((run_dir(report, variant, seed) / "per_case.json").read_text())
+            classes = pc["class_names"][1:]
+            per_seed.append([np.nanmean([r[f"dice_{c}"] for c in classes]) for r in pc["cases"]])
+        return np.nanmean(np.array(per_seed), axis=0)
+
+    checked = 0
+    for v in build_variants(spec):
+        row = table[v.name]
+        for cls in ("anterior", "posterior"):
+            values = seed_values(v.name, f"dice_{cls}")
+            mean, std = _cell(row[f"Dice {cls}"])
+            assert mean == pytest.approx(values.mean(), abs=6e-4) and std == pytest.approx(values.std(ddof=1), abs=6e-4)
+            checked += 1
+        values = seed_values(v.name, "mean")
+        assert _cell(row["mean Dice"])[0] == pytest.approx(values.mean(), abs=6e-4)
+        if v.reference:
+            diff = float(np.mean(case_means(v.name) - case_means(v.reference)))
+            shown = float(row["Δ mean Dice vs reference [95 % CI]"].split(" [")[0])
+            assert shown == pytest.approx(diff, abs=6e-4), v.name
+            checked += 1
+    assert checked >= 2 * len(table) + len(table) - 1
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["runs_found"] == summary["runs_expected"] == len(build_variants(spec)) * len(spec.seeds)
+    assert summary["budget"]["total_steps"] == 6 and "Quick mode" in text
+    assert f"{summary['budget']['epochs']} epochs x {summary['budget']['steps_per_epoch']} steps" in text
+
+
+def test_lesion_and_landscape_artefacts(quick_study):
+    spec, report = quick_study["spec"], quick_study["report"]
+    for variant, blocks in (("skip", 0), ("residual", 5)):  # depth 3: 3 encoder + 2 decoder blocks
+        for seed in spec.seeds:
+            lesion = json.loads((report / "analysis" / f"lesion_{variant}_seed{seed}.json").read_text())
+            per_case = json.loads((run_dir(report, variant, seed) / "per_case.json").read_text())
+            assert lesion["intact"]["mean_dice"] == pytest.approx(per_case["summary"]["mean_dice"], abs=1e-6, nan_ok=True)
+            assert sorted(lesion["skips"]) == ["0", "1"] and len(lesion["residuals"]) == blocks
+            assert lesion["case_ids"] == [r["case_id"] for r in per_case["cases"]]
+    for variant in ("skip", "noskip"):
+        z = np.load(report / "analysis" / f"landscape_{variant}_seed0.npz")
+        meta = json.loads((report / "analysis" / f"landscape_{variant}_seed0.json").read_text())
+        assert z["loss_2d"].shape == (3, 3) and z["loss_1d"].shape == (5,)
+        assert z["loss_1d"][2] == pytest.approx(meta["loss_center"], abs=1e-6)
+        assert z["loss_2d"][1, 1] == pytest.approx(meta["loss_center"], abs=1e-6)
+        assert meta["samples"] == 8
+    q = np.load(report / "analysis" / "qualitative.npz")
+    assert list(q["variants"]) == ["skip", "noskip", "residual_noskip"] and len(q["case_ids"]) == 2
+    assert q["pred_skip_0"].shape == q["truth_0"].shape == q["image_0"].shape[:2]
+
+
+def test_report_only_redraws_from_artefacts_alone(quick_study, tmp_path, data_root):
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_study["report"], copy)
+    original = (copy / "report.md").read_text()
+    for name in ("report.md", "summary.json"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "figures")
+    assert main(["ablate", "--config", "hippocampus_2d", "--quick", "--report-only", "--report-dir", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == original
+    assert (copy / "figures" / "gradient_flow.png").is_file()
+
+
+def test_rerun_skips_finished_runs_and_resumes_a_killed_one(quick_study, data_root):
+    spec, study = quick_study["spec"], quick_study["study"]
+    variant = next(v for v in build_variants(spec) if v.name == "noskip")
+    killed = run_dir(study, "noskip", 1)
+    before = json.loads((killed / "per_case.json").read_text())
+    untouched = run_dir(study, "skip", 0) / "last.pt"
+    mtime = untouched.stat().st_mtime_ns
+
+    shutil.rmtree(killed)  # the study is killed after this run's first epoch:
+    fit(variant_config(spec, variant, 1), killed, data_root=data_root, progress=False, stop_after_epoch=0)
+    assert len(read_jsonl(killed / "metrics.jsonl")) == 1 and not (killed / "per_case.json").exists()
+
+    logged = len(read_jsonl(study / "log.jsonl"))
+    assert main(quick_study["args"]) == 0
+    last = read_jsonl(study / "log.jsonl")[logged:]
+    actions = {(r["variant"], r["seed"]): r["action"] for r in last if r["event"] == "run"}
+    assert actions.pop(("noskip", 1)) == "resumed"
+    assert set(actions.values()) == {"skipped"} and len(actions) == len(build_variants(spec)) * len(spec.seeds) - 1
+    assert not [r for r in last if r["event"] == "analysis"]  # analyses are cached too
+    assert untouched.stat().st_mtime_ns == mtime
+    after = json.loads((killed / "per_case.json").read_text())
+    for a, b in zip(before["cases"], after["cases"]):  # resumed run == uninterrupted run (CPU)
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
+    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [0, 1]
+
+
+def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
+    raw = yaml.safe_load((STUDY_DIR / "hippocampus_2d.yaml").read_text())
+    raw["quick"]["seeds"] = [0, 1, 2]
+    other = tmp_path / "hippocampus_2d.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    args = ["ablate", "--config", str(other), "--quick", "--out", str(quick_study["study"]), "--report-dir",
+            str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -1,0 +1,275 @@
+"""The resumable study runner behind ``unetseg ablate``.
+
+``run_study`` trains every variant x seed with :func:`unetseg.train.fit`
+(resuming a run folder that has a ``last.pt`` short of the last epoch,
+skipping finished ones), scores each run's final weights on the shared
+validation cases, runs the post-training analyses (loss landscape, lesions,
+qualitative slices) once each, copies the small artefacts into the report
+folder, and writes the report from that folder alone.
+
+Study folder (checkpoints; not committed)::
+
+    <out>/study.yaml  log.jsonl  runs/<variant>/seed<k>/  analysis/
+
+Report folder (committed under ``docs/ablation/<name>``)::
+
+    study.yaml  log.jsonl  runs/<variant>/seed<k>/{config.yaml, split.json, metrics.jsonl,
+    gradients.jsonl, command.txt, per_case.json}  analysis/*.json|npz  figures/*.png  summary.json  report.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from unetseg.ablation.landscape import landscape_of_run
+from unetseg.ablation.lesion import lesion_study
+from unetseg.ablation.qualitative import qualitative_arrays
+from unetseg.ablation.runs import (
+    FINAL_CHECKPOINT,
+    SMALL_FILES,
+    clear_partial_files,
+    run_dir,
+    score_run,
+    training_state,
+)
+from unetseg.ablation.study import StudySpec, load_study, resolved_study, save_study
+from unetseg.ablation.variants import Variant, build_variants, variant_config
+from unetseg.data.datasets import Case, resolve_data_root
+from unetseg.errors import UnetsegError
+from unetseg.infer import Segmenter
+from unetseg.train import fit, prepare_data
+
+LOG = "log.jsonl"
+
+
+def _append_log(study_dir: Path, row: dict[str, Any]) -> None:
+    with (study_dir / LOG).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def machine_info(jobs: int, threads: int) -> dict[str, Any]:
+    """CPU model, core count, torch version and parallelism of this invocation."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "jobs": jobs, "threads_per_job": threads,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+# ---- training and scoring one run -------------------------------------------------------
+
+_VAL_CACHE: dict[str, list[Case]] = {}
+
+
+def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | None) -> list[Case]:
+    """Validation cases of a run, loaded once per process (the split is shared by every run)."""
+    cfg = variant_config(spec, variant, seed)
+    key = json.dumps([cfg.data.__dict__, cfg.train.val_max_cases], sort_keys=True, default=str)
+    if key not in _VAL_CACHE:
+        _VAL_CACHE[key] = prepare_data(cfg, data_root)[3]
+    return _VAL_CACHE[key]
+
+
+def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, study_dir: str,
+                    data_root: str | None, threads: int, progress: bool) -> dict[str, Any]:
+    """Bring one run to ``done``: train (or resume) with ``fit``, then score its final weights.
+
+    Top-level and picklable so a process pool can run it. Returns a log row.
+    """
+    torch.set_num_threads(threads)
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    spec = resolved_study(spec_dict)
+    cfg = variant_config(spec, variant, seed)
+    run = run_dir(study_dir, variant.name, seed)
+    state = training_state(run, cfg)
+    t0 = time.perf_counter()
+    command = ["unetseg", "ablate", "--config", spec.name, *(["--quick"] if spec.quick else []),
+               f"# variant {variant.name} seed {seed}"]
+    if state == "new":
+        if run.exists():
+            clear_partial_files(run)
+        fit(cfg, run, data_root=data_root, command=command, progress=progress)
+    elif state == "partial":
+        fit(cfg, run, data_root=data_root, resume=True, command=command, progress=progress)
+    if state != "done":
+        score_run(run, _val_cases(spec, variant, seed, data_root))
+    action = {"new": "trained", "partial": "resumed", "trained": "scored", "done": "skipped"}[state]
+    return {"event": "run", "variant": variant.name, "seed": seed, "action": action,
+            "seconds": round(time.perf_counter() - t0, 2), "time": time.time()}
+
+
+# ---- post-training analyses ---------------------------------------------------------------
+
+
+@dataclass
+class StudyData:
+    """The shared training and validation cases (loaded once, only when an analysis needs them)."""
+
+    train: list[Case]
+    val: list[Case]
+
+
+def _load_study_data(spec: StudySpec, variants: list[Variant], data_root: str | None) -> StudyData:
+    _, _, train, val = prepare_data(variant_config(spec, variants[0], spec.seeds[0]), data_root)
+    return StudyData(train, val)
+
+
+def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data_root: str | None,
+                 progress: bool) -> None:
+    """Loss landscapes, lesion studies and qualitative predictions; each skipped when its file exists."""
+    names = {v.name: v for v in variants}
+    a = spec.analysis
+    analysis_dir = study_dir / "analysis"
+    todo: list[tuple[str, Any]] = []
+    for name in a.landscape_variants:
+        if name in names:
+            stem = analysis_dir / f"landscape_{name}_seed{a.landscape_seed}"
+            if not stem.with_suffix(".json").is_file():
+                todo.append(("landscape", (name, stem)))
+    for name in a.lesion_variants:
+        if name in names:
+            for seed in spec.seeds:
+                path = analysis_dir / f"lesion_{name}_seed{seed}.json"
+                if not path.is_file():
+                    todo.append(("lesion", (name, seed, path)))
+    qual = [n for n in a.qualitative_variants if n in names]
+    qual_path = analysis_dir / "qualitative.npz"
+    if qual and not qual_path.is_file():
+        todo.append(("qualitative", (qual, qual_path)))
+    if not todo:
+        return
+    data = _load_study_data(spec, variants, data_root)
+    for kind, args in todo:
+        t0 = time.perf_counter()
+        if kind == "landscape":
+            name, stem = args
+            cfg = variant_config(spec, names[name], a.landscape_seed)
+            landscape_of_run(run_dir(study_dir, name, a.landscape_seed), FINAL_CHECKPOINT, data.train, cfg, a, stem)
+            label = stem.name
+        elif kind == "lesion":
+            name, seed, path = args
+            lesion_study(run_dir(study_dir, name, seed) / FINAL_CHECKPOINT, data.val, path)
+            label = path.stem
+        else:
+            names_q, path = args
+            segmenters = {n: Segmenter.from_checkpoint(run_dir(study_dir, n, spec.seeds[0]) / FINAL_CHECKPOINT)
+                          for n in names_q}
+            cfg = variant_config(spec, names[names_q[0]], spec.seeds[0])
+            qualitative_arrays(segmenters, data.val[: a.qualitative_cases], cfg.data.slice_axis, a.qualitative_crop, path)
+            label = path.stem
+        seconds = round(time.perf_counter() - t0, 2)
+        _append_log(study_dir, {"event": "analysis", "name": label, "seconds": seconds, "time": time.time()})
+        if progress:
+            print(f"analysis {label}: {seconds:.1f} s", flush=True)
+
+
+# ---- artefacts and the whole study -------------------------------------------------------
+
+
+def export_artefacts(study_dir: Path, report_dir: Path) -> None:
+    """Copy the study's small files (no checkpoints, no PNGs) into ``report_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("study.yaml", LOG):
+        if (study_dir / name).is_file():
+            shutil.copy2(study_dir / name, report_dir / name)
+    for run in sorted((study_dir / "runs").glob("*/seed*")):
+        target = report_dir / run.relative_to(study_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in SMALL_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, target / name)
+    if (study_dir / "analysis").is_dir():
+        shutil.copytree(study_dir / "analysis", report_dir / "analysis", dirs_exist_ok=True)
+
+
+def _check_study_file(spec: StudySpec, study_dir: Path) -> None:
+    path = study_dir / "study.yaml"
+    if path.is_file() and yaml.safe_load(path.read_text()) != spec.to_dict():
+        raise UnetsegError(
+            f"{study_dir} holds a study with other settings (study.yaml differs); use another --out or delete it"
+        )
+
+
+def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, data_root: str | Path | None = None,
+              jobs: int = 1, progress: bool = True) -> Path:
+    """Run (or continue) a whole study and write its report; returns the report's path.
+
+    Args:
+        spec: the resolved study.
+        study_dir: run folders with checkpoints (resumable).
+        report_dir: small artefacts, figures, ``summary.json`` and ``report.md``.
+        data_root: folder holding the data set folders.
+        jobs: runs trained in parallel processes (each with ``cores // jobs`` threads,
+            or ``$OMP_NUM_THREADS``).
+        progress: per-run progress lines.
+    """
+    from unetseg.ablation.report import write_report
+
+    study_dir, report_dir = Path(study_dir), Path(report_dir)
+    root = str(resolve_data_root(data_root))
+    study_dir.mkdir(parents=True, exist_ok=True)
+    _check_study_file(spec, study_dir)
+    save_study(spec, study_dir / "study.yaml")
+    variants = build_variants(spec)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
+    start = time.time()
+    tasks = [(v, s) for v in variants for s in spec.seeds]
+    spec_dict = spec.to_dict()
+    if jobs <= 1:
+        for v, s in tasks:
+            row = train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress)
+            _append_log(study_dir, row)
+            if progress:
+                print(f"{v.name} seed {s}: {row['action']} ({row['seconds']:.0f} s)", flush=True)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, progress)
+                       for v, s in tasks]
+            for future in futures:
+                row = future.result()
+                _append_log(study_dir, row)
+                if progress:
+                    print(f"{row['variant']} seed {row['seed']}: {row['action']} ({row['seconds']:.0f} s)", flush=True)
+    run_analyses(spec, variants, study_dir, root, progress)
+    _append_log(study_dir, {"event": "invocation", "start": start, "end": time.time(),
+                            "seconds": round(time.time() - start, 2), "machine": machine_info(jobs, threads)})
+    export_artefacts(study_dir, report_dir)
+    return write_report(report_dir)
+
+
+def ablate(config: str, quick: bool = False, out: str | None = None, report_dir: str | None = None,
+           data_root: str | None = None, report_only: bool = False, jobs: int = 1, progress: bool = True) -> Path:
+    """What ``unetseg ablate`` does; returns the path of the written ``report.md``.
+
+    Defaults: study folder ``runs/ablation/<name>[-quick]``; report folder
+    ``docs/ablation/<name>`` for a full study, ``<out>/report`` for ``--quick``.
+    ``report_only`` redraws figures and report from the report folder alone.
+    """
+    from unetseg.ablation.report import write_report
+
+    spec = load_study(config, quick=quick)
+    study_dir = Path(out or f"runs/ablation/{spec.name}{'-quick' if quick else ''}")
+    target = Path(report_dir or (study_dir / "report" if quick else f"docs/ablation/{spec.name}"))
+    if report_only:
+        if not (target / "study.yaml").is_file():
+            raise UnetsegError(f"{target}: no study artefacts to report on; run the study first or pass --report-dir")
+        return write_report(target)
+    if jobs < 1:
+        raise UnetsegError(f"--jobs must be at least 1, got {jobs}")
+    return run_study(spec, study_dir, target, data_root, jobs, progress)

@@ -1,0 +1,107 @@
+"""One run of a study: its folder, whether it is finished, and its per-case results.
+
+A study's run folder is an ordinary ``fit`` run folder
+(``<study>/runs/<variant>/seed<k>``) plus ``per_case.json``: the final
+weights (``last.pt``, the end of the fixed budget; no checkpoint selection on
+the validation cases) scored on every validation case by
+:func:`unetseg.evaluate.evaluate_cases`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unetseg.config import Config
+from unetseg.data.datasets import Case
+from unetseg.errors import UnetsegError
+from unetseg.evaluate import evaluate_cases, summarize
+from unetseg.infer import Segmenter, load_checkpoint
+from unetseg.plots import read_jsonl
+
+PER_CASE = "per_case.json"
+FINAL_CHECKPOINT = "last.pt"
+# Small files of a run folder that are committed (checkpoints and PNGs are not).
+SMALL_FILES = ("config.yaml", "split.json", "metrics.jsonl", "gradients.jsonl", "command.txt", PER_CASE)
+
+
+def run_dir(study_dir: str | Path, variant: str, seed: int) -> Path:
+    """``<study_dir>/runs/<variant>/seed<seed>``."""
+    return Path(study_dir) / "runs" / variant / f"seed{seed}"
+
+
+def trained_epochs(run: Path) -> int:
+    """Epochs recorded in ``metrics.jsonl`` (0 when there is none)."""
+    return len(read_jsonl(run / "metrics.jsonl"))
+
+
+def check_same_config(run: Path, cfg: Config) -> None:
+    """Raise when ``run`` was started with a config other than ``cfg`` (a changed budget must not mix)."""
+    path = run / "config.yaml"
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text())
+        if saved != cfg.to_dict():
+            raise UnetsegError(
+                f"{run} was trained with a different config than the study now asks for; "
+                f"delete that folder or give the study another --out"
+            )
+
+
+def training_state(run: Path, cfg: Config) -> str:
+    """``"done"`` (trained and scored), ``"trained"`` (needs scoring), ``"partial"`` (resume) or ``"new"``."""
+    check_same_config(run, cfg)
+    last = run / FINAL_CHECKPOINT
+    if not last.is_file():
+        return "new"
+    epoch = int(load_checkpoint(last)["epoch"])
+    if epoch < cfg.train.epochs - 1:
+        return "partial"
+    return "done" if (run / PER_CASE).is_file() else "trained"
+
+
+def clear_partial_files(run: Path) -> None:
+    """Remove logs a run killed before its first checkpoint left behind (so a fresh start does not append to them)."""
+    for name in ("metrics.jsonl", "gradients.jsonl"):
+        (run / name).unlink(missing_ok=True)
+
+
+def count_parameters(segmenter: Segmenter) -> int:
+    return sum(p.numel() for p in segmenter.model.parameters())
+
+
+def score_run(run: Path, val_cases: Sequence[Case]) -> dict[str, Any]:
+    """Score the run's final weights on ``val_cases`` and write ``per_case.json``.
+
+    The validation cases must be the ones in the run's ``split.json``.
+
+    Returns:
+        ``{"checkpoint", "epoch", "num_parameters", "class_names", "summary", "cases": [row, ...]}``
+        with rows as :func:`unetseg.evaluate.evaluate_cases` returns them.
+    """
+    split = json.loads((run / "split.json").read_text())
+    if [c.case_id for c in val_cases] != split["val"]:
+        raise UnetsegError(f"{run}: its validation cases differ from the study's; the split must be shared")
+    segmenter = Segmenter.from_checkpoint(run / FINAL_CHECKPOINT, device="cpu")
+    rows = evaluate_cases(segmenter, val_cases, progress=False)
+    payload = {
+        "checkpoint": FINAL_CHECKPOINT,
+        "epoch": int(load_checkpoint(run / FINAL_CHECKPOINT)["epoch"]),
+        "num_parameters": count_parameters(segmenter),
+        "class_names": list(segmenter.class_names),
+        "summary": summarize(rows, segmenter.class_names),
+        "cases": rows,
+    }
+    (run / PER_CASE).write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+def read_per_case(run: Path) -> dict[str, Any]:
+    """The ``per_case.json`` of a scored run."""
+    path = run / PER_CASE
+    if not path.is_file():
+        raise UnetsegError(f"{path} missing; run the study (without --report-only) to score this run")
+    return json.loads(path.read_text())

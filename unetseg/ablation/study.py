@@ -1,0 +1,136 @@
+"""Study specifications: which training config, budget, seeds and analyses a skip-connection study uses.
+
+A study YAML (shipped: ``unetseg/ablation/<name>.yaml``) names a training config
+(``unetseg/configs``), the budget every run shares (``section.field=value``
+overrides), the seeds, the depths, and the analysis settings. Its ``quick``
+section holds the changes that make the pipeline run in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unetseg.errors import UnetsegError
+
+STUDY_DIR = Path(__file__).parent
+
+
+@dataclass
+class AnalysisSpec:
+    """What is computed from trained runs after training (each once, then cached)."""
+
+    landscape_variants: list[str] = field(default_factory=lambda: ["skip", "noskip"])  # runs sliced (seed below)
+    landscape_seed: int = 0
+    landscape_points_1d: int = 41  # points along one filter-normalised direction
+    landscape_points_2d: int = 21  # points per axis of the 2D grid
+    landscape_span: float = 1.0  # the slices cover alpha in [-span, span]
+    landscape_samples: int = 64  # fixed training patches the loss is averaged over
+    landscape_batch_size: int = 32
+    lesion_variants: list[str] = field(default_factory=lambda: ["skip", "residual"])  # every seed of these
+    qualitative_variants: list[str] = field(default_factory=lambda: ["skip", "noskip"])  # seed 0 of these
+    qualitative_cases: int = 4  # first validation cases shown
+    qualitative_crop: int = 256  # 2D images larger than this are centre-cropped to it for the figure
+    gradient_pairs: list[list[str]] = field(
+        default_factory=lambda: [["skip", "noskip"], ["residual", "residual_noskip"]]
+    )  # (with, without) pairs drawn in the gradient-flow figure; the deepest depth pair is added
+
+
+@dataclass
+class StudySpec:
+    """One study: a base training config, a shared budget, the variant matrix's knobs and the analyses.
+
+    Attributes:
+        name: study name (folder names and titles).
+        config: shipped training config name or YAML path the runs start from.
+        overrides: ``section.field=value`` budget shared by every run (epochs,
+            steps per epoch, cases, ...); variants only add model fields and the seed.
+        seeds: training seeds; every variant runs each.
+        width: feature maps at the finest level; each coarser level doubles them.
+        depth: levels (bottleneck included) of the reference network.
+        depths: levels of the depth sweep, each with and without long skips.
+        variants: names to run (``None``: the whole matrix of :func:`build_variants`).
+        analysis: see :class:`AnalysisSpec`.
+        quick: whether the ``quick`` section was applied.
+    """
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    width: int = 8
+    depth: int = 4
+    depths: list[int] = field(default_factory=lambda: [3, 4, 5])
+    variants: list[str] | None = None
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    quick: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_studies() -> list[str]:
+    """Names of the study YAMLs shipped in ``unetseg/ablation``."""
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def _check_keys(raw: dict[str, Any], cls: type, source: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = set(raw) - names
+    if bad:
+        raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)}; valid: {sorted(names)}")
+
+
+def study_from_dict(raw: dict[str, Any], quick: bool = False, source: str = "study") -> StudySpec:
+    """Build a :class:`StudySpec`; with ``quick`` the ``quick`` section's fields replace or extend the main ones.
+
+    In the ``quick`` section, ``overrides`` are appended to the main overrides
+    (later ones win) and ``analysis`` fields replace single analysis fields;
+    every other field replaces the main one.
+    """
+    raw = dict(raw)
+    quick_raw = dict(raw.pop("quick", None) or {})
+    _check_keys(raw, StudySpec, source)
+    analysis_raw = dict(raw.pop("analysis", None) or {})
+    if quick:
+        _check_keys(quick_raw, StudySpec, f"{source} (quick)")
+        raw["overrides"] = list(raw.get("overrides", [])) + list(quick_raw.pop("overrides", []))
+        analysis_raw.update(quick_raw.pop("analysis", None) or {})
+        raw.update(quick_raw)
+    _check_keys(analysis_raw, AnalysisSpec, f"{source} (analysis)")
+    if "name" not in raw or "config" not in raw:
+        raise UnetsegError(f"{source}: a study needs 'name' and 'config' (the training config it starts from)")
+    spec = StudySpec(**{**raw, "analysis": AnalysisSpec(**analysis_raw), "quick": quick})
+    if len(spec.seeds) < 1 or spec.depth < 2 or spec.width < 1:
+        raise UnetsegError(f"{source}: needs at least one seed, depth >= 2 and width >= 1")
+    return spec
+
+
+def resolved_study(raw: dict[str, Any]) -> StudySpec:
+    """Rebuild a :class:`StudySpec` from :meth:`StudySpec.to_dict` output (a saved ``study.yaml``)."""
+    return StudySpec(**{**raw, "analysis": AnalysisSpec(**raw["analysis"])})
+
+
+def load_study(name_or_path: str, quick: bool = False) -> StudySpec:
+    """Load a shipped study by name (``hippocampus_2d``) or a study YAML by path."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = STUDY_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UnetsegError(
+            f"study {name_or_path!r} not found; give a YAML path or one of: {', '.join(available_studies())}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UnetsegError(f"{path}: not valid YAML ({exc})") from None
+    return study_from_dict(raw, quick=quick, source=str(path))
+
+
+def save_study(spec: StudySpec, path: str | Path) -> None:
+    """Write the resolved study (after ``quick``) as YAML."""
+    Path(path).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
