@@ -26,15 +26,30 @@ def evaluate_cases(
     ``hd95_<class>`` for each foreground class (HD95 in mm for NIfTI, pixels for 2D).
     """
     rows = []
-    names = segmenter.class_names[1:]
     for case in tqdm(cases, desc="evaluating", unit="case", leave=False, disable=not progress):
         prediction = segmenter.predict(case.image, tta=tta, normalized=True)
-        m = case_metrics(prediction, case.label, segmenter.num_classes, case.meta.spacing[: case.label.ndim])
         row: dict[str, Any] = {"case_id": case.case_id}
-        row.update({f"dice_{n}": float(v) for n, v in zip(names, m["dice"])})
-        row.update({f"hd95_{n}": float(v) for n, v in zip(names, m["hd95"])})
+        row.update(score_case(prediction, case.label, segmenter.class_names, case.meta.spacing))
         rows.append(row)
     return rows
+
+
+def score_case(
+    prediction: np.ndarray, truth: np.ndarray, class_names: Sequence[str], spacing: Sequence[float] | None = None
+) -> dict[str, float]:
+    """``dice_<class>`` and ``hd95_<class>`` of one prediction, per foreground class, as :func:`evaluate_cases` scores it.
+
+    Args:
+        prediction, truth: ``(*S)`` integer label maps of one shape.
+        class_names: background first.
+        spacing: voxel size per axis (the source's ``ImageMeta.spacing``; extra
+            entries are ignored); HD95 is in pixels when None.
+    """
+    names = list(class_names)[1:]
+    m = case_metrics(prediction, truth, len(class_names), None if spacing is None else tuple(spacing)[: truth.ndim])
+    row = {f"dice_{n}": float(v) for n, v in zip(names, m["dice"])}
+    row.update({f"hd95_{n}": float(v) for n, v in zip(names, m["hd95"])})
+    return row
 
 
 def summarize(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:

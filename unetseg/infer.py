@@ -7,6 +7,7 @@ inference needs nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -114,6 +115,8 @@ class Segmenter:
         class_names: background first.
         device: where to run.
         batch_size: slices or windows per forward pass.
+        dataset: name of the data set the model was trained on (``"hippocampus"``,
+            ``"dsb2018"``, ...), when known; used for input-mismatch warnings.
 
     Example::
 
@@ -128,8 +131,10 @@ class Segmenter:
         class_names: Sequence[str],
         device: str | torch.device = "cpu",
         batch_size: int = 64,
+        dataset: str | None = None,
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dataset = dataset
         self.model = model.to(self.device).eval()
         self.preprocessing = dict(preprocessing)
         self.class_names = tuple(class_names)
@@ -141,7 +146,7 @@ class Segmenter:
         payload = load_checkpoint(name_or_path)
         model = build_model(payload["model_args"])
         model.load_state_dict(payload["state_dict"])
-        return cls(model, payload["preprocessing"], payload["class_names"], device)
+        return cls(model, payload["preprocessing"], payload["class_names"], device, dataset=payload.get("dataset"))
 
     @property
     def spatial_dims(self) -> int:
@@ -238,6 +243,18 @@ class Segmenter:
         labels = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized).argmax(axis=0)
         return keep_largest_component(labels, self.num_classes) if largest_component else labels
 
+    def flip_predictions(self, image: np.ndarray, channel_axis: int | None = None, normalized: bool = False) -> np.ndarray:
+        """Label maps ``(1 + spatial_dims, *S)``: unflipped, then flipped along each in-plane axis of the network.
+
+        These are the members of :meth:`predict_proba`'s flip test-time
+        augmentation; where they disagree the model is unsure (see
+        :func:`unetseg.display.vote_disagreement`).
+        """
+        if not normalized:
+            image = self.prepare(image, channel_axis)
+        flips = [()] + [(axis,) for axis in range(self.spatial_dims)]
+        return np.stack([self._probabilities(image, flip_axes=f).argmax(axis=0) for f in flips])
+
     def predict_file(
         self, path: str | Path, tta: bool = False, largest_component: bool = False
     ) -> tuple[np.ndarray, io.ImageMeta]:
@@ -254,6 +271,21 @@ class Segmenter:
         if kind == "image2d" and self.spatial_dims == 3:
             raise DataError(source, "this 3D model segments volumes; give a NIfTI file or pick a 2D model")
 
+    def mismatch_warning(self, kind: str) -> str | None:
+        """A warning when a file of ``kind`` ("nifti" or "image2d") differs from what the model was trained on.
+
+        Unlike :meth:`check_compatible` this never raises: the model can run,
+        but e.g. an MRI model on a microscopy image gives meaningless masks.
+        None when the input suits the model or its training data are unknown.
+        """
+        trained_kind = dataset_kind(self.dataset)
+        if trained_kind is None or kind == trained_kind:
+            return None
+        what = {"nifti": "3D volume", "image2d": "2D image"}
+        return (
+            f"this model was trained on {self.dataset} ({what[trained_kind]}s) but the input is a "
+            f"{what.get(kind, kind)}; expect a meaningless mask, or pick a model trained on {what.get(kind, kind)}s"
+        )
 
 def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path) -> Path:
     """Save a prediction next to others in ``out_dir``: NIfTI keeps affine and header; 2D becomes PNG."""
@@ -263,3 +295,42 @@ def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path
         stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
         return io.write_nifti_label(labels, meta, out_dir / f"{stem}.nii.gz")
     return io.write_png_mask(labels, out_dir / f"{Path(name).stem}.png")
+
+
+def dataset_kind(dataset: str | None) -> str | None:
+    """The input a data set's models are made for: ``"nifti"`` (volumes, MSD), ``"image2d"`` (DSB), else None."""
+    from unetseg.data.datasets import DATASETS
+
+    info = DATASETS.get(dataset or "")
+    if info is None or info.layout == "folder":
+        return None
+    return "nifti" if info.layout == "msd" else "image2d"
+
+
+def model_card(name_or_path: str | Path) -> dict[str, Any]:
+    """What a checkpoint is, without building the model: for pickers and listings.
+
+    Returns ``name``, ``path``, ``dataset``, ``input_kind`` (see
+    :func:`dataset_kind`), ``class_names``, ``spatial_dims``, ``skips`` and ``metrics``: the ``unetseg evaluate`` summary stored as
+    ``metrics.json`` beside the checkpoint (shipped models), else None.
+    """
+    path = resolve_checkpoint(name_or_path)
+    payload = load_checkpoint(path)
+    metrics_file = path.parent / "metrics.json"
+    metrics = None
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except json.JSONDecodeError:
+            metrics = None
+    args = payload["model_args"]
+    return {
+        "name": str(name_or_path),
+        "path": path,
+        "dataset": payload.get("dataset"),
+        "input_kind": dataset_kind(payload.get("dataset")),
+        "class_names": tuple(payload["class_names"]),
+        "spatial_dims": int(args["spatial_dims"]),
+        "skips": bool(args.get("skips", True)),
+        "metrics": metrics,
+    }

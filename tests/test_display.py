@@ -1,0 +1,173 @@
+"""unetseg.display: windowing, colours, overlays, error and disagreement maps, sizes, orientation (pure numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unetseg import display
+
+
+def test_class_colors_background_black_foreground_distinct_and_wrapping():
+    colors = display.class_colors(3)
+    assert colors.shape == (3, 3) and colors.dtype == np.uint8
+    assert colors[0].tolist() == [0, 0, 0]
+    assert len({tuple(c) for c in colors}) == 3
+    many = display.class_colors(len(display.PALETTE) + 2)
+    assert many[len(display.PALETTE)].tolist() == display.PALETTE[1].tolist()  # wraps to the first foreground
+    with pytest.raises(ValueError, match="num_classes"):
+        display.class_colors(0)
+
+
+def test_legend_lists_foreground_classes_with_hex_colours():
+    assert display.legend(("background", "anterior", "posterior")) == [("anterior", "#e6194b"), ("posterior", "#3cb44b")]
+
+
+def test_apply_window_maps_level_and_width_to_grey_and_clips():
+    image = np.array([-50.0, 0.0, 50.0, 100.0, 500.0])
+    out = display.apply_window(image, level=50, width=100)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [0, 0, 128, 255, 255]
+    with pytest.raises(ValueError, match="width"):
+        display.apply_window(image, 0, 0)
+
+
+def test_default_window_spans_robust_percentiles():
+    image = np.concatenate([np.linspace(0, 100, 1001), [1e6]])  # one hot voxel must not stretch the window
+    level, width = display.default_window(image)
+    assert level == pytest.approx(50, abs=1)
+    assert width == pytest.approx(99.5, abs=1.5)
+    assert display.default_window(np.zeros(10))[1] > 0
+
+
+def test_channels_last_and_to_rgb():
+    grey = np.arange(6, dtype=np.uint8).reshape(1, 2, 3)
+    assert display.channels_last(grey).shape == (2, 3)
+    rgb = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
+    assert display.channels_last(rgb)[1, 2].tolist() == rgb[:, 1, 2].tolist()
+    assert display.to_rgb(grey[0]).shape == (2, 3, 3)
+    assert np.all(display.to_rgb(grey[0])[..., 2] == grey[0])
+    with pytest.raises(ValueError):
+        display.channels_last(np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError):
+        display.to_rgb(np.zeros((4, 4, 2)))
+
+
+def test_overlay_paints_class_colours_at_given_opacity():
+    base = np.full((4, 5), 100, dtype=np.uint8)
+    labels = np.zeros((4, 5), dtype=np.int64)
+    labels[0, 0], labels[1, 1] = 1, 2
+    colors = display.class_colors(3)
+    solid = display.overlay(base, labels, 3, opacity=1.0)
+    assert solid[0, 0].tolist() == colors[1].tolist() and solid[1, 1].tolist() == colors[2].tolist()
+    assert solid[3, 4].tolist() == [100, 100, 100]  # background untouched
+    assert np.array_equal(display.overlay(base, labels, 3, opacity=0.0), display.to_rgb(base))
+    half = display.overlay(base, labels, 3, opacity=0.5)
+    assert half[0, 0].tolist() == np.round((100 + colors[1].astype(float)) / 2).astype(int).tolist()
+    with pytest.raises(ValueError, match="opacity"):
+        display.overlay(base, labels, 3, opacity=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        display.overlay(base, labels[:3], 3)
+
+
+def test_error_masks_split_false_positives_negatives_and_wrong_classes():
+    truth = np.array([[0, 1, 1, 2], [0, 0, 2, 2]])
+    pred = np.array([[1, 1, 0, 1], [0, 2, 2, 2]])
+    m = display.error_masks(pred, truth)
+    assert np.argwhere(m["false_positive"]).tolist() == [[0, 0], [1, 1]]
+    assert np.argwhere(m["false_negative"]).tolist() == [[0, 2]]
+    assert np.argwhere(m["wrong_class"]).tolist() == [[0, 3]]
+    rgb = display.error_overlay(np.zeros((2, 4), np.uint8), pred, truth, opacity=1.0)
+    assert rgb[0, 0].tolist() == list(display.FALSE_POSITIVE)
+    assert rgb[0, 2].tolist() == list(display.FALSE_NEGATIVE)
+    assert rgb[0, 3].tolist() == list(display.WRONG_CLASS)
+    assert rgb[0, 1].tolist() == [0, 0, 0]  # correct foreground stays as it was
+
+
+def test_disagreement_and_vote_disagreement():
+    a = np.array([[0, 1], [2, 2]])
+    b = np.array([[0, 2], [2, 0]])
+    assert display.disagreement(a, b).tolist() == [[False, True], [False, True]]
+    votes = display.vote_disagreement(np.stack([a, b, a]))
+    assert votes.dtype == np.float32
+    assert votes == pytest.approx(np.array([[0, 1 / 3], [0, 1 / 3]]))
+    three_way = display.vote_disagreement(np.array([[0], [1], [2]]))
+    assert three_way[0] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        display.vote_disagreement(a[None])
+
+
+def test_heat_overlay_scales_with_value():
+    base = np.zeros((1, 3), dtype=np.uint8)
+    out = display.heat_overlay(base, np.array([[0.0, 0.5, 1.0]]), opacity=1.0, color=(200, 0, 0))
+    assert out[0, :, 0].tolist() == [0, 100, 200]
+
+
+def test_class_sizes_volume_in_mm3_from_affine_and_area_in_pixels():
+    labels = np.zeros((4, 4, 4), dtype=np.int64)
+    labels[0, 0, :3] = 1
+    labels[1, :, :] = 2
+    affine = np.diag([2.0, -3.0, 0.5, 1.0])  # a flipped axis must not give a negative volume
+    affine[:3, 3] = [10, 20, 30]
+    assert display.voxel_volume(affine) == pytest.approx(3.0)
+    rows = display.class_sizes(labels, ("background", "a", "b"), affine)
+    assert rows == [
+        {"class": "a", "voxels": 3, "volume_mm3": pytest.approx(9.0)},
+        {"class": "b", "voxels": 16, "volume_mm3": pytest.approx(48.0)},
+    ]
+    rotated = np.eye(4)
+    rotated[:3, :3] = np.array([[0, 0, 1.5], [2.0, 0, 0], [0, 1.0, 0]])  # permuted axes, 3 mm^3 voxels
+    assert display.class_sizes(labels, ("background", "a", "b"), rotated)[0]["volume_mm3"] == pytest.approx(9.0)
+    flat = display.class_sizes(labels[1], ("background", "a", "b"))
+    assert flat == [{"class": "a", "pixels": 0}, {"class": "b", "pixels": 16}]
+    with pytest.raises(ValueError, match="affine"):
+        display.class_sizes(labels, ("background", "a", "b"))
+
+
+def test_to_ras_undoes_flips_and_permutations():
+    volume = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM-like: x runs to the left, y to the back
+    ras = display.to_ras(volume, lps)
+    assert ras.shape == (2, 3, 4)
+    assert ras[0, 0, 0] == volume[1, 2, 0]
+    permuted = np.zeros((4, 4))
+    permuted[0, 2] = permuted[1, 0] = permuted[2, 1] = 1.0  # voxel axis 2 is R, 0 is A, 1 is S
+    permuted[3, 3] = 1.0
+    ras = display.to_ras(volume, permuted)
+    assert ras.shape == (4, 2, 3)
+    assert ras[3, 1, 2] == volume[1, 2, 3]
+    assert display.ras_spacing((1.0, 2.0, 3.0), permuted) == (3.0, 1.0, 2.0)
+    image = display.to_ras(volume[None].astype(np.float32), permuted)
+    assert image.shape == (1, 4, 2, 3)
+
+
+def test_plane_slices_are_in_neurological_orientation():
+    x, y, z = 3, 4, 5
+    volume = np.fromfunction(lambda i, j, k: i + 10 * j + 100 * k, (x, y, z))
+    axial = display.plane_slice(volume, "axial", 2)
+    assert axial.shape == (y, x)
+    assert axial[0, 0] == volume[0, y - 1, 2]  # top left: x=0 (patient's left shown left), most anterior row
+    assert axial[-1, -1] == volume[x - 1, 0, 2]
+    coronal = display.plane_slice(volume, "coronal", 1)
+    assert coronal.shape == (z, x) and coronal[0, 0] == volume[0, 1, z - 1]  # superior at the top
+    sagittal = display.plane_slice(volume, "sagittal", 0)
+    assert sagittal.shape == (z, y) and sagittal[0, -1] == volume[0, y - 1, z - 1]  # superior top, anterior right
+    channels = display.plane_slice(volume[None], "axial", 2)
+    assert channels.shape == (1, y, x) and np.array_equal(channels[0], axial)
+    assert display.num_slices(volume.shape, "sagittal") == x
+    with pytest.raises(IndexError):
+        display.plane_slice(volume, "axial", z)
+    with pytest.raises(ValueError, match="plane"):
+        display.plane_slice(volume, "transverse", 0)
+
+
+def test_pixel_aspect_and_upscale():
+    assert display.pixel_aspect((0.5, 1.0, 3.0), "axial") == (1.0, 0.5)
+    assert display.pixel_aspect((0.5, 1.0, 3.0), "coronal") == (3.0, 0.5)
+    picture = np.arange(6).reshape(2, 3)
+    big = display.upscale(picture, target=30)
+    assert big.shape == (20, 30) and big[19, 29] == 5 and big[0, 10] == 1
+    stretched = display.upscale(picture, target=30, aspect=(2.0, 1.0))  # rows twice as tall as columns are wide
+    assert stretched.shape[0] / stretched.shape[1] == pytest.approx(2 * 2 / 3, rel=0.2)
+    huge = np.zeros((600, 800))
+    assert display.upscale(huge, target=480) is huge

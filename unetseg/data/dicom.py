@@ -1,0 +1,253 @@
+"""DICOM reader: one file, a folder or a zip of one series -> a volume and its affine.
+
+Same contract as the readers in :mod:`unetseg.data.io`: ``(1, X, Y, Z)``
+float32 (rescale slope and intercept applied) and an :class:`ImageMeta`
+whose affine maps voxels to RAS+ millimetres, as NIfTI does, so a
+prediction saves as NIfTI aligned with the scan. The meta's ``kind`` is
+``"nifti"`` ("a volume saved as NIfTI"); its ``header`` is None.
+
+Voxel order: ``X`` runs along a DICOM row (increasing column index), ``Y``
+down the columns (increasing row index), ``Z`` through the slices sorted by
+their position along the slice normal (nibabel and dcm2niix use the same
+convention before any reorientation).
+"""
+
+from __future__ import annotations
+
+import io as _io
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from unetseg.data.io import ImageMeta
+from unetseg.errors import DataError
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MAX_ZIP_MEMBERS = 5000
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    """True when ``data`` starts with a DICOM preamble (``DICM`` at byte 128)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def is_zip_bytes(data: bytes) -> bool:
+    return data[:4] == b"PK\x03\x04"
+
+
+def _parse(data: bytes, source: str | Path, strict: bool):
+    """A pydicom Dataset from bytes, or None when they are not DICOM image data (and not ``strict``)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(_io.BytesIO(data), force=not is_dicom_bytes(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if strict:
+            raise DataError(source, f"not a readable DICOM file ({type(exc).__name__}); check the file is complete") from None
+        return None
+    if "PixelData" not in ds:
+        if strict:
+            raise DataError(source, "DICOM file holds no image (no PixelData); give an image file of the series")
+        return None
+    return ds
+
+
+def _pixels(ds, source: str | Path) -> np.ndarray:
+    """Rescaled pixels ``(frames, rows, cols)`` float32 of one dataset."""
+    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    if samples != 1:
+        raise DataError(source, f"colour DICOM ({samples} samples per pixel); this viewer takes grey volumes")
+    try:
+        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+    except Exception as exc:  # truncated data, unsupported compression, missing handlers
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
+        raise DataError(
+            source, f"cannot decode the DICOM pixel data{hint}: {type(exc).__name__}; the file may be truncated, "
+            "or compressed - export it uncompressed"
+        ) from None
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    pixels = pixels * slope + intercept
+    return pixels[None] if pixels.ndim == 2 else pixels
+
+
+def _floats(value, count: int) -> np.ndarray | None:
+    try:
+        out = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return out if out.shape == (count,) else None
+
+
+def _geometry(ds) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """Orientation (6,), position (3,) and pixel spacing (row, col) of a single-frame dataset."""
+    iop = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
+    ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
+    return iop, ipp, spacing if spacing is not None else np.ones(2)
+
+
+def _affine(iop: np.ndarray | None, origin: np.ndarray, pixel_spacing: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """RAS+ affine from DICOM (LPS) geometry; ``step`` is the vector between consecutive slices."""
+    row_cos, col_cos = (iop[:3], iop[3:]) if iop is not None else (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * pixel_spacing[1]  # along a row: column index grows, spaced by the column spacing
+    lps[:3, 1] = col_cos * pixel_spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def _slice_thickness(ds) -> float:
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(getattr(ds, key))
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if value > 0:
+            return value
+    return 1.0
+
+
+def _normal(iop: np.ndarray | None) -> np.ndarray:
+    return np.cross(iop[:3], iop[3:]) if iop is not None else np.array([0.0, 0.0, 1.0])
+
+
+def _multiframe_geometry(ds, frames: int):
+    """Per-frame positions of an enhanced multi-frame file, or None when it does not say."""
+    try:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        iop = _floats(shared.PlaneOrientationSequence[0].ImageOrientationPatient, 6)
+        spacing = _floats(shared.PixelMeasuresSequence[0].PixelSpacing, 2)
+        positions = np.array(
+            [[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in ds.PerFrameFunctionalGroupsSequence]
+        )
+    except (AttributeError, IndexError, TypeError, ValueError, KeyError):
+        return None
+    if iop is None or spacing is None or positions.shape != (frames, 3):
+        return None
+    return iop, positions, spacing
+
+
+def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.ndarray, ImageMeta]:
+    """Stack DICOM datasets of one series into ``(1, X, Y, Z)`` float32 with a RAS+ affine.
+
+    A single dataset may be multi-frame (its frames are the slices). Several
+    datasets must be single-frame slices of one series with one size and
+    orientation and distinct positions.
+    """
+    if not datasets:
+        raise DataError(source, "no DICOM images found")
+    if len(datasets) == 1:
+        ds = datasets[0]
+        pixels = _pixels(ds, source)  # (frames, rows, cols)
+        frames = pixels.shape[0]
+        geometry = _multiframe_geometry(ds, frames) if frames > 1 else None
+        if geometry is not None:
+            iop, positions, pixel_spacing = geometry
+            order = np.argsort(positions @ _normal(iop), kind="stable")
+            pixels, positions = pixels[order], positions[order]
+            step = (positions[-1] - positions[0]) / (frames - 1)
+            origin = positions[0]
+        else:
+            iop, ipp, pixel_spacing = _geometry(ds)
+            step = _normal(iop) * _slice_thickness(ds)
+            origin = ipp if ipp is not None else np.zeros(3)
+        slices = pixels
+    else:
+        _check_one_series(datasets, source)
+        geometries = [_geometry(ds) for ds in datasets]
+        iop, _, pixel_spacing = geometries[0]
+        if any(g[1] is None for g in geometries):
+            numbers = [int(getattr(ds, "InstanceNumber", i) or i) for i, ds in enumerate(datasets)]
+            order = np.argsort(numbers, kind="stable")
+            positions = None
+        else:
+            positions = np.array([g[1] for g in geometries])
+            order = np.argsort(positions @ _normal(iop), kind="stable")
+            positions = positions[order]
+        datasets = [datasets[i] for i in order]
+        stack = [_pixels(ds, source) for ds in datasets]
+        shapes = {s.shape for s in stack}
+        if len(shapes) != 1 or next(iter(shapes))[0] != 1:
+            raise DataError(source, f"slices differ in size or are multi-frame ({sorted(shapes)}); zip one series")
+        slices = np.concatenate(stack)
+        if positions is not None:
+            gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+            if np.any(gaps < 1e-4):
+                raise DataError(source, "two slices share one position; the zip holds more than one series or duplicates")
+            if gaps.max() > 1.1 * gaps.min():
+                raise DataError(
+                    source, f"slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm); missing slices?"
+                )
+            step = (positions[-1] - positions[0]) / (len(positions) - 1)
+            origin = positions[0]
+        else:
+            step = _normal(iop) * _slice_thickness(datasets[0])
+            origin = np.zeros(3)
+    volume = np.ascontiguousarray(np.transpose(slices, (2, 1, 0)))  # (frames, rows, cols) -> (X=cols, Y=rows, Z)
+    affine = _affine(iop, origin, pixel_spacing, step)
+    spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
+    return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing)
+
+
+def _check_one_series(datasets: Sequence, source: str | Path) -> None:
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise DataError(source, f"holds {len(series)} DICOM series; zip the files of one series only")
+    orientations = {tuple(np.round(_geometry(ds)[0], 4)) for ds in datasets if _geometry(ds)[0] is not None}
+    if len(orientations) > 1:
+        raise DataError(source, "slices have different orientations; zip one series only")
+
+
+def datasets_from_zip(data: bytes, source: str | Path, max_bytes: int | None = None) -> list:
+    """The DICOM image datasets in a zip (other members - DICOMDIR, notes - are skipped)."""
+    try:
+        archive = zipfile.ZipFile(_io.BytesIO(data))
+        members = [m for m in archive.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise DataError(source, f"not a readable zip archive ({type(exc).__name__}); check the file is complete") from None
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise DataError(source, f"zip holds {len(members)} files; the limit is {MAX_ZIP_MEMBERS}")
+    total = sum(m.file_size for m in members)
+    if max_bytes is not None and total > max_bytes:
+        raise DataError(source, f"zip unpacks to {total / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+    datasets = []
+    with archive:
+        for member in members:
+            try:
+                raw = archive.read(member)
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as exc:
+                raise DataError(source, f"zip member {member.filename} is corrupt ({type(exc).__name__})") from None
+            ds = _parse(raw, f"{source}:{member.filename}", strict=False)
+            if ds is not None:
+                datasets.append(ds)
+    if not datasets:
+        raise DataError(source, "zip holds no DICOM images; zip the .dcm files of one series")
+    return datasets
+
+
+def read_dicom_bytes(data: bytes, source: str | Path = "upload.dcm", max_bytes: int | None = None) -> tuple[np.ndarray, ImageMeta]:
+    """A single DICOM file's bytes, or a zip of one series -> ``(1, X, Y, Z)`` and meta."""
+    if not data:
+        raise DataError(source, "file is empty")
+    if is_zip_bytes(data):
+        return volume_from_datasets(datasets_from_zip(data, source, max_bytes), source)
+    return volume_from_datasets([_parse(data, source, strict=True)], source)
+
+
+def read_dicom(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarray, ImageMeta]:
+    """Read a DICOM file, a zip of one series, or a folder holding one series."""
+    path = Path(path)
+    if path.is_dir():
+        parsed = (_parse(f.read_bytes(), f, strict=False) for f in sorted(path.iterdir()) if f.is_file())
+        return volume_from_datasets([ds for ds in parsed if ds is not None], path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    return read_dicom_bytes(path.read_bytes(), path, max_bytes)

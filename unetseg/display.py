@@ -1,0 +1,278 @@
+"""Pure-numpy helpers for showing images and label maps: no widgets, no model.
+
+The viewer (``apps/viewer.py``) calls these; so can notebooks. Images are
+channel-first ``(C, *S)`` as :mod:`unetseg.data.io` returns them, label maps
+``(*S)`` integers. Pictures are ``(H, W)`` grey or ``(H, W, 3)`` RGB; rendered
+ones are uint8 RGB.
+
+Volumes are shown in the closest RAS+ orientation (see :func:`to_ras`), so
+"axial", "coronal" and "sagittal" mean the anatomical planes whatever the
+file's voxel order, and slices are drawn in neurological convention: the
+patient's right on the right, anterior (axial) or superior (coronal,
+sagittal) at the top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from nibabel import orientations
+
+PLANES = ("axial", "coronal", "sagittal")
+# In RAS+ voxel order the plane normal is: sagittal -> axis 0 (R), coronal -> 1 (A), axial -> 2 (S).
+PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+# Class colours (RGB), background first; tab10-like, chosen to stay apart on grey images.
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],  # red
+        [60, 180, 75],  # green
+        [0, 130, 200],  # blue
+        [255, 225, 25],  # yellow
+        [145, 30, 180],  # purple
+        [70, 240, 240],  # cyan
+        [245, 130, 48],  # orange
+        [240, 50, 230],  # magenta
+        [210, 245, 60],  # lime
+    ],
+    dtype=np.uint8,
+)
+FALSE_POSITIVE = (255, 64, 64)  # predicted foreground where the truth is background
+FALSE_NEGATIVE = (64, 128, 255)  # truth foreground the prediction missed
+WRONG_CLASS = (255, 200, 0)  # foreground in both, but a different class
+DISAGREEMENT = (255, 0, 255)
+
+
+def class_colors(num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` uint8 RGB colours, background (black, never drawn) first.
+
+    More classes than the palette holds reuse its foreground colours in turn.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    fg = PALETTE[1:]
+    return np.concatenate([PALETTE[:1], fg[np.arange(num_classes - 1) % len(fg)]])
+
+
+def hex_color(rgb: Sequence[int]) -> str:
+    """``(230, 25, 75)`` -> ``"#e6194b"`` for legends."""
+    return "#" + "".join(f"{int(c):02x}" for c in rgb)
+
+
+def legend(class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name, hex colour)`` for each foreground class, in class order."""
+    colors = class_colors(len(class_names))
+    return [(name, hex_color(colors[k])) for k, name in enumerate(class_names) if k > 0]
+
+
+def default_window(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """``(level, width)`` covering the ``low``-``high`` percentiles of ``image`` (width at least 1e-6)."""
+    lo, hi = (float(v) for v in np.percentile(image, [low, high]))
+    return (lo + hi) / 2, max(hi - lo, 1e-6)
+
+
+def apply_window(image: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Map intensities to uint8 grey: ``level - width/2`` -> 0, ``level + width/2`` -> 255, clipped."""
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    scaled = (np.asarray(image, dtype=np.float64) - (level - width / 2)) / width
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """Channel-first ``(1, H, W)`` -> ``(H, W)``; ``(3, H, W)`` -> ``(H, W, 3)``."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected (1, H, W) or (3, H, W), got shape {image.shape}")
+    return image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+
+
+def to_rgb(picture: np.ndarray) -> np.ndarray:
+    """``(H, W)`` grey or ``(H, W, 3)`` uint8 -> ``(H, W, 3)`` uint8."""
+    picture = np.asarray(picture)
+    if picture.ndim == 2:
+        return np.repeat(picture[..., None], 3, axis=2)
+    if picture.ndim == 3 and picture.shape[2] == 3:
+        return picture
+    raise ValueError(f"expected a grey (H, W) or RGB (H, W, 3) picture, got shape {picture.shape}")
+
+
+def blend(base: np.ndarray, mask: np.ndarray, color: Sequence[int], opacity: float) -> np.ndarray:
+    """Paint ``color`` over ``base (H, W, 3)`` where ``mask``; ``opacity`` 0 keeps base, 1 is solid colour."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    out = base.astype(np.float32).copy()
+    out[mask] = (1 - opacity) * out[mask] + opacity * np.asarray(color, dtype=np.float32)
+    return np.round(out).astype(np.uint8)
+
+
+def overlay(base: np.ndarray, labels: np.ndarray, num_classes: int, opacity: float = 0.5) -> np.ndarray:
+    """Colour each foreground class of ``labels (H, W)`` over ``base`` (grey or RGB, see :func:`to_rgb`)."""
+    rgb = to_rgb(base)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} != picture shape {rgb.shape[:2]}")
+    colors = class_colors(num_classes)
+    for k in range(1, num_classes):
+        rgb = blend(rgb, labels == k, colors[k], opacity)
+    return rgb
+
+
+def error_masks(prediction: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Where a prediction is wrong, split by kind (boolean maps of the label shape).
+
+    ``false_positive``: predicted foreground on true background;
+    ``false_negative``: true foreground predicted as background;
+    ``wrong_class``: foreground in both but different classes.
+    """
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != truth shape {truth.shape}")
+    pred_fg, true_fg = prediction > 0, truth > 0
+    return {
+        "false_positive": pred_fg & ~true_fg,
+        "false_negative": true_fg & ~pred_fg,
+        "wrong_class": pred_fg & true_fg & (prediction != truth),
+    }
+
+
+def error_overlay(base: np.ndarray, prediction: np.ndarray, truth: np.ndarray, opacity: float = 0.6) -> np.ndarray:
+    """False positives (red), false negatives (blue) and wrong classes (amber) over ``base``."""
+    rgb = to_rgb(base)
+    masks = error_masks(prediction, truth)
+    for name, color in (("false_positive", FALSE_POSITIVE), ("false_negative", FALSE_NEGATIVE), ("wrong_class", WRONG_CLASS)):
+        rgb = blend(rgb, masks[name], color, opacity)
+    return rgb
+
+
+def disagreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Boolean map of where two label maps differ."""
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    return a != b
+
+
+def vote_disagreement(predictions: np.ndarray) -> np.ndarray:
+    """Share of predictions that disagree with the majority label, per voxel.
+
+    Args:
+        predictions: ``(N, *S)`` label maps of the same image (e.g. one per
+            flip of test-time augmentation).
+
+    Returns:
+        ``(*S)`` float32 in ``[0, 1 - 1/N]``: 0 where all N agree.
+    """
+    predictions = np.asarray(predictions)
+    if predictions.ndim < 2 or predictions.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, *S) predictions, got shape {predictions.shape}")
+    n = predictions.shape[0]
+    labels = np.unique(predictions)
+    votes = np.stack([(predictions == k).sum(axis=0) for k in labels])
+    return (1.0 - votes.max(axis=0) / n).astype(np.float32)
+
+
+def heat_overlay(base: np.ndarray, value: np.ndarray, opacity: float = 0.6, color: Sequence[int] = DISAGREEMENT) -> np.ndarray:
+    """Blend ``color`` over ``base`` in proportion to ``value`` in ``[0, 1]`` (0 leaves base unchanged)."""
+    rgb = to_rgb(base).astype(np.float32)
+    if value.shape != rgb.shape[:2]:
+        raise ValueError(f"value shape {value.shape} != picture shape {rgb.shape[:2]}")
+    alpha = (opacity * np.clip(value, 0.0, 1.0))[..., None]
+    return np.round((1 - alpha) * rgb + alpha * np.asarray(color, dtype=np.float32)).astype(np.uint8)
+
+
+def voxel_volume(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm^3: ``|det|`` of the affine's 3x3 part."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3])))
+
+
+def class_sizes(labels: np.ndarray, class_names: Sequence[str], affine: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Size of each foreground class.
+
+    Volumes ``(X, Y, Z)`` with an affine give ``voxels`` and ``volume_mm3``;
+    2D label maps give ``pixels`` (their files carry no physical size).
+    """
+    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64), minlength=len(class_names))
+    rows = []
+    for k, name in enumerate(class_names):
+        if k == 0:
+            continue
+        if labels.ndim == 3:
+            if affine is None:
+                raise ValueError("a volume needs its affine to give sizes in mm^3")
+            rows.append({"class": name, "voxels": int(counts[k]), "volume_mm3": float(counts[k]) * voxel_volume(affine)})
+        else:
+            rows.append({"class": name, "pixels": int(counts[k])})
+    return rows
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder and flip the last three axes of ``array`` to the closest RAS+ voxel order.
+
+    Only for display: the array is a view where possible and the data are not resampled.
+    Works on ``(X, Y, Z)`` label maps and ``(C, X, Y, Z)`` images.
+    """
+    ornt = orientations.io_orientation(np.asarray(affine, dtype=float))
+    if array.ndim == 3:
+        return orientations.apply_orientation(array, ornt)
+    if array.ndim == 4:
+        return np.stack([orientations.apply_orientation(c, ornt) for c in array])
+    raise ValueError(f"expected (X, Y, Z) or (C, X, Y, Z), got shape {array.shape}")
+
+
+def ras_spacing(spacing: Sequence[float], affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes reordered to match :func:`to_ras`."""
+    ornt = orientations.io_orientation(np.asarray(affine, dtype=float))
+    out = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        out[int(target)] = float(spacing[axis])
+    return out[0], out[1], out[2]
+
+
+def num_slices(shape: Sequence[int], plane: str) -> int:
+    """How many slices a RAS+ volume of ``shape (X, Y, Z)`` has in ``plane``."""
+    return int(shape[-3:][PLANE_AXIS[_check_plane(plane)]])
+
+
+def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """One slice of a RAS+ volume ``(X, Y, Z)`` or ``(C, X, Y, Z)``, as a picture ``(H, W)`` / ``(C, H, W)``.
+
+    Axial and coronal: patient right on the right; axial: anterior at the top;
+    coronal and sagittal: superior at the top; sagittal: anterior on the right.
+    """
+    axis = PLANE_AXIS[_check_plane(plane)]
+    n = volume.shape[volume.ndim - 3 + axis]
+    if not 0 <= index < n:
+        raise IndexError(f"slice {index} outside 0..{n - 1} of the {plane} plane")
+    picture = np.take(volume, index, axis=volume.ndim - 3 + axis)  # (..., a, b), a horizontal, b vertical
+    return np.flip(np.swapaxes(picture, -1, -2), axis=-2)
+
+
+def pixel_aspect(spacing: Sequence[float], plane: str) -> tuple[float, float]:
+    """``(row height, column width)`` in mm of a :func:`plane_slice` picture of a RAS+ volume."""
+    axis = PLANE_AXIS[_check_plane(plane)]
+    horizontal, vertical = (a for a in range(3) if a != axis)
+    return float(spacing[vertical]), float(spacing[horizontal])
+
+
+def upscale(picture: np.ndarray, target: int = 480, aspect: tuple[float, float] = (1.0, 1.0), max_factor: int = 16) -> np.ndarray:
+    """Nearest-neighbour enlarge ``(H, W[, 3])`` so its longer side is about ``target`` pixels.
+
+    ``aspect`` (row height, column width) stretches anisotropic pixels to their
+    physical proportions. Pictures already that large are returned unchanged.
+    """
+    height, width = picture.shape[:2]
+    rows, cols = aspect
+    unit = min(rows, cols)
+    fy, fx = rows / unit, cols / unit
+    scale = max(1.0, target / max(height * fy, width * fx))
+    ry = int(min(max_factor, max(1, round(scale * fy))))
+    rx = int(min(max_factor, max(1, round(scale * fx))))
+    if ry == rx == 1:
+        return picture
+    return np.repeat(np.repeat(picture, ry, axis=0), rx, axis=1)
+
+
+def _check_plane(plane: str) -> str:
+    if plane not in PLANE_AXIS:
+        raise ValueError(f"plane must be one of {', '.join(PLANES)}, got {plane!r}")
+    return plane

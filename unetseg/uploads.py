@@ -1,0 +1,277 @@
+"""Uploaded files -> arrays: the viewer's input side, without any widget code.
+
+A browser upload arrives as a file name and its bytes. :func:`read_upload`
+and :func:`read_label_upload` check them (size, type, emptiness) and read
+them with the package's readers, so every problem surfaces as one
+:class:`~unetseg.errors.DataError` line naming the file and the fix.
+Readers that need a path get a temporary file under
+:func:`tempfile.gettempdir`, deleted straight after; nothing is written to
+the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from unetseg.data import io
+from unetseg.data.datasets import CaseRef, dataset_info, list_cases, read_dsb_mask
+from unetseg.data.dicom import DICOM_SUFFIXES, is_dicom_bytes, is_zip_bytes, read_dicom_bytes
+from unetseg.errors import DataError, UnetsegError
+
+MAX_UPLOAD_ENV = "UNETSEG_MAX_UPLOAD_MB"
+DEFAULT_MAX_UPLOAD_MB = 100.0
+# Decoded size limit (voxels or pixels): a small compressed file may claim a huge array.
+MAX_ELEMENTS = 2**27
+SUPPORTED = "NIfTI (.nii, .nii.gz), DICOM (.dcm or a .zip of one series), PNG, JPG, TIF or BMP"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def max_upload_bytes() -> int:
+    """The upload size limit: ``$UNETSEG_MAX_UPLOAD_MB`` megabytes, else 100 MB."""
+    raw = os.environ.get(MAX_UPLOAD_ENV)
+    try:
+        mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
+    except ValueError:
+        raise UnetsegError(f"{MAX_UPLOAD_ENV}={raw!r} is not a number of megabytes") from None
+    if mb <= 0:
+        raise UnetsegError(f"{MAX_UPLOAD_ENV} must be positive, got {raw}")
+    return int(mb * 1_000_000)
+
+
+def digest(data: bytes) -> str:
+    """SHA-256 of the bytes: the cache key of an upload."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload_kind(name: str, data: bytes) -> str:
+    """``"nifti"``, ``"dicom"`` or ``"image2d"`` from the name, or from DICOM/zip magic bytes.
+
+    Raises :class:`DataError` for anything else.
+    """
+    lower = name.lower()
+    if lower.endswith(io.NIFTI_SUFFIXES):
+        return "nifti"
+    if lower.endswith(io.IMAGE_2D_SUFFIXES):
+        return "image2d"
+    if lower.endswith((*DICOM_SUFFIXES, ".zip")) or is_dicom_bytes(data):
+        return "dicom"
+    if "." not in Path(name).name and is_zip_bytes(data):
+        return "dicom"
+    raise DataError(name, f"unsupported file type; upload {SUPPORTED}")
+
+
+def check_bytes(name: str, data: bytes, max_bytes: int | None = None) -> None:
+    """Reject empty uploads and uploads over the size limit."""
+    limit = max_upload_bytes() if max_bytes is None else max_bytes
+    if len(data) == 0:
+        raise DataError(name, "file is empty (0 bytes); upload the complete file")
+    if len(data) > limit:
+        raise DataError(
+            name, f"file is {len(data) / 1e6:.1f} MB, over the {limit / 1e6:g} MB upload limit "
+            f"(set {MAX_UPLOAD_ENV} to raise it)"
+        )
+
+
+def _safe_suffix(name: str) -> str:
+    lower = Path(name).name.lower()
+    suffix = ".nii.gz" if lower.endswith(".nii.gz") else Path(lower).suffix
+    return suffix if re.fullmatch(r"(\.[a-z0-9]{1,5}){1,2}", suffix or "") else ""
+
+
+@contextmanager
+def temporary_file(data: bytes, suffix: str) -> Iterator[Path]:
+    """Write ``data`` to a fresh temporary folder under :func:`tempfile.gettempdir`; removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="unetseg-upload-", dir=tempfile.gettempdir()) as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(data)
+        yield path
+
+
+def _nifti_suffix(data: bytes) -> str:
+    """nibabel picks (de)compression by suffix; choose it from the bytes, so a mislabelled .nii.gz still reads."""
+    return ".nii.gz" if data[:2] == GZIP_MAGIC else ".nii"
+
+
+def _check_nifti_size(path: Path, name: str) -> None:
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).header.get_data_shape()
+    except Exception:
+        return  # the reader reports unreadable files with the right message
+    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+        raise DataError(name, f"volume of shape {tuple(shape)} is too large for the viewer (limit {MAX_ELEMENTS} voxels)")
+
+
+def _renamed(meta: io.ImageMeta, name: str) -> io.ImageMeta:
+    return replace(meta, path=Path(Path(name).name or "upload"))
+
+
+def read_upload(name: str, data: bytes, max_bytes: int | None = None) -> tuple[np.ndarray, io.ImageMeta]:
+    """An uploaded image or volume -> ``(C, *S)`` float32 and its metadata.
+
+    Volumes (NIfTI, DICOM) come back ``(1, X, Y, Z)``; 2D images ``(1|3, H, W)``.
+    The meta's ``path`` is the upload's file name (no folder). Every problem
+    raises :class:`DataError` naming the upload: unsupported type, empty,
+    over the size limit, truncated or corrupt, 4D, wrong channel count.
+    """
+    check_bytes(name, data, max_bytes)
+    kind = upload_kind(name, data)
+    if kind == "dicom":
+        image, meta = read_dicom_bytes(data, name, max_bytes if max_bytes is not None else max_upload_bytes())
+    else:
+        suffix = _nifti_suffix(data) if kind == "nifti" else _safe_suffix(name)
+        with temporary_file(data, suffix) as path:
+            try:
+                if kind == "nifti":
+                    _check_nifti_size(path, name)
+                    image, meta = io.read_nifti_image(path)
+                else:
+                    image, meta = io.read_image_2d(path)
+            except DataError as exc:
+                raise DataError(name, _problem(exc)) from None
+    if image.size > MAX_ELEMENTS:
+        raise DataError(name, f"image of shape {image.shape} is too large for the viewer (limit {MAX_ELEMENTS} values)")
+    if not np.all(np.isfinite(image)):
+        raise DataError(name, "image holds NaN or infinite values; fix or re-export the file")
+    return image, _renamed(meta, name)
+
+
+def _problem(exc: DataError) -> str:
+    """The message of a DataError without its leading ``path: `` (a temporary path means nothing to users)."""
+    text = str(exc)
+    prefix = f"{exc.path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def label_from_pixels(pixels: np.ndarray, num_classes: int, source: str | Path) -> np.ndarray:
+    """A 2D label image's pixels -> ``(H, W)`` int64 classes.
+
+    With two classes any non-zero pixel is foreground (as ``unetseg evaluate``
+    reads mask PNGs); with more, pixel values must be class indices. Colour
+    masks use their first channel.
+    """
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    if pixels.ndim != 2:
+        raise DataError(source, f"expected a 2D label image, got shape {pixels.shape}")
+    if num_classes == 2:
+        return (pixels > 0).astype(np.int64)
+    labels = pixels.astype(np.int64)
+    io.check_label_values(labels, num_classes, source)
+    return labels
+
+
+def read_label_path(path: str | Path, image_shape: tuple[int, ...], num_classes: int, name: str | None = None) -> np.ndarray:
+    """A ground-truth file or DSB ``masks/`` folder -> ``(*S)`` int64, checked against the image's shape.
+
+    NIfTI label maps are read as ``unetseg evaluate`` reads them; a folder (or
+    zip) of mask PNGs becomes their union, as for DSB2018.
+    """
+    path = Path(path)
+    shown = name or path
+    try:
+        if path.is_dir():
+            labels = read_dsb_mask(path)
+            if num_classes != 2:
+                raise DataError(shown, f"a folder of binary masks gives 2 classes; the model predicts {num_classes}")
+        elif io.file_kind(path) == "nifti":
+            labels, _ = io.read_nifti_label(path, num_classes)
+        else:
+            from skimage import io as skio
+
+            try:
+                pixels = np.asarray(skio.imread(str(path)))
+            except Exception as exc:  # scikit-image raises many types for corrupt files
+                raise DataError(shown, f"not a readable label image ({type(exc).__name__})") from None
+            labels = label_from_pixels(pixels, num_classes, shown)
+    except DataError as exc:
+        raise DataError(shown, _problem(exc)) from None
+    if labels.shape != tuple(image_shape):
+        raise DataError(shown, f"label shape {labels.shape} does not match the image shape {tuple(image_shape)}")
+    return labels
+
+
+def read_label_upload(
+    name: str, data: bytes, image_shape: tuple[int, ...], num_classes: int, max_bytes: int | None = None
+) -> np.ndarray:
+    """An uploaded ground truth -> ``(*S)`` int64 labels matching ``image_shape``.
+
+    Accepts a NIfTI label map, a mask image (PNG, TIF, ...), or a zip of mask
+    PNGs (a DSB2018 ``masks/`` folder), united into one foreground.
+    """
+    check_bytes(name, data, max_bytes)
+    lower = name.lower()
+    if lower.endswith(".zip") or is_zip_bytes(data):
+        limit = max_bytes if max_bytes is not None else max_upload_bytes()
+        with tempfile.TemporaryDirectory(prefix="unetseg-upload-", dir=tempfile.gettempdir()) as tmp:
+            _extract_masks(data, name, Path(tmp), limit)
+            return read_label_path(tmp, image_shape, num_classes, name=name)
+    if lower.endswith(io.NIFTI_SUFFIXES):
+        suffix = _nifti_suffix(data)
+    elif lower.endswith(io.IMAGE_2D_SUFFIXES):
+        suffix = _safe_suffix(name)
+    else:
+        raise DataError(name, "unsupported label type; upload a NIfTI label map, a mask PNG/TIF, or a zip of mask PNGs")
+    with temporary_file(data, suffix) as path:
+        return read_label_path(path, image_shape, num_classes, name=name)
+
+
+def _extract_masks(data: bytes, name: str, folder: Path, limit: int) -> None:
+    """Write the PNG members of a zip, flattened and renamed, into ``folder``."""
+    try:
+        with zipfile.ZipFile(_io.BytesIO(data)) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir() and m.filename.lower().endswith(".png")]
+            if sum(m.file_size for m in members) > limit:
+                raise DataError(name, f"zip unpacks to more than the {limit / 1e6:g} MB limit")
+            for i, member in enumerate(members):
+                (folder / f"mask_{i:05d}.png").write_bytes(archive.read(member))
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise DataError(name, f"not a readable zip archive ({type(exc).__name__}); check the file is complete") from None
+    if not members:
+        raise DataError(name, "zip holds no mask PNGs; zip a DSB masks/ folder or upload one mask image")
+
+
+def prediction_download(labels: np.ndarray, meta: io.ImageMeta) -> tuple[str, bytes, str]:
+    """The predicted label map as a file in memory: ``(file name, bytes, MIME type)``.
+
+    Volumes become NIfTI with the source's affine and header
+    (:func:`unetseg.infer.write_prediction`); 2D images a PNG mask.
+    """
+    from unetseg.infer import write_prediction
+
+    with tempfile.TemporaryDirectory(prefix="unetseg-download-", dir=tempfile.gettempdir()) as tmp:
+        path = write_prediction(labels, meta, tmp)
+        data = path.read_bytes()
+    if path.name.endswith(".nii.gz"):
+        return f"{path.name[: -len('.nii.gz')]}_prediction.nii.gz", data, "application/gzip"
+    return f"{path.stem}_prediction.png", data, "image/png"
+
+
+def list_samples(root: str | Path | None) -> dict[str, list[CaseRef]]:
+    """Labelled sample cases under a data root, per data set (``hippocampus``, ``dsb2018``) that is there."""
+    found: dict[str, list[CaseRef]] = {}
+    for name in ("hippocampus", "dsb2018"):
+        try:
+            refs, _ = list_cases(dataset_info(name), root)
+        except UnetsegError:
+            continue
+        if refs:
+            found[name] = refs
+    return found
+
+
+def read_sample(ref: CaseRef) -> tuple[str, bytes]:
+    """A sample case's image file as ``(name, bytes)``, to go the same way as an upload."""
+    return ref.image.name, ref.image.read_bytes()
