@@ -1,0 +1,449 @@
+"""unetseg viewer: drop in a scan, look at the predicted mask.
+
+    streamlit run apps/viewer.py
+
+Widgets and display only. Reading files, models, metrics and every array
+operation live in the ``unetseg`` package (``unetseg.uploads``,
+``unetseg.infer``, ``unetseg.evaluate``, ``unetseg.display``).
+
+Speed: models are cached with ``st.cache_resource``; decoded inputs and
+predictions with ``st.cache_data``, keyed on the upload's SHA-256 and the
+model, so moving a slider or the opacity only re-draws the picture.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from unetseg import display, uploads
+from unetseg.data.datasets import default_data_root
+from unetseg.data.io import ImageMeta
+from unetseg.errors import DataError, UnetsegError
+from unetseg.evaluate import score_case, summarize
+from unetseg.infer import Segmenter, model_card, shipped_models
+
+log = logging.getLogger("unetseg.viewer")
+
+VOLUME_MODEL, IMAGE_MODEL = "hippocampus_2d", "dsb2018_2d"
+NO_SAMPLE = "(none)"
+WHAT = {"nifti": "volume", "image2d": "2D image"}
+
+
+# ---------------------------------------------------------------- cached work (all of it via unetseg)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading model ...")
+def load_segmenter(model_key: str) -> Segmenter:
+    """One :class:`Segmenter` per model (``model_key`` = reference plus file time)."""
+    return Segmenter.from_checkpoint(model_key.rsplit("@", 1)[0], device="cpu")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def cached_card(model_key: str) -> dict[str, Any]:
+    return model_card(model_key.rsplit("@", 1)[0])
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading file ...")
+def decode_upload(key: str, name: str, _data: bytes) -> tuple[np.ndarray, ImageMeta]:
+    """Uploaded bytes -> ``(C, *S)`` image and meta, cached by ``key`` (the bytes' SHA-256)."""
+    return uploads.read_upload(name, _data)
+
+
+@st.cache_data(max_entries=16, show_spinner="Segmenting ...")
+def predict(key: str, model_key: str, _image: np.ndarray) -> np.ndarray:
+    """Label map of the input ``key`` by ``model_key``; ``_image`` is not hashed (the key stands for it)."""
+    labels = load_segmenter(model_key).predict(_image, channel_axis=0)
+    return labels.astype(np.uint8)
+
+
+@st.cache_data(max_entries=8, show_spinner="Test-time augmentation ...")
+def flip_disagreement(key: str, model_key: str, _image: np.ndarray) -> np.ndarray:
+    """Share of flip-TTA members that disagree with the majority, per voxel."""
+    return display.vote_disagreement(load_segmenter(model_key).flip_predictions(_image, channel_axis=0))
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading ground truth ...")
+def decode_label(key: str, name: str, _data: bytes, image_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    return uploads.read_label_upload(name, _data, image_shape, num_classes).astype(np.uint8)
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading ground truth ...")
+def read_sample_label(path: str, image_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    return uploads.read_label_path(path, image_shape, num_classes).astype(np.uint8)
+
+
+@st.cache_data(max_entries=16, show_spinner="Scoring ...")
+def scores(key: str, model_key: str, label_key: str, _prediction, _truth, class_names, spacing) -> dict[str, float]:
+    """Dice and HD95 per class, exactly as ``unetseg evaluate`` scores a case."""
+    return score_case(_prediction, _truth, class_names, spacing)
+
+
+@st.cache_data(max_entries=4, show_spinner="Listing sample cases ...")
+def samples(root: str) -> dict[str, list]:
+    return uploads.list_samples(root) if root and Path(root).is_dir() else {}
+
+
+def model_key(ref: str) -> str:
+    """``ref@mtime``: a checkpoint re-written on disk gets fresh cache entries."""
+    from unetseg.infer import resolve_checkpoint
+
+    return f"{ref}@{resolve_checkpoint(ref).stat().st_mtime_ns}"
+
+
+def upload_digest(upload) -> str:
+    """SHA-256 of an upload, computed once per uploaded file."""
+    memo = st.session_state.setdefault("_digests", {})
+    if upload.file_id not in memo:
+        memo[upload.file_id] = uploads.digest(upload.getvalue())
+    return memo[upload.file_id]
+
+
+# ---------------------------------------------------------------- sidebar
+
+
+def model_label(ref: str, keys: dict[str, str]) -> str:
+    metrics = cached_card(keys[ref]).get("metrics") or {}
+    dice = metrics.get("mean_dice")
+    return f"{ref} · Dice {dice:.3f}" if isinstance(dice, float) else ref
+
+
+def sidebar_models() -> dict[str, str]:
+    """The models on offer: shipped ones and a checkpoint path from the sidebar; ``{ref: model_key}``."""
+    refs = {name: model_key(name) for name in shipped_models()}
+    path = st.sidebar.text_input("Checkpoint path (optional)", key="checkpoint_path",
+                                 help="a .pt file or a run folder from `unetseg train`").strip()
+    if path:
+        try:
+            cached_card(model_key(path))
+            refs[path] = model_key(path)
+        except UnetsegError as exc:
+            st.sidebar.error(str(exc))
+    return refs
+
+
+def suits(card: dict[str, Any], kind: str) -> bool:
+    """Whether a model (its card) was made for this kind of input; unknown training data suit anything."""
+    return card.get("input_kind") in (None, kind)
+
+
+def default_model(refs: dict[str, str], kind: str) -> str:
+    """The model for a ``kind`` of input: the shipped default, else the first made for it, else the first."""
+    preferred = VOLUME_MODEL if kind == "nifti" else IMAGE_MODEL
+    if preferred in refs:
+        return preferred
+    return next((ref for ref, key in refs.items() if suits(cached_card(key), kind)), next(iter(refs)))
+
+
+def counterpart(ref: str, refs: dict[str, str]) -> str:
+    """The no-skip twin of a model (or the skip twin of a no-skip one), else another model."""
+    twin = ref[: -len("_noskip")] if ref.endswith("_noskip") else f"{ref}_noskip"
+    if twin in refs:
+        return twin
+    return next((r for r in refs if r != ref), ref)
+
+
+def pick_models(refs: dict[str, str], kind: str, input_key: str) -> tuple[str, str | None]:
+    """Model picker (and a second one in compare mode); a new input selects a model suited to it."""
+    if st.session_state.get("_models_for") != input_key:  # a new input: keep the choice only if it suits
+        st.session_state["_models_for"] = input_key
+        current = st.session_state.get("model")
+        if current not in refs or not suits(cached_card(refs[current]), kind):
+            st.session_state["model"] = default_model(refs, kind)
+        st.session_state.pop("model_b", None)
+    if st.session_state.get("model") not in refs:
+        st.session_state["model"] = default_model(refs, kind)
+    options = list(refs)
+    first = st.sidebar.selectbox("Model", options, key="model", format_func=lambda r: model_label(r, refs))
+    compare = st.sidebar.checkbox("Compare two models", key="compare")
+    second = None
+    if compare:
+        if st.session_state.get("model_b") not in refs:
+            st.session_state["model_b"] = counterpart(first, refs)
+        second = st.sidebar.selectbox("Second model", options, key="model_b", format_func=lambda r: model_label(r, refs))
+    return first, second
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def choose_input(sample_refs: dict[str, list]) -> tuple[str, str, bytes, Any] | None:
+    """The image to show: an upload, else a sample case. Returns ``(key, name, bytes, sample ref or None)``."""
+    upload = st.file_uploader(
+        "Scan or image: NIfTI (.nii, .nii.gz), DICOM (.dcm, or a .zip of one series), PNG, JPG, TIF",
+        key="image_upload",
+    )
+    if upload is not None:
+        return upload_digest(upload), upload.name, upload.getvalue(), None
+    dataset = st.session_state.get("sample_dataset")
+    case = st.session_state.get("sample_case", NO_SAMPLE)
+    if dataset in sample_refs and case != NO_SAMPLE:
+        ref = next((r for r in sample_refs[dataset] if r.case_id == case), None)
+        if ref is not None:
+            name, data = uploads.read_sample(ref)
+            return f"sample:{ref.image}:{ref.image.stat().st_mtime_ns}", name, data, ref
+    return None
+
+
+def sidebar_samples() -> dict[str, list]:
+    root = st.sidebar.text_input("Data root (sample cases)", value=str(default_data_root()), key="data_root").strip()
+    try:
+        found = samples(root)
+    except UnetsegError as exc:
+        st.sidebar.error(str(exc))
+        return {}
+    if not found:
+        st.sidebar.caption(f"No sample cases under {root or '(empty)'}.")
+        return {}
+    dataset = st.sidebar.selectbox("Sample data set", list(found), key="sample_dataset")
+    st.sidebar.selectbox("Sample case (used when nothing is uploaded)", [NO_SAMPLE] + [r.case_id for r in found[dataset]],
+                         key="sample_case")
+    return found
+
+
+# ---------------------------------------------------------------- views
+
+
+@dataclass
+class Input:
+    """The image on show: cache key, file name, array ``(C, *S)``, metadata, and the sample it came from."""
+
+    key: str
+    name: str
+    image: np.ndarray
+    meta: ImageMeta
+    sample: Any = None
+
+    @property
+    def volume(self) -> bool:
+        return self.image.ndim == 4
+
+
+@dataclass
+class View:
+    """Where we look and how: plane and slice of a volume, the windowed picture, the overlay opacity."""
+
+    source: Input
+    plane: str | None
+    index: int
+    base: np.ndarray  # windowed uint8 picture (H, W) or (H, W, 3)
+    aspect: tuple[float, float]
+    opacity: float
+
+    @property
+    def where(self) -> str:
+        return f"{self.plane} slice {self.index}" if self.plane else "image"
+
+    def cut(self, array: np.ndarray) -> np.ndarray:
+        """The picture of ``array`` (labels ``(*S)`` or image ``(C, *S)``) in this view."""
+        if not self.plane:
+            return array
+        return display.plane_slice(display.to_ras(array, self.source.meta.affine), self.plane, self.index)
+
+
+def view_controls(source: Input, opacity: float) -> View:
+    """Plane, slice and window/level widgets (reset to defaults when a new input arrives) -> a :class:`View`."""
+    image = display.to_ras(source.image, source.meta.affine) if source.volume else source.image
+    if st.session_state.get("_view_for") != source.key:
+        st.session_state["_view_for"] = source.key
+        st.session_state["level"], st.session_state["width"] = display.default_window(image)
+        st.session_state["plane"] = "axial"
+        st.session_state["_slice_for"] = None
+    plane, index, aspect = None, 0, (1.0, 1.0)
+    if source.volume:
+        cols = st.columns([2, 3])
+        plane = cols[0].radio("Plane", display.PLANES, key="plane", horizontal=True)
+        n = display.num_slices(image.shape, plane)
+        if st.session_state.get("_slice_for") != (source.key, plane):
+            st.session_state["_slice_for"] = (source.key, plane)
+            st.session_state["slice"] = n // 2
+        index = cols[1].slider("Slice", 0, n - 1, key="slice")
+        aspect = display.pixel_aspect(display.ras_spacing(source.meta.spacing, source.meta.affine), plane)
+    lo, span = float(image.min()), max(float(image.max() - image.min()), 1e-6)
+    step = span / 200
+    with st.expander("Window / level (intensity)"):
+        level = st.slider("Level", lo, lo + span, key="level", step=step)
+        width = st.slider("Width", step, 2 * span, key="width", step=step)
+    picture = display.plane_slice(image, plane, index) if plane else image
+    base = display.apply_window(display.channels_last(picture), level, width)
+    return View(source, plane, index, base, aspect, opacity)
+
+
+def show_row(panels: list[tuple[np.ndarray, str]], view: View) -> None:
+    """Pictures side by side, three to a row, enlarged (nearest neighbour) to a readable size."""
+    cols = st.columns(3)
+    for col, (picture, caption) in zip(cols, panels):
+        col.image(display.upscale(picture, target=420, aspect=view.aspect), caption=caption, width="stretch",
+                  output_format="PNG")  # lossless: label edges stay crisp
+
+
+def legend_html(class_names: tuple[str, ...]) -> str:
+    swatch = '<span style="display:inline-block;width:0.9em;height:0.9em;background:{};margin:0 0.3em 0 1em"></span>{}'
+    return "Legend:" + "".join(swatch.format(color, name) for name, color in display.legend(class_names))
+
+
+# ---------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.set_page_config(page_title="unetseg viewer", layout="wide")
+    st.title("unetseg viewer")
+    try:
+        page()
+    except UnetsegError as exc:  # user-caused: one line, no traceback
+        st.error(str(exc))
+    except Exception as exc:  # a bug: still no traceback in the page; the server log has it
+        log.exception("viewer failed")
+        st.error(f"Something went wrong ({type(exc).__name__}: {exc}). The app keeps running; try another file or model.")
+
+
+def page() -> None:
+    refs = sidebar_models()
+    sample_refs = sidebar_samples()
+    chosen = choose_input(sample_refs)
+    label_upload = st.file_uploader(
+        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs", key="label_upload"
+    )
+    if not refs:
+        st.error("No models found: no shipped models are installed; give a checkpoint path in the sidebar.")
+        return
+    if chosen is None:
+        st.info("Upload a scan or image, or pick a sample case in the sidebar.")
+        return
+    key, name, data, sample = chosen
+    try:
+        image, meta = decode_upload(key, name, data)
+    except DataError as exc:
+        st.error(str(exc))
+        return
+    source = Input(key, name, image, meta, sample)
+    first, second = pick_models(refs, meta.kind, key)
+    opacity = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
+    uncertainty = st.sidebar.checkbox("Uncertainty (flip test-time augmentation)", key="uncertainty")
+    spacing = f", spacing {' x '.join(f'{s:g}' for s in meta.spacing)} mm" if source.volume else ""
+    st.caption(f"{'Sample' if sample else 'Upload'}: **{name}** - {WHAT[meta.kind]} of shape {image.shape[1:]}{spacing}")
+
+    seg = load_segmenter(refs[first])
+    if not model_runs_on(seg, first, meta.kind):
+        return
+    labels = predict(key, refs[first], image)
+    truth = ground_truth(label_upload, sample, image.shape[1:], seg.num_classes)
+    view = view_controls(source, opacity)
+    st.markdown(legend_html(seg.class_names), unsafe_allow_html=True)
+
+    panels = [(display.overlay(view.base, view.cut(labels), seg.num_classes, opacity), f"{first}: {view.where}")]
+    if second is not None:
+        panels += compare_panels(second, refs, source, labels, view)
+    if truth is not None:
+        errors = display.error_overlay(view.base, view.cut(labels), view.cut(truth), opacity=max(opacity, 0.3))
+        panels.append((errors, f"errors of {first}: red false positive, blue false negative, amber wrong class"))
+    if uncertainty:
+        vote = flip_disagreement(key, refs[first], image)
+        share = float((vote > 0).mean())
+        panels.append((display.heat_overlay(view.base, view.cut(vote)),
+                       f"uncertainty of {first}: flip-TTA members disagree on {share:.2%} of the {WHAT[meta.kind]}"))
+    if len(panels) == 1:
+        panels.append((display.to_rgb(view.base), f"input: {view.where}"))
+    for start in range(0, len(panels), 3):
+        show_row(panels[start : start + 3], view)
+
+    if truth is not None:
+        ground_truth_metrics(source, refs[first], label_key(label_upload, sample), labels, truth, seg)
+    sizes(labels, seg, source)
+    download(labels, meta)
+    model_details(refs)
+
+
+def model_runs_on(seg: Segmenter, ref: str, kind: str) -> bool:
+    """Warn about a mismatched model; False when it cannot run on this input at all."""
+    try:
+        seg.check_compatible(kind, ref)
+    except DataError as exc:
+        st.warning(f"{exc} - pick another model in the sidebar.")
+        return False
+    warning = seg.mismatch_warning(kind)
+    if warning:
+        st.warning(f"{ref}: {warning}.")
+    return True
+
+
+def compare_panels(second: str, refs: dict[str, str], source: Input, labels: np.ndarray, view: View) -> list:
+    """The second model's overlay and the map of where the two models disagree."""
+    seg_b = load_segmenter(refs[second])
+    if not model_runs_on(seg_b, second, source.meta.kind):
+        return []
+    labels_b = predict(source.key, refs[second], source.image)
+    differ = display.disagreement(labels, labels_b)
+    here = display.disagreement(view.cut(labels), view.cut(labels_b))
+    return [
+        (display.overlay(view.base, view.cut(labels_b), seg_b.num_classes, view.opacity), f"{second}: {view.where}"),
+        (display.blend(display.to_rgb(view.base), here, display.DISAGREEMENT, 0.8),
+         f"disagreement (magenta): {int(here.sum())} here, {int(differ.sum())} in all ({float(differ.mean()):.2%})"),
+    ]
+
+
+def label_key(label_upload, sample) -> str:
+    if label_upload is not None:
+        return upload_digest(label_upload)
+    return f"sample:{sample.label}" if sample is not None else ""
+
+
+def ground_truth(label_upload, sample, image_shape, num_classes) -> np.ndarray | None:
+    """The uploaded ground truth (or the sample's own label), or None; a bad file shows an error."""
+    try:
+        if label_upload is not None:
+            return decode_label(upload_digest(label_upload), label_upload.name, label_upload.getvalue(),
+                                tuple(image_shape), num_classes)
+        if sample is not None and sample.label is not None:
+            return read_sample_label(str(sample.label), tuple(image_shape), num_classes)
+    except DataError as exc:
+        st.error(f"Ground truth not used: {exc}")
+    return None
+
+
+def ground_truth_metrics(source: Input, model_ref_key: str, truth_key: str, labels, truth, seg: Segmenter) -> None:
+    """Dice and HD95 per class, the numbers ``unetseg evaluate`` reports for this case."""
+    row = scores(source.key, model_ref_key, truth_key, labels, truth, seg.class_names, tuple(source.meta.spacing))
+    unit = "mm" if source.volume else "px"
+    names = seg.class_names[1:]
+    st.subheader("Against the ground truth")
+    cols = st.columns([1, 3])
+    cols[0].metric("Mean foreground Dice", f"{summarize([row], seg.class_names)['mean_dice']:.4f}")
+    cols[1].table(pd.DataFrame([{"class": n, "Dice": row[f"dice_{n}"], f"HD95 ({unit})": row[f"hd95_{n}"]} for n in names]))
+
+
+def sizes(labels: np.ndarray, seg: Segmenter, source: Input) -> None:
+    st.subheader("Predicted size per class")
+    rows = display.class_sizes(labels, seg.class_names, source.meta.affine if source.volume else None)
+    names = {"voxels": "voxels", "volume_mm3": "volume (mm³)", "pixels": "area (pixels)"}
+    st.table(pd.DataFrame(rows).rename(columns=names).style.format({"volume (mm³)": "{:,.1f}"}))
+
+
+def download(labels: np.ndarray, meta: ImageMeta) -> None:
+    name, data, mime = uploads.prediction_download(labels, meta)
+    st.download_button(f"Download the predicted mask ({name})", data, file_name=name, mime=mime, key="download")
+
+
+def model_details(refs: dict[str, str]) -> None:
+    with st.expander("Models and their validation metrics (unetseg evaluate on each model's validation split)"):
+        rows = []
+        for ref, key in refs.items():
+            card = cached_card(key)
+            metrics = card.get("metrics") or {}
+            row = {"model": ref, "trained on": card["dataset"], "long skips": card["skips"],
+                   "val cases": metrics.get("num_cases"), "mean Dice": metrics.get("mean_dice")}
+            for cls, entry in (metrics.get("classes") or {}).items():
+                row[f"Dice {cls}"] = entry.get("dice_mean")
+                row[f"HD95 {cls}"] = entry.get("hd95_mean")
+            rows.append(row)
+        st.table(pd.DataFrame(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""The Streamlit viewer driven by AppTest: uploads, model switching, slicing, compare mode, ground truth, bad files.
+
+AppTest (Streamlit 1.67) drives ``st.file_uploader`` itself, so these tests go
+through the real upload widget; ``tests/test_app_browser.py`` repeats the main
+path in a real browser.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io as pyio
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from unetseg import display
+from unetseg.data import io
+from unetseg.data.datasets import dataset_info, list_cases, load_cases
+from unetseg.evaluate import evaluate_cases, summarize
+from unetseg.infer import PRETRAINED_DIR, Segmenter, shipped_models
+
+from .conftest import REPO
+
+APP = REPO / "apps" / "viewer.py"
+CASE = "hippocampus_003"
+DSB_CASE = "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552"  # 256 x 256
+
+
+def require_shipped(*names: str) -> None:
+    """Fail (never skip) when a shipped model the viewer defaults to is missing."""
+    missing = [n for n in names if n not in shipped_models()]
+    if missing:
+        pytest.fail(
+            f"shipped model(s) {', '.join(missing)} missing under {PRETRAINED_DIR}; train and export them "
+            "(`unetseg train ...` then `unetseg export ...`) - the viewer's defaults need them"
+        )
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path):
+    """A fresh viewer session run from an empty working directory, with empty data caches.
+
+    Model objects stay cached (``st.cache_resource``) across tests, as in a running server.
+    """
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP), default_timeout=180)
+    at.run()
+    assert not at.exception and not at.error
+    yield at
+    assert list(work.iterdir()) == [], "the viewer wrote into the working directory"
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Counts every model prediction (``Segmenter.predict`` and ``flip_predictions``)."""
+    calls: list[str] = []
+    predict, flips = Segmenter.predict, Segmenter.flip_predictions
+    monkeypatch.setattr(Segmenter, "predict", lambda self, *a, **k: calls.append("predict") or predict(self, *a, **k))
+    monkeypatch.setattr(
+        Segmenter, "flip_predictions", lambda self, *a, **k: calls.append("flips") or flips(self, *a, **k)
+    )
+    return calls
+
+
+def hippocampus_files(data_root: Path, case: str = CASE) -> tuple[Path, Path]:
+    task = data_root / "Task04_Hippocampus"
+    return task / "imagesTr" / f"{case}.nii.gz", task / "labelsTr" / f"{case}.nii.gz"
+
+
+def upload(at: AppTest, key: str, name: str, data: bytes) -> AppTest:
+    at.file_uploader(key=key).set_value((name, data, "application/octet-stream"))
+    at.run()
+    return at
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for image in at.image for c in image.captions]
+
+
+def table_with(at: AppTest, column: str):
+    tables = [t.value for t in at.table if column in t.value.columns]
+    assert len(tables) == 1, f"expected one table with column {column!r}"
+    return tables[0]
+
+
+def predicted(model: str, path: Path) -> np.ndarray:
+    """What ``Segmenter.predict`` gives, computed without it (so ``model_calls`` counts the app's calls only)."""
+    image, _ = io.read_image(path)
+    return Segmenter.from_checkpoint(model).predict_proba(image, channel_axis=0).argmax(axis=0)
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def test_nifti_upload_shows_overlay_legend_sizes_and_download(app, data_root, model_calls):
+    require_shipped("hippocampus_2d")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    ok(app)
+    assert app.selectbox(key="model").value == "hippocampus_2d"  # picked for a volume
+    shape = nib.load(image_path).shape
+    assert captions(app)[0] == f"hippocampus_2d: axial slice {shape[2] // 2}"
+    assert app.slider(key="slice").max == shape[2] - 1
+    legend = next(m.value for m in app.markdown if m.value.startswith("Legend"))
+    assert "anterior" in legend and "posterior" in legend and display.legend(("b", "a", "p"))[0][1] in legend
+    labels = predicted("hippocampus_2d", image_path)
+    sizes = table_with(app, "volume (mm³)")
+    counts = np.bincount(labels.ravel(), minlength=3)
+    voxel = display.voxel_volume(nib.load(image_path).affine)
+    assert sizes["voxels"].tolist() == counts[1:].tolist()
+    assert sizes["volume (mm³)"].tolist() == pytest.approx((counts[1:] * voxel).tolist())
+    assert app.download_button(key="download").label.endswith(f"({CASE}_prediction.nii.gz)")
+    assert model_calls == ["predict"]
+
+
+def test_slider_plane_window_and_opacity_never_rerun_the_model(app, data_root, model_calls):
+    require_shipped("hippocampus_2d")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    first = app.image[0].value
+    app.slider(key="slice").set_value(5).run()
+    ok(app)
+    assert captions(app)[0] == "hippocampus_2d: axial slice 5" and app.image[0].value != first
+    app.radio(key="plane").set_value("coronal").run()
+    shape = nib.load(image_path).shape
+    assert captions(app)[0] == f"hippocampus_2d: coronal slice {shape[1] // 2}"
+    assert app.slider(key="slice").max == shape[1] - 1
+    before = app.image[0].value
+    app.slider(key="opacity").set_value(0.9).run()
+    assert app.image[0].value != before
+    before = app.image[0].value
+    app.slider(key="width").set_value(app.slider(key="width").value / 2).run()
+    assert app.image[0].value != before
+    ok(app)
+    assert model_calls == ["predict"]  # one prediction for all of that
+
+
+def test_switching_models_predicts_once_per_model_and_caches(app, data_root, model_calls):
+    require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.selectbox(key="model").set_value("hippocampus_2d_noskip").run()
+    ok(app)
+    assert captions(app)[0].startswith("hippocampus_2d_noskip:")
+    sizes = table_with(app, "voxels")
+    labels = predicted("hippocampus_2d_noskip", image_path)
+    assert sizes["voxels"].tolist() == np.bincount(labels.ravel(), minlength=3)[1:].tolist()
+    app.selectbox(key="model").set_value("hippocampus_2d").run()
+    assert captions(app)[0].startswith("hippocampus_2d:")
+    assert model_calls == ["predict", "predict"]  # switching back is served from the cache
+
+
+def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement(app, data_root, model_calls):
+    require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.checkbox(key="compare").check().run()
+    ok(app)
+    assert app.selectbox(key="model_b").value == "hippocampus_2d_noskip"  # default: the no-skip twin
+    shown = captions(app)
+    assert shown[0].startswith("hippocampus_2d:") and shown[1].startswith("hippocampus_2d_noskip:")
+    a, b = predicted("hippocampus_2d", image_path), predicted("hippocampus_2d_noskip", image_path)
+    z = nib.load(image_path).shape[2] // 2
+    here = int((a[:, :, z] != b[:, :, z]).sum())
+    assert shown[2] == f"disagreement (magenta): {here} here, {int((a != b).sum())} in all ({float((a != b).mean()):.2%})"
+    app.slider(key="slice").set_value(0).run()
+    assert captions(app)[2].startswith(f"disagreement (magenta): {int((a[:, :, 0] != b[:, :, 0]).sum())} here")
+    assert model_calls == ["predict", "predict"]
+
+
+def test_ground_truth_metrics_equal_unetseg_evaluate_for_the_case(app, data_root):
+    require_shipped("hippocampus_2d")
+    image_path, label_path = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    upload(app, "label_upload", label_path.name, label_path.read_bytes())
+    ok(app)
+    segmenter = Segmenter.from_checkpoint("hippocampus_2d")
+    refs, info = list_cases(dataset_info("hippocampus"), data_root)
+    cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing["normalization"])
+    row = evaluate_cases(segmenter, cases, progress=False)[0]
+    metrics = table_with(app, "Dice")
+    assert metrics["class"].tolist() == ["anterior", "posterior"]
+    for _, r in metrics.iterrows():
+        assert r["Dice"] == row[f"dice_{r['class']}"]  # same computation, so exactly equal
+        assert r["HD95 (mm)"] == row[f"hd95_{r['class']}"]
+    assert app.metric[0].value == f"{summarize([row], segmenter.class_names)['mean_dice']:.4f}"
+    assert any(c.startswith("errors of hippocampus_2d: red false positive") for c in captions(app))
+
+
+def test_uncertainty_layer_shows_flip_tta_disagreement(app, data_root, model_calls):
+    require_shipped("hippocampus_2d")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.checkbox(key="uncertainty").check().run()
+    ok(app)
+    shown = captions(app)[-1]
+    app.slider(key="slice").set_value(3).run()
+    assert model_calls == ["predict", "flips"]
+    assert captions(app)[-1].startswith("uncertainty of hippocampus_2d")
+    image, _ = io.read_image(image_path)
+    vote = display.vote_disagreement(Segmenter.from_checkpoint("hippocampus_2d").flip_predictions(image, channel_axis=0))
+    assert 0 < (vote > 0).mean() < 0.5
+    assert f"flip-TTA members disagree on {float((vote > 0).mean()):.2%} of the volume" in shown
+
+
+def test_sample_case_from_the_data_root_comes_with_its_label(app, data_root):
+    require_shipped("hippocampus_2d")
+    app.sidebar.text_input(key="data_root").set_value(str(data_root)).run()
+    app.selectbox(key="sample_dataset").set_value("hippocampus").run()
+    app.selectbox(key="sample_case").set_value(CASE).run()
+    ok(app)
+    assert f"Sample: **{CASE}.nii.gz**" in app.caption[0].value
+    assert table_with(app, "Dice")["Dice"].min() > 0.5
+
+
+def test_checkpoint_path_in_the_sidebar_joins_the_model_picker(app, data_root, tiny_run):
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.sidebar.text_input(key="checkpoint_path").set_value(str(tiny_run)).run()
+    ok(app)
+    assert str(tiny_run) in app.selectbox(key="model").options[-1]
+    app.selectbox(key="model").set_value(str(tiny_run)).run()
+    ok(app)
+    assert captions(app)[0].startswith(f"{tiny_run}:")
+    app.sidebar.text_input(key="checkpoint_path").set_value(str(tiny_run / "missing.pt")).run()
+    assert len(app.sidebar.error) == 1 and "not found" in app.sidebar.error[0].value
+
+
+# ---------------------------------------------------------------- 2D images
+
+
+def dsb_png(data_root: Path) -> Path:
+    return data_root / "dsb2018_stage1_train" / DSB_CASE / "images" / f"{DSB_CASE}.png"
+
+
+def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root):
+    require_shipped("dsb2018_2d")
+    path = dsb_png(data_root)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    ok(app)
+    assert app.selectbox(key="model").value == "dsb2018_2d"
+    assert captions(app)[0] == "dsb2018_2d: image"
+    assert "slice" not in [s.key for s in app.slider] and "plane" not in [r.key for r in app.radio]
+    labels = predicted("dsb2018_2d", path)
+    area = table_with(app, "area (pixels)")
+    assert area["area (pixels)"].tolist() == [int((labels == 1).sum())]
+    assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
+
+
+def test_mismatched_models_get_a_warning(app, data_root):
+    require_shipped("hippocampus_2d", "dsb2018_2d")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.selectbox(key="model").set_value("dsb2018_2d").run()
+    assert not app.error and not app.exception
+    assert len(app.warning) == 1 and "not volumes; pick a volume model" in app.warning[0].value
+    assert len(app.image) == 0  # that model cannot run on a volume
+    path = dsb_png(data_root)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    assert app.selectbox(key="model").value == "dsb2018_2d" and not app.warning  # a new input picks a suitable model
+    app.selectbox(key="model").set_value("hippocampus_2d").run()
+    ok(app)
+    assert len(app.warning) == 1 and "trained on hippocampus" in app.warning[0].value
+    assert captions(app)[0] == "hippocampus_2d: image"  # it still runs: grey conversion
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _nifti(data: np.ndarray, compress: bool = True) -> bytes:
+    raw = nib.Nifti1Image(data, np.eye(4)).to_bytes()
+    return gzip.compress(raw) if compress else raw
+
+
+def _png(pixels: np.ndarray, mode: str | None = None) -> bytes:
+    buf = pyio.BytesIO()
+    (Image.fromarray(pixels, mode=mode) if mode else Image.fromarray(pixels)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bad_upload(kind: str, data_root: Path) -> tuple[str, bytes]:
+    image_path, _ = hippocampus_files(data_root)
+    if kind == "wrong type":
+        return "report.pdf", b"%PDF-1.4 not an image"
+    if kind == "empty":
+        return "scan.nii.gz", b""
+    if kind == "truncated":
+        data = image_path.read_bytes()
+        return image_path.name, data[: len(data) // 2]
+    if kind == "corrupt":
+        return "cells.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    if kind == "4D volume":
+        return "fmri.nii.gz", _nifti(np.zeros((8, 8, 8, 4), dtype=np.float32))
+    if kind == "wrong channel count":
+        return "two_channels.png", _png(np.zeros((16, 16, 2), dtype=np.uint8), mode="LA")
+    if kind == "over the size limit":
+        return image_path.name, image_path.read_bytes()
+    raise ValueError(kind)
+
+
+EXPECTED = {
+    "wrong type": "unsupported file type",
+    "empty": "file is empty",
+    "truncated": "not a readable NIfTI file",
+    "corrupt": "not a readable image",
+    "4D volume": "expected a 3D volume",
+    "wrong channel count": "expected a grey, RGB or RGBA 2D image",
+    "over the size limit": "upload limit",
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_root, monkeypatch):
+    require_shipped("hippocampus_2d")
+    if kind == "over the size limit":
+        monkeypatch.setenv("UNETSEG_MAX_UPLOAD_MB", "0.02")  # the real case is about 50 kB
+    name, data = bad_upload(kind, data_root)
+    upload(app, "image_upload", name, data)
+    assert not app.exception
+    assert len(app.error) == 1
+    message = app.error[0].value
+    assert message.startswith(f"{name}: ") and EXPECTED[kind] in message and "Traceback" not in message
+    assert len(app.image) == 0
+    monkeypatch.delenv("UNETSEG_MAX_UPLOAD_MB", raising=False)
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())  # the same session recovers
+    ok(app)
+    assert captions(app)[0].startswith("hippocampus_2d:")
+
+
+def test_bad_ground_truth_is_reported_and_the_prediction_still_shows(app, data_root):
+    require_shipped("hippocampus_2d")
+    image_path, _ = hippocampus_files(data_root)
+    _, other_label = hippocampus_files(data_root, "hippocampus_001")  # another case: another shape
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    upload(app, "label_upload", other_label.name, other_label.read_bytes())
+    assert not app.exception and len(app.error) == 1
+    assert "Ground truth not used" in app.error[0].value and "does not match the image shape" in app.error[0].value
+    assert captions(app)[0].startswith("hippocampus_2d:")
+
+
+# ---------------------------------------------------------------- layering
+
+
+def test_package_never_imports_streamlit_and_app_does_no_array_work():
+    for path in (REPO / "unetseg").rglob("*.py"):
+        assert "streamlit" not in top_level_imports(path), f"{path} imports streamlit"
+    assert "streamlit" in top_level_imports(APP)  # the check sees imports at all
+    assert not top_level_imports(APP) & {"torch", "monai", "nibabel", "pydicom", "skimage", "scipy"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

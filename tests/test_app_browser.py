@@ -1,0 +1,144 @@
+"""End to end in a real browser: `streamlit run apps/viewer.py` driven by Playwright on Debian's chromium.
+
+Uploads a real hippocampus case and its label through the page's own upload
+widgets, checks that the overlay image loads and that the Dice values equal
+``unetseg evaluate``'s for the case, that a broken file shows one error and
+no traceback, and saves the page as ``docs/app_screenshot.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from unetseg.data.datasets import DATA_ROOT_ENV, dataset_info, list_cases, load_cases
+from unetseg.evaluate import evaluate_cases
+from unetseg.infer import Segmenter
+
+from .conftest import REPO
+from .test_app import CASE, hippocampus_files, require_shipped
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = REPO / "docs" / "app_screenshot.png"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"streamlit did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(data_root, tmp_path_factory):
+    """The viewer as users start it, from the repository root, on a free local port."""
+    require_shipped("hippocampus_2d")
+    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or shutil.which("streamlit")
+    assert streamlit, "the streamlit command is not installed in this environment"
+    port = free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = {**os.environ, DATA_ROOT_ENV: str(data_root), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    before = {p.name for p in REPO.iterdir()} | {f"apps/{p.name}" for p in (REPO / "apps").iterdir()}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [streamlit, "run", "apps/viewer.py", "--server.headless", "true", "--server.port", str(port),
+             "--server.address", "127.0.0.1"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    after = {p.name for p in REPO.iterdir()} | {f"apps/{p.name}" for p in (REPO / "apps").iterdir()}
+    assert after - before - {".pytest_cache", "apps/__pycache__"} == set(), "the viewer wrote into the working directory"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found; install Debian's chromium: apt-get update && apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def expected_row(data_root: Path) -> dict:
+    """``unetseg evaluate``'s per-case row for CASE with the default model."""
+    segmenter = Segmenter.from_checkpoint("hippocampus_2d")
+    refs, info = list_cases(dataset_info("hippocampus"), data_root)
+    cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing["normalization"])
+    return evaluate_cases(segmenter, cases, progress=False)[0]
+
+
+def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(server, browser, data_root, tmp_path):
+    image_path, label_path = hippocampus_files(data_root)
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    page.goto(server)
+    page.get_by_text("Upload a scan or image").wait_for(timeout=60_000)
+    inputs = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
+    inputs.nth(1).wait_for(state="attached", timeout=30_000)
+    assert inputs.count() == 2
+
+    inputs.nth(0).set_input_files(str(image_path))
+    overlay = page.locator('[data-testid="stImage"] img').first
+    overlay.wait_for(timeout=120_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000)
+    assert page.get_by_text("hippocampus_2d: axial slice").count() >= 1
+
+    inputs.nth(1).set_input_files(str(label_path))
+    page.get_by_text("Mean foreground Dice").wait_for(timeout=60_000)
+    row = expected_row(data_root)
+    table = page.locator('[data-testid="stTable"]').filter(has_text="HD95 (mm)")
+    table.wait_for(timeout=30_000)
+    text = table.inner_text()
+    for name in ("anterior", "posterior"):
+        assert f"{row[f'dice_{name}']:.4f}" in text, (name, text)
+    page.wait_for_timeout(1000)  # let the last images paint
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 50_000
+
+    broken = tmp_path / image_path.name
+    broken.write_bytes(image_path.read_bytes()[:20_000])
+    inputs.nth(0).set_input_files(str(broken))
+    alert = page.locator('[data-testid="stAlert"]').filter(has_text="not a readable NIfTI file")
+    alert.wait_for(timeout=60_000)
+    assert alert.count() == 1
+    assert "Traceback" not in page.content()
+
+    inputs.nth(0).set_input_files(str(image_path))  # and the page recovers
+    page.get_by_text("Mean foreground Dice").wait_for(timeout=60_000)
+    assert page.locator('[data-testid="stImage"] img').count() >= 2
+    page.close()
