@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from unetseg.ablation.runner import ablate
 
             report = ablate(args.config, args.quick, args.out, args.report_dir, args.data_root,
-                            args.report_only, args.jobs, progress=not args.quiet)
+                            args.report_only, args.jobs, progress=not args.quiet, command=["unetseg", *argv])
             print(f"report: {report}")
     except UnetsegError as exc:
         print(f"error: {exc}", file=sys.stderr)

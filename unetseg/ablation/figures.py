@@ -128,8 +128,9 @@ def plot_lesions(panels: Sequence[tuple[str, list[str], np.ndarray]], path: Path
     Args:
         panels: ``(title, labels, drops (seeds, paths))``; bars are the mean over seeds, dots the seeds.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 0.55 * sum(len(p[1]) for p in panels) + 2), 3.6),
-                             squeeze=False)
+    widths = [max(3.2, 0.45 * len(p[1]) + 1.5) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, (title, labels, drops) in zip(axes[0], panels):
         drops = np.atleast_2d(drops)
         x = np.arange(len(labels))
@@ -137,7 +138,8 @@ def plot_lesions(panels: Sequence[tuple[str, list[str], np.ndarray]], path: Path
         for seed_drops in drops:
             ax.plot(x, seed_drops, "k.", ms=5)
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
-        ax.set(ylabel="Dice drop (intact - lesioned)", title=title)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("Dice drop (intact - lesioned)")
         ax.axhline(0, color="0.5", lw=1)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -200,5 +202,5 @@ def plot_qualitative(arrays: dict[str, np.ndarray], path: Path) -> Path:
             ax.set_title(title if i == 0 else "", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(case_id, fontsize=8)
+        row[0].set_ylabel(case_id[:16], fontsize=8)
     return _save(fig, path)

@@ -143,6 +143,28 @@ def _gradient_summary(report_dir: Path, spec: StudySpec, pairs: list[tuple[str, 
     return figure_pairs, table
 
 
+def invocation_spans(log: list[dict[str, Any]]) -> list[tuple[float, float, dict[str, Any] | None]]:
+    """``(start, end, machine)`` of every invocation in ``log.jsonl``.
+
+    A killed invocation has no closing ``invocation`` row; it ends at its last logged event.
+    """
+    spans: list[tuple[float, float, dict[str, Any] | None]] = []
+    current: list[Any] | None = None
+    for row in log:
+        if row["event"] == "start":
+            if current:
+                spans.append(tuple(current))
+            current = [row["time"], row["time"], row.get("machine")]
+        elif current is not None:
+            current[1] = row.get("end", row.get("time", current[1]))
+            if row["event"] == "invocation":
+                spans.append(tuple(current))
+                current = None
+    if current:
+        spans.append(tuple(current))
+    return spans
+
+
 def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compute every number of the report from ``report_dir``.
 
@@ -228,15 +250,16 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             landscapes[name] = json.loads(path.read_text())
 
     log = read_jsonl(report_dir / "log.jsonl")
-    invocations = [r for r in log if r["event"] == "invocation"]
+    invocations = invocation_spans(log)
     train_s = [s for e in table.values() for s in e["train_seconds"]]
     timing = {
-        "wall_seconds": float(sum(r["seconds"] for r in invocations)),
+        "wall_seconds": float(sum(end - start for start, end, _ in invocations)),
         "invocations": len(invocations),
         "run_seconds": {"median": float(np.median(train_s)), "min": float(np.min(train_s)), "max": float(np.max(train_s)),
                         "total": float(np.sum(train_s))},
         "analysis_seconds": float(sum(r["seconds"] for r in log if r["event"] == "analysis")),
-        "machine": invocations[-1]["machine"] if invocations else None,
+        "machine": invocations[-1][2] if invocations else None,
+        "commands": sorted({r["command"] for r in log if r["event"] == "start" and r.get("command")}),
     }
     runs_found = sum(len(p) for p in per_case.values())
     summary = {
@@ -280,7 +303,7 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
             drops = [v["per_seed"] for v in lesion["skips"].values()] + ([lesion["all_skips"]["per_seed"]] if lesion["all_skips"] else [])
             panels.append((f"{name}: long skips", labels, np.array(drops).T))
         if lesion["residuals"]:
-            panels.append((f"{name}: residual branches", [b.replace("coder.", "") for b in lesion["residuals"]],
+            panels.append((f"{name}: residual branches", [b.replace("encoder.", "enc").replace("decoder.", "dec") for b in lesion["residuals"]],
                            np.array([v["per_seed"] for v in lesion["residuals"].values()]).T))
     if panels:
         out["lesions"] = plot_lesions(panels, fig_dir / "lesions.png")
@@ -406,9 +429,11 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
                   "the numbers say nothing about skip connections.", ""]
     if summary["runs_found"] < summary["runs_expected"]:
         lines += [f"> **Incomplete**: {summary['runs_found']} of {summary['runs_expected']} runs are scored so far.", ""]
+    ran = "; ".join(f"`{c}`" for c in tm["commands"]) or "not recorded"
     lines += [
         "## How it was made", "",
-        f"- Reproduce: `{command}` (resumable; finished runs are skipped).",
+        f"- Reproduce: `{command}` (resumable; finished runs are skipped; `--jobs 2` trains two runs at a time).",
+        f"- Commands that produced these runs (`log.jsonl`): {ran}.",
         f"- Redraw this report from the committed artefacts, no training: `unetseg ablate --config {name}"
         + (" --quick" if summary["quick"] else "") + " --report-only --report-dir <this folder>`.",
         f"- Data: `{b['dataset']}`, {b['train_cases']} training / {b['val_cases']} validation cases"

@@ -92,8 +92,6 @@ def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, stud
     Top-level and picklable so a process pool can run it. Returns a log row.
     """
     torch.set_num_threads(threads)
-    if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
     spec = resolved_study(spec_dict)
     cfg = variant_config(spec, variant, seed)
     run = run_dir(study_dir, variant.name, seed)
@@ -207,7 +205,7 @@ def _check_study_file(spec: StudySpec, study_dir: Path) -> None:
 
 
 def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, data_root: str | Path | None = None,
-              jobs: int = 1, progress: bool = True) -> Path:
+              jobs: int = 1, progress: bool = True, command: list[str] | None = None) -> Path:
     """Run (or continue) a whole study and write its report; returns the report's path.
 
     Args:
@@ -218,6 +216,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
         jobs: runs trained in parallel processes (each with ``cores // jobs`` threads,
             or ``$OMP_NUM_THREADS``).
         progress: per-run progress lines.
+        command: the command line, recorded in ``log.jsonl`` and quoted by the report.
     """
     from unetseg.ablation.report import write_report
 
@@ -229,6 +228,8 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
     variants = build_variants(spec)
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
     start = time.time()
+    _append_log(study_dir, {"event": "start", "time": start, "machine": machine_info(jobs, threads),
+                            "command": " ".join(command) if command else None})
     tasks = [(v, s) for v in variants for s in spec.seeds]
     spec_dict = spec.to_dict()
     if jobs <= 1:
@@ -254,7 +255,8 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
 
 
 def ablate(config: str, quick: bool = False, out: str | None = None, report_dir: str | None = None,
-           data_root: str | None = None, report_only: bool = False, jobs: int = 1, progress: bool = True) -> Path:
+           data_root: str | None = None, report_only: bool = False, jobs: int = 1, progress: bool = True,
+           command: list[str] | None = None) -> Path:
     """What ``unetseg ablate`` does; returns the path of the written ``report.md``.
 
     Defaults: study folder ``runs/ablation/<name>[-quick]``; report folder
@@ -272,4 +274,4 @@ def ablate(config: str, quick: bool = False, out: str | None = None, report_dir:
         return write_report(target)
     if jobs < 1:
         raise UnetsegError(f"--jobs must be at least 1, got {jobs}")
-    return run_study(spec, study_dir, target, data_root, jobs, progress)
+    return run_study(spec, study_dir, target, data_root, jobs, progress, command)
