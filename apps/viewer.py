@@ -250,9 +250,13 @@ class View:
 def view_controls(source: Input, opacity: float) -> View:
     """Plane, slice and window/level widgets (reset to defaults when a new input arrives) -> a :class:`View`."""
     image = display.to_ras(source.image, source.meta.affine) if source.volume else source.image
-    if st.session_state.get("_view_for") != source.key:
+    lo, span = float(image.min()), max(float(image.max() - image.min()), 1e-6)
+    step = span / 200
+    # Streamlit drops a widget's state in runs that do not draw it (e.g. after a bad file), hence the key checks.
+    if st.session_state.get("_view_for") != source.key or not {"level", "width", "plane"} <= st.session_state.keys():
         st.session_state["_view_for"] = source.key
-        st.session_state["level"], st.session_state["width"] = display.default_window(image)
+        level, width = display.default_window(image)
+        st.session_state["level"], st.session_state["width"] = level, min(max(width, step), 2 * span)
         st.session_state["plane"] = "axial"
         st.session_state["_slice_for"] = None
     plane, index, aspect = None, 0, (1.0, 1.0)
@@ -260,13 +264,14 @@ def view_controls(source: Input, opacity: float) -> View:
         cols = st.columns([2, 3])
         plane = cols[0].radio("Plane", display.PLANES, key="plane", horizontal=True)
         n = display.num_slices(image.shape, plane)
-        if st.session_state.get("_slice_for") != (source.key, plane):
+        if st.session_state.get("_slice_for") != (source.key, plane) or "slice" not in st.session_state:
             st.session_state["_slice_for"] = (source.key, plane)
             st.session_state["slice"] = n // 2
-        index = cols[1].slider("Slice", 0, n - 1, key="slice")
+        if n > 1:
+            index = cols[1].slider("Slice", 0, n - 1, key="slice")
+        else:
+            cols[1].caption(f"The {plane} plane has a single slice.")
         aspect = display.pixel_aspect(display.ras_spacing(source.meta.spacing, source.meta.affine), plane)
-    lo, span = float(image.min()), max(float(image.max() - image.min()), 1e-6)
-    step = span / 200
     with st.expander("Window / level (intensity)"):
         level = st.slider("Level", lo, lo + span, key="level", step=step)
         width = st.slider("Width", step, 2 * span, key="width", step=step)
@@ -318,6 +323,7 @@ def page() -> None:
         return
     key, name, data, sample = chosen
     try:
+        uploads.check_bytes(name, data)  # before the cache: the size limit holds for files read earlier too
         image, meta = decode_upload(key, name, data)
     except DataError as exc:
         st.error(str(exc))
@@ -398,6 +404,7 @@ def ground_truth(label_upload, sample, image_shape, num_classes) -> np.ndarray |
     """The uploaded ground truth (or the sample's own label), or None; a bad file shows an error."""
     try:
         if label_upload is not None:
+            uploads.check_bytes(label_upload.name, label_upload.getvalue())
             return decode_label(upload_digest(label_upload), label_upload.name, label_upload.getvalue(),
                                 tuple(image_shape), num_classes)
         if sample is not None and sample.label is not None:

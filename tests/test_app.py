@@ -240,6 +240,28 @@ def test_checkpoint_path_in_the_sidebar_joins_the_model_picker(app, data_root, t
     assert len(app.sidebar.error) == 1 and "not found" in app.sidebar.error[0].value
 
 
+def test_dicom_series_zip_and_single_slice(app):
+    require_shipped("hippocampus_2d")
+    from .test_dicom import dicom_bytes, zip_bytes
+
+    rng = np.random.default_rng(0)
+    slices = rng.integers(0, 800, (6, 40, 48))
+    files = {f"IM{k}.dcm": dicom_bytes(slices[k], (0.0, 0.0, 2.5 * k)) for k in range(6)}
+    upload(app, "image_upload", "series.zip", zip_bytes(files))
+    ok(app)
+    assert "volume of shape (48, 40, 6)" in app.caption[0].value
+    assert captions(app)[0] == "hippocampus_2d: axial slice 3"
+    assert app.download_button(key="download").label.endswith("(series_prediction.nii.gz)")
+    upload(app, "image_upload", "IM0.dcm", files["IM0.dcm"])
+    ok(app)
+    assert "volume of shape (48, 40, 1)" in app.caption[0].value
+    assert captions(app)[0] == "hippocampus_2d: axial slice 0"
+    assert any("single slice" in c.value for c in app.caption)
+    app.radio(key="plane").set_value("sagittal").run()
+    ok(app)
+    assert captions(app)[0] == "hippocampus_2d: sagittal slice 24"
+
+
 # ---------------------------------------------------------------- 2D images
 
 
@@ -326,20 +348,32 @@ EXPECTED = {
 @pytest.mark.parametrize("kind", list(EXPECTED))
 def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_root, monkeypatch):
     require_shipped("hippocampus_2d")
-    if kind == "over the size limit":
-        monkeypatch.setenv("UNETSEG_MAX_UPLOAD_MB", "0.02")  # the real case is about 50 kB
     name, data = bad_upload(kind, data_root)
-    upload(app, "image_upload", name, data)
-    assert not app.exception
-    assert len(app.error) == 1
-    message = app.error[0].value
-    assert message.startswith(f"{name}: ") and EXPECTED[kind] in message and "Traceback" not in message
-    assert len(app.image) == 0
-    monkeypatch.delenv("UNETSEG_MAX_UPLOAD_MB", raising=False)
     image_path, _ = hippocampus_files(data_root)
-    upload(app, "image_upload", image_path.name, image_path.read_bytes())  # the same session recovers
-    ok(app)
-    assert captions(app)[0].startswith("hippocampus_2d:")
+    image, _ = io.read_image(image_path)
+    z = nib.load(image_path).shape[2]
+
+    def send_bad() -> None:
+        if kind == "over the size limit":
+            monkeypatch.setenv("UNETSEG_MAX_UPLOAD_MB", "0.02")  # the real case is about 50 kB
+        upload(app, "image_upload", name, data)
+        monkeypatch.delenv("UNETSEG_MAX_UPLOAD_MB", raising=False)
+        assert not app.exception
+        assert len(app.error) == 1
+        message = app.error[0].value
+        assert message.startswith(f"{name}: ") and EXPECTED[kind] in message and "Traceback" not in message
+        assert len(app.image) == 0
+
+    def send_good() -> None:
+        upload(app, "image_upload", image_path.name, image_path.read_bytes())
+        ok(app)
+        assert captions(app)[0] == f"hippocampus_2d: axial slice {z // 2}"  # with fresh view defaults
+        assert app.slider(key="width").value == pytest.approx(display.default_window(image)[1])
+
+    send_bad()
+    send_good()  # the same session recovers
+    send_bad()
+    send_good()
 
 
 def test_bad_ground_truth_is_reported_and_the_prediction_still_shows(app, data_root):

@@ -1,0 +1,202 @@
+"""Time the viewer from upload to first overlay, in a real browser.
+
+    python apps/benchmark_viewer.py --data-root ../shared/data [--repeats 3] [--out bench.json]
+
+For each repeat a fresh ``streamlit run apps/viewer.py`` is started and driven
+by Playwright on Debian's chromium. The clock starts when the file is handed to
+the page's upload widget and stops when the first overlay image has loaded in
+the browser (``img.complete`` and a caption naming the model). That covers the
+upload, reading the file, loading the model (first upload of each kind only:
+"cold"), the prediction, drawing the overlay and the PNG the browser fetches.
+"Warm" uploads are further, different files with the model already loaded.
+
+Inputs: MSD hippocampus cases, and a 1040 x 1388 RGBA microscopy image. The
+600 DSB2018 images in the shared data have no 1040 x 1388 one (those are among
+the held-back 64), so that image is a real 1024 x 1024 DSB image resized to
+1040 x 1388 with scikit-image (same pixel count and format as the real ones;
+inference time depends only on the size). Warm repeats use its mirror images.
+
+``--checkpoint PATH`` adds a checkpoint in the sidebar before uploading, for
+measuring before the shipped models exist (the viewer picks it when no shipped
+model suits the input). A breakdown of the server-side steps, timed directly
+through the package, is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+DSB_SOURCE = "08275a5b1c2dfcd739e8c4888a5ee2d29f83eccfa75185404ced1dc0866ea992"  # a real 1024 x 1024 DSB image
+BIG = (1040, 1388)
+
+
+def make_inputs(data_root: Path, folder: Path) -> dict[str, list[Path]]:
+    """Hippocampus cases (unchanged) and 1040 x 1388 microscopy images written into ``folder``."""
+    from PIL import Image
+    from skimage.transform import resize
+
+    task = data_root / "Task04_Hippocampus" / "imagesTr"
+    volumes = [task / f"hippocampus_{i:03d}.nii.gz" for i in (1, 3, 4)]
+    source = np.asarray(Image.open(data_root / "dsb2018_stage1_train" / DSB_SOURCE / "images" / f"{DSB_SOURCE}.png"))
+    big = np.round(resize(source, (*BIG, source.shape[2]), preserve_range=True, anti_aliasing=True)).astype(np.uint8)
+    images = []
+    for i, variant in enumerate((big, big[:, ::-1], big[::-1])):
+        path = folder / f"dsb_{BIG[0]}x{BIG[1]}_{i}.png"
+        Image.fromarray(np.ascontiguousarray(variant)).save(path)
+        images.append(path)
+    return {"volume": [p for p in volumes if p.is_file()], "image": images}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_root: Path, log) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "UNETSEG_DATA_ROOT": str(data_root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "apps/viewer.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("streamlit did not start")
+
+
+def time_upload(page, path: Path) -> float:
+    """Seconds from handing ``path`` to the upload widget until a new overlay image has loaded in the page."""
+    first_image = '[data-testid="stImage"] img'
+    previous = page.eval_on_selector(first_image, "img => img.src") if page.locator(first_image).count() else ""
+    inputs = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
+    start = time.perf_counter()
+    inputs.nth(0).set_input_files(str(path))
+    page.wait_for_function(
+        """previous => {
+            const img = document.querySelector('[data-testid="stImage"] img');
+            return img && img.src !== previous && img.complete && img.naturalWidth > 0;
+        }""",
+        arg=previous, timeout=300_000, polling=20,
+    )
+    return time.perf_counter() - start
+
+
+def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: list[str], log) -> dict[str, list[float]]:
+    from playwright.sync_api import sync_playwright
+
+    proc, url = start_server(data_root, log)
+    out: dict[str, list[float]] = {}
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').nth(1).wait_for(state="attached", timeout=120_000)
+            for ckpt in checkpoints:
+                box = page.get_by_role("textbox", name="Checkpoint path (optional)")
+                box.fill(ckpt)
+                box.press("Enter")
+                page.wait_for_timeout(1500)
+            for kind, files in inputs.items():
+                out[kind] = [time_upload(page, f) for f in files]
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def breakdown(inputs: dict[str, list[Path]], models: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Server-side steps of one cold upload per kind, timed through the package."""
+    import io
+
+    from PIL import Image
+
+    from unetseg import display, uploads
+    from unetseg.infer import Segmenter
+
+    result = {}
+    for kind, files in inputs.items():
+        data = files[0].read_bytes()
+        t0 = time.perf_counter()
+        image, meta = uploads.read_upload(files[0].name, data)
+        t1 = time.perf_counter()
+        seg = Segmenter.from_checkpoint(models[kind])
+        t2 = time.perf_counter()
+        labels = seg.predict(image, channel_axis=0)
+        t3 = time.perf_counter()
+        shown = display.to_ras(image, meta.affine) if image.ndim == 4 else image
+        picture = display.plane_slice(shown, "axial", shown.shape[-1] // 2) if image.ndim == 4 else shown
+        lab = display.plane_slice(display.to_ras(labels, meta.affine), "axial", shown.shape[-1] // 2) if image.ndim == 4 else labels
+        level, width = display.default_window(shown)
+        rgb = display.upscale(display.overlay(display.apply_window(display.channels_last(picture), level, width), lab, seg.num_classes), 420)
+        Image.fromarray(rgb).save(io.BytesIO(), format="PNG")
+        t4 = time.perf_counter()
+        result[kind] = {"read_s": t1 - t0, "load_model_s": t2 - t1, "predict_s": t3 - t2, "overlay_png_s": t4 - t3,
+                        "shape": list(image.shape), "model": models[kind]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=os.environ.get("UNETSEG_DATA_ROOT", "../shared/data"))
+    parser.add_argument("--repeats", type=int, default=3, help="fresh servers (default: %(default)s)")
+    parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint to add in the sidebar")
+    parser.add_argument("--volume-model", default="hippocampus_2d", help="model for the breakdown of volumes")
+    parser.add_argument("--image-model", default="dsb2018_2d", help="model for the breakdown of 2D images")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    data_root = Path(args.data_root).resolve()
+    with tempfile.TemporaryDirectory(prefix="unetseg-bench-") as tmp:
+        inputs = make_inputs(data_root, Path(tmp))
+        runs = []
+        with open(Path(tmp) / "server.log", "w") as log:
+            for _ in range(args.repeats):
+                runs.append(browser_run(data_root, inputs, args.checkpoint, log))
+        steps = breakdown(inputs, {"volume": args.volume_model, "image": args.image_model})
+    summary = {}
+    for kind in inputs:
+        cold = [r[kind][0] for r in runs]
+        warm = [t for r in runs for t in r[kind][1:]]
+        summary[kind] = {"cold_median_s": statistics.median(cold), "warm_median_s": statistics.median(warm),
+                         "cold_s": cold, "warm_s": warm}
+    result = {
+        "summary": summary, "breakdown": steps,
+        "machine": {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "python": platform.python_version(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
