@@ -105,7 +105,7 @@ def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
     """Per-layer L2 norms of the gradient and the weight for every convolution kernel, in registration order.
 
     Registration order is encoder (shallow to deep), then decoder levels finest
-    first, then the head; ``unetseg.plots`` orders them by depth along the data path.
+    first, then the head; ``unetseg.ablation.gradients`` orders them along the data path.
     """
     rows = []
     for name, p in model.named_parameters():
@@ -153,7 +153,9 @@ def _mean_across_ranks(value: float, di: DistInfo, device: torch.device) -> floa
     return float(t.item()) / di.world_size
 
 
-def prepare_data(cfg: Config, data_root: str | Path | None) -> tuple[DatasetInfo, dict[str, list[str]], list[Case], list[Case]]:
+def prepare_data(
+    cfg: Config, data_root: str | Path | None, progress: bool = True
+) -> tuple[DatasetInfo, dict[str, list[str]], list[Case], list[Case]]:
     """Load the data set, split it by case, and return info, split, train cases, val cases."""
     refs, info = list_cases(dataset_info(cfg.data.dataset), data_root or cfg.data.root)
     if cfg.data.max_cases:
@@ -162,7 +164,7 @@ def prepare_data(cfg: Config, data_root: str | Path | None) -> tuple[DatasetInfo
         [r.case_id for r in refs], cfg.data.val_fraction, cfg.data.split_seed, cfg.data.num_folds, cfg.data.fold
     )
     val_ids = set(split["val"])
-    cases = load_cases(refs, info, cfg.data.normalization)
+    cases = load_cases(refs, info, cfg.data.normalization, progress=progress)
     train = [c for c in cases if c.case_id not in val_ids]
     val = [c for c in cases if c.case_id in val_ids]
     if cfg.train.val_max_cases:
@@ -207,7 +209,7 @@ def fit(
         raise UnetsegError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
 
     torch.manual_seed(cfg.train.seed)
-    info, split, train_cases, val_cases = prepare_data(cfg, data_root)
+    info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

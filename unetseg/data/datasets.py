@@ -253,9 +253,12 @@ def load_case(ref: CaseRef, info: DatasetInfo, normalization: Normalization) -> 
     return Case(ref.case_id, normalize_intensity(image, normalization), label, meta)
 
 
-def load_cases(refs: Sequence[CaseRef], info: DatasetInfo, normalization: Normalization, desc: str = "loading") -> list[Case]:
-    """Load many cases into memory with a progress bar."""
-    return [load_case(r, info, normalization) for r in tqdm(refs, desc=desc, unit="case", leave=False)]
+def load_cases(
+    refs: Sequence[CaseRef], info: DatasetInfo, normalization: Normalization, progress: bool = True
+) -> list[Case]:
+    """Load many cases into memory, with a progress bar unless ``progress=False``."""
+    bar = tqdm(refs, desc="loading", unit="case", leave=False, disable=not progress)
+    return [load_case(r, info, normalization) for r in bar]
 
 
 def split_cases(
