@@ -14,8 +14,8 @@ model, so moving a slider or the opacity only re-draws the picture.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from unetseg.data.datasets import default_data_root
 from unetseg.data.io import ImageMeta
 from unetseg.errors import DataError, UnetsegError
 from unetseg.evaluate import score_case, summarize
-from unetseg.infer import Segmenter, model_card, shipped_models
+from unetseg.infer import Segmenter, model_card, resolve_checkpoint, shipped_models
 
 log = logging.getLogger("unetseg.viewer")
 
@@ -92,8 +92,6 @@ def samples(root: str) -> dict[str, list]:
 
 def model_key(ref: str) -> str:
     """``ref@mtime``: a checkpoint re-written on disk gets fresh cache entries."""
-    from unetseg.infer import resolve_checkpoint
-
     return f"{ref}@{resolve_checkpoint(ref).stat().st_mtime_ns}"
 
 
@@ -121,8 +119,9 @@ def sidebar_models() -> dict[str, str]:
                                  help="a .pt file or a run folder from `unetseg train`").strip()
     if path:
         try:
-            cached_card(model_key(path))
-            refs[path] = model_key(path)
+            key = model_key(path)
+            cached_card(key)  # loads the checkpoint once: a bad file is reported here
+            refs[path] = key
         except UnetsegError as exc:
             st.sidebar.error(str(exc))
     return refs

@@ -78,7 +78,7 @@ def apply_window(image: np.ndarray, level: float, width: float) -> np.ndarray:
     """Map intensities to uint8 grey: ``level - width/2`` -> 0, ``level + width/2`` -> 255, clipped."""
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
-    scaled = (np.asarray(image, dtype=np.float64) - (level - width / 2)) / width
+    scaled = (np.asarray(image, dtype=np.float32) - np.float32(level - width / 2)) / np.float32(width)
     return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
