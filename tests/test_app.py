@@ -283,6 +283,27 @@ def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root
     assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
 
 
+def test_dsb_ground_truth_from_a_zip_of_masks_equals_unetseg_evaluate(app, data_root):
+    require_shipped("dsb2018_2d")
+    import zipfile
+
+    path = dsb_png(data_root)
+    buf = pyio.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for mask in sorted((path.parents[1] / "masks").glob("*.png")):
+            archive.write(mask, mask.name)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    upload(app, "label_upload", "masks.zip", buf.getvalue())
+    ok(app)
+    segmenter = Segmenter.from_checkpoint("dsb2018_2d")
+    refs, info = list_cases(dataset_info("dsb2018"), data_root)
+    cases = load_cases([r for r in refs if r.case_id == DSB_CASE], info, segmenter.preprocessing["normalization"])
+    row = evaluate_cases(segmenter, cases, progress=False)[0]
+    metrics = table_with(app, "Dice")
+    assert metrics["Dice"].tolist() == [row["dice_nucleus"]]
+    assert metrics["HD95 (px)"].tolist() == pytest.approx([row["hd95_nucleus"]], nan_ok=True)
+
+
 def test_mismatched_models_get_a_warning(app, data_root):
     require_shipped("hippocampus_2d", "dsb2018_2d")
     image_path, _ = hippocampus_files(data_root)

@@ -2,8 +2,9 @@
 
 Uploads a real hippocampus case and its label through the page's own upload
 widgets, checks that the overlay image loads and that the Dice values equal
-``unetseg evaluate``'s for the case, that a broken file shows one error and
-no traceback, and saves the page as ``docs/app_screenshot.png``.
+``unetseg evaluate``'s for the case, turns on compare mode (skip vs no-skip),
+saves the page as ``docs/app_screenshot.png``, and checks that a broken file
+shows one error and no traceback, after which the page recovers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 @pytest.fixture(scope="module")
 def server(data_root, tmp_path_factory):
     """The viewer as users start it, from the repository root, on a free local port."""
-    require_shipped("hippocampus_2d")
+    require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or shutil.which("streamlit")
     assert streamlit, "the streamlit command is not installed in this environment"
     port = free_port()
@@ -104,7 +105,7 @@ def expected_row(data_root: Path) -> dict:
 
 def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(server, browser, data_root, tmp_path):
     image_path, label_path = hippocampus_files(data_root)
-    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    page = browser.new_page(viewport={"width": 1400, "height": 2300})
     page.goto(server)
     page.get_by_text("Upload a scan or image").wait_for(timeout=60_000)
     inputs = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
@@ -125,6 +126,9 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     text = table.inner_text()
     for name in ("anterior", "posterior"):
         assert f"{row[f'dice_{name}']:.4f}" in text, (name, text)
+    page.get_by_text("Compare two models").click()  # skip vs no-skip, for the screenshot too
+    page.get_by_text("disagreement (magenta)").wait_for(timeout=60_000)
+    assert page.get_by_text("hippocampus_2d_noskip: axial slice").count() >= 1
     page.wait_for_timeout(1000)  # let the last images paint
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
