@@ -177,6 +177,8 @@ def choose_input(sample_refs: dict[str, list]) -> tuple[str, str, bytes, Any] | 
     upload = st.file_uploader(
         "Scan or image: NIfTI (.nii, .nii.gz), DICOM (.dcm, or a .zip of one series), PNG, JPG, TIF",
         key="image_upload",
+        help=f"Up to {uploads.max_upload_bytes() / 1e6:g} MB (set {uploads.MAX_UPLOAD_ENV} to change). "
+        "Files are read in memory and never saved in the working directory.",
     )
     if upload is not None:
         return upload_digest(upload), upload.name, upload.getvalue(), None
