@@ -96,11 +96,6 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
 
 
-def available_configs() -> list[str]:
-    """Names of the configs shipped with the package."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a :class:`Config` from nested dicts; unknown keys raise :class:`UnetsegError`."""
     unknown = set(raw) - {"name", *SECTIONS}
@@ -117,19 +112,27 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
-def load_config(name_or_path: str) -> Config:
-    """Load a shipped config by name (``hippocampus_2d``) or a YAML file by path."""
+def read_named_yaml(name_or_path: str, folder: Path, what: str = "config") -> tuple[dict[str, Any], Path]:
+    """Read ``folder/<name>.yaml`` for a bare name, else the YAML file at that path.
+
+    Returns the parsed mapping and the file it came from; a missing file or bad
+    YAML raises :class:`UnetsegError` listing the names available in ``folder``.
+    """
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise UnetsegError(
-            f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(available_configs())}"
-        )
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UnetsegError(f"{what} {name_or_path!r} not found; give a YAML path or one of: {names}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}, path
     except yaml.YAMLError as exc:
         raise UnetsegError(f"{path}: not valid YAML ({exc})") from None
+
+
+def load_config(name_or_path: str) -> Config:
+    """Load a shipped config by name (``hippocampus_2d``) or a YAML file by path."""
+    raw, path = read_named_yaml(name_or_path, CONFIG_DIR, "config")
     return config_from_dict(raw, source=str(path))
 
 

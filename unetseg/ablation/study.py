@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from unetseg.config import read_named_yaml
 from unetseg.errors import UnetsegError
 
 STUDY_DIR = Path(__file__).parent
@@ -73,11 +74,6 @@ class StudySpec:
         return asdict(self)
 
 
-def available_studies() -> list[str]:
-    """Names of the study YAMLs shipped in ``unetseg/ablation``."""
-    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
-
-
 def _check_keys(raw: dict[str, Any], cls: type, source: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     bad = set(raw) - names
@@ -117,17 +113,7 @@ def resolved_study(raw: dict[str, Any]) -> StudySpec:
 
 def load_study(name_or_path: str, quick: bool = False) -> StudySpec:
     """Load a shipped study by name (``hippocampus_2d``) or a study YAML by path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = STUDY_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise UnetsegError(
-            f"study {name_or_path!r} not found; give a YAML path or one of: {', '.join(available_studies())}"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UnetsegError(f"{path}: not valid YAML ({exc})") from None
+    raw, path = read_named_yaml(name_or_path, STUDY_DIR, "study")
     return study_from_dict(raw, quick=quick, source=str(path))
 
 
