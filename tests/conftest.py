@@ -12,6 +12,10 @@ from unetseg.data.datasets import DATA_ROOT_ENV, default_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests (and the apps they start) may change directory: pin a relative data root now.
+if os.environ.get(DATA_ROOT_ENV):
+    os.environ[DATA_ROOT_ENV] = str(Path(os.environ[DATA_ROOT_ENV]).resolve())
+
 
 def real_data_root() -> Path:
     """The shared data root; fails the test (not skip) when the data is missing."""
