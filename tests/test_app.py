@@ -182,16 +182,21 @@ def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement
     assert model_calls == ["predict", "predict"]
 
 
+def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tuple[Segmenter, dict]:
+    """The shipped model and its ``unetseg evaluate`` row for one real case."""
+    segmenter = Segmenter.from_checkpoint(model)
+    refs, info = list_cases(dataset_info(dataset), data_root)
+    cases = load_cases([r for r in refs if r.case_id == case_id], info, segmenter.preprocessing["normalization"])
+    return segmenter, evaluate_cases(segmenter, cases, progress=False)[0]
+
+
 def test_ground_truth_metrics_equal_unetseg_evaluate_for_the_case(app, data_root):
     require_shipped("hippocampus_2d")
     image_path, label_path = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     upload(app, "label_upload", label_path.name, label_path.read_bytes())
     ok(app)
-    segmenter = Segmenter.from_checkpoint("hippocampus_2d")
-    refs, info = list_cases(dataset_info("hippocampus"), data_root)
-    cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing["normalization"])
-    row = evaluate_cases(segmenter, cases, progress=False)[0]
+    segmenter, row = evaluate_one_case("hippocampus_2d", "hippocampus", CASE, data_root)
     metrics = table_with(app, "Dice")
     assert metrics["class"].tolist() == ["anterior", "posterior"]
     for _, r in metrics.iterrows():
@@ -295,10 +300,7 @@ def test_dsb_ground_truth_from_a_zip_of_masks_equals_unetseg_evaluate(app, data_
     upload(app, "image_upload", path.name, path.read_bytes())
     upload(app, "label_upload", "masks.zip", buf.getvalue())
     ok(app)
-    segmenter = Segmenter.from_checkpoint("dsb2018_2d")
-    refs, info = list_cases(dataset_info("dsb2018"), data_root)
-    cases = load_cases([r for r in refs if r.case_id == DSB_CASE], info, segmenter.preprocessing["normalization"])
-    row = evaluate_cases(segmenter, cases, progress=False)[0]
+    _, row = evaluate_one_case("dsb2018_2d", "dsb2018", DSB_CASE, data_root)
     metrics = table_with(app, "Dice")
     assert metrics["Dice"].tolist() == [row["dice_nucleus"]]
     assert metrics["HD95 (px)"].tolist() == pytest.approx([row["hd95_nucleus"]], nan_ok=True)
