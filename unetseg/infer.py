@@ -221,12 +221,14 @@ class Segmenter:
         """
         if not normalized:
             image = self.prepare(image, channel_axis)
-        probs = self._probabilities(image)
-        if tta:
-            for axis in range(self.spatial_dims):
-                probs = probs + self._probabilities(image, flip_axes=(axis,))
-            probs = probs / (self.spatial_dims + 1)
-        return probs
+        if not tta:
+            return self._probabilities(image)
+        return np.mean(self._flip_member_probabilities(image), axis=0)
+
+    def _flip_member_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
+        """Probabilities ``(K, *S)`` unflipped, then flipped along each in-plane axis (the flip-TTA members)."""
+        flips = [()] + [(axis,) for axis in range(self.spatial_dims)]
+        return [self._probabilities(image, flip_axes=f) for f in flips]
 
     def predict(
         self,
@@ -252,8 +254,7 @@ class Segmenter:
         """
         if not normalized:
             image = self.prepare(image, channel_axis)
-        flips = [()] + [(axis,) for axis in range(self.spatial_dims)]
-        return np.stack([self._probabilities(image, flip_axes=f).argmax(axis=0) for f in flips])
+        return np.stack([probs.argmax(axis=0) for probs in self._flip_member_probabilities(image)])
 
     def predict_file(
         self, path: str | Path, tta: bool = False, largest_component: bool = False
@@ -286,6 +287,7 @@ class Segmenter:
             f"this model was trained on {self.dataset} ({what[trained_kind]}s) but the input is a "
             f"{what.get(kind, kind)}; expect a meaningless mask, or pick a model trained on {what.get(kind, kind)}s"
         )
+
 
 def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path) -> Path:
     """Save a prediction next to others in ``out_dir``: NIfTI keeps affine and header; 2D becomes PNG."""
