@@ -37,7 +37,7 @@ from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkpoint, resolve_device, save_checkpoint
 from unetseg.losses import make_loss
 from unetseg.model import UNet
-from unetseg.plots import plot_training_curves
+from unetseg.plots import plot_training_curves, read_jsonl
 
 
 @dataclass
@@ -121,14 +121,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _truncate_jsonl(path: Path, keep: Any) -> None:
     """Keep only the lines for which ``keep(row)`` is true (used on resume)."""
     if path.is_file():
-        rows = [r for r in _read_jsonl(path) if keep(r)]
+        rows = [r for r in read_jsonl(path) if keep(r)]
         _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -244,7 +240,7 @@ def fit(
     loss_fn = make_loss(cfg.train.dice_ce_lambda_ce)
     segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device)
     use_amp = device.type == "cuda"
-    history = _read_jsonl(out / "metrics.jsonl") if resume else []
+    history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
 
     for epoch in range(start_epoch, cfg.train.epochs):
