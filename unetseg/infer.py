@@ -143,7 +143,11 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
         """Build from a checkpoint path, run folder, or shipped model name."""
-        payload = load_checkpoint(name_or_path)
+        return cls.from_payload(load_checkpoint(name_or_path), device)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], device: str = "cpu") -> Segmenter:
+        """Build from a checkpoint dict that :func:`load_checkpoint` returned."""
         model = build_model(payload["model_args"])
         model.load_state_dict(payload["state_dict"])
         return cls(model, payload["preprocessing"], payload["class_names"], device, dataset=payload.get("dataset"))

@@ -85,11 +85,12 @@ def score_run(run: Path, val_cases: Sequence[Case]) -> dict[str, Any]:
     split = json.loads((run / "split.json").read_text())
     if [c.case_id for c in val_cases] != split["val"]:
         raise UnetsegError(f"{run}: its validation cases differ from the study's; the split must be shared")
-    segmenter = Segmenter.from_checkpoint(run / FINAL_CHECKPOINT, device="cpu")
+    checkpoint = load_checkpoint(run / FINAL_CHECKPOINT)
+    segmenter = Segmenter.from_payload(checkpoint, device="cpu")
     rows = evaluate_cases(segmenter, val_cases, progress=False)
     payload = {
         "checkpoint": FINAL_CHECKPOINT,
-        "epoch": int(load_checkpoint(run / FINAL_CHECKPOINT)["epoch"]),
+        "epoch": int(checkpoint["epoch"]),
         "num_parameters": count_parameters(segmenter),
         "class_names": list(segmenter.class_names),
         "summary": summarize(rows, segmenter.class_names),
