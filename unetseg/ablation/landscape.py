@@ -22,7 +22,7 @@ from torch import nn
 
 from unetseg.config import Config
 from unetseg.data.datasets import Case, PatchDataset, training_samples
-from unetseg.infer import build_model, load_checkpoint
+from unetseg.infer import Segmenter
 from unetseg.losses import make_loss
 
 Directions = dict[str, torch.Tensor]
@@ -146,9 +146,7 @@ def landscape_of_run(
         analysis: an :class:`~unetseg.ablation.study.AnalysisSpec`.
         out_stem: output path without suffix.
     """
-    payload = load_checkpoint(run / checkpoint)
-    model = build_model(payload["model_args"])
-    model.load_state_dict(payload["state_dict"])
+    model = Segmenter.from_checkpoint(run / checkpoint).model
     images, labels = fixed_patches(train_cases, cfg, analysis.landscape_samples)
     slices = loss_slices(model, images, labels, analysis.landscape_points_1d, analysis.landscape_points_2d,
                          analysis.landscape_span, seed=0, batch_size=analysis.landscape_batch_size)
