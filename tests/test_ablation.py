@@ -15,7 +15,8 @@ from scipy.stats import wilcoxon
 
 from unetseg.ablation.landscape import filter_normalized_direction, loss_slices
 from unetseg.ablation.runs import run_dir
-from unetseg.ablation.stats import bootstrap_ci, paired_comparison
+from unetseg.ablation.report import collapsed_classes, healthy_mean_dice
+from unetseg.ablation.stats import bootstrap_ci, paired_comparison, rate_difference_p
 from unetseg.ablation.study import STUDY_DIR, load_study
 from unetseg.ablation.variants import base_config, build_variants, variant_config
 from unetseg.cli import main
@@ -115,6 +116,19 @@ def test_paired_statistics():
     assert lo < 0 < hi
     with pytest.raises(ValueError):
         paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_collapsed_runs_are_flagged_and_left_out_of_the_healthy_mean():
+    def per_case(b_scores):
+        return {"class_names": ["background", "a", "b"],
+                "cases": [{"case_id": f"c{i}", "dice_a": 0.8, "dice_b": d} for i, d in enumerate(b_scores)]}
+
+    collapsed, healthy = per_case([0.0, 0.15, float("nan")]), per_case([0.6, 0.7, 0.8])
+    assert collapsed_classes(collapsed) == ["b"]  # mean 0.075 over the finite cases
+    assert collapsed_classes(healthy) == [] and collapsed_classes(per_case([float("nan")] * 3)) == []
+    h = healthy_mean_dice({0: collapsed, 1: healthy})
+    assert h["seeds"] == [1] and h["mean"] == pytest.approx((0.8 + 0.7) / 2)
+    assert rate_difference_p(0, 10, 10, 10) < 1e-4 and rate_difference_p(1, 2, 1, 2) == 1.0
 
 
 # ---- the quick study on real data -----------------------------------------------------------

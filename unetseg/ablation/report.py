@@ -32,7 +32,7 @@ from unetseg.ablation.figures import (
 )
 from unetseg.ablation.gradients import ordered_layers, run_profiles, short_name
 from unetseg.ablation.runs import PER_CASE, run_dir
-from unetseg.ablation.stats import paired_comparison
+from unetseg.ablation.stats import paired_comparison, rate_difference_p
 from unetseg.ablation.study import StudySpec, resolved_study
 from unetseg.ablation.variants import Variant, build_variants, depth_names
 from unetseg.plots import read_jsonl
@@ -89,6 +89,33 @@ def seed_averaged_cases(per_cases: list[dict[str, Any]], key: str) -> dict[str, 
     tables = [case_scores(p, key) for p in per_cases]
     ids = list(tables[0])
     return {i: _nanmean([t[i] for t in tables]) for i in ids}
+
+
+# A run whose mean Dice over the validation cases stays below this for a foreground class never learnt
+# that class (it predicts background, or the other class, there): a failed optimisation, reported apart.
+COLLAPSE_DICE = 0.1
+
+
+def collapsed_classes(per_case: dict[str, Any]) -> list[str]:
+    """Foreground classes whose seed mean Dice is below :data:`COLLAPSE_DICE` (NaN counts as not collapsed)."""
+    return [c for c in per_case["class_names"][1:] if seed_mean(per_case, f"dice_{c}") < COLLAPSE_DICE]
+
+
+def _collapse_summary(variants: list[Variant], per_case: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Collapsed runs, and their count in runs with and without any long skip (with a Fisher exact p)."""
+    runs = [{"variant": v.name, "seed": s, "long_skips": any(v.skips), "classes": collapsed_classes(p)}
+            for v in variants for s, p in per_case[v.name].items()]
+    collapsed = [r for r in runs if r["classes"]]
+    counts = {flag: [sum(1 for r in collapsed if r["long_skips"] == flag), sum(1 for r in runs if r["long_skips"] == flag)]
+              for flag in (True, False)}
+    return {"threshold": COLLAPSE_DICE, "runs": collapsed, "with_long_skips": counts[True],
+            "without_long_skips": counts[False], "fisher_p": rate_difference_p(*counts[True], *counts[False])}
+
+
+def healthy_mean_dice(per_cases: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean Dice over the seeds whose run did not collapse: ``{"mean", "std", "per_seed", "seeds"}``."""
+    kept = {s: p for s, p in per_cases.items() if not collapsed_classes(p)}
+    return {**_mean_std([seed_mean(p, "mean_dice") for p in kept.values()]), "seeds": sorted(kept)}
 
 
 def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -195,6 +222,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "hd95": {c: _mean_std([seed_mean(p, f"hd95_{c}") for p in pcs]) for c in classes},
             "mean_dice": _mean_std([seed_mean(p, "mean_dice") for p in pcs]),
             "train_seconds": [float(rows[-1]["elapsed_s"]) for rows in metrics[v.name].values()],
+            "mean_dice_without_collapsed": healthy_mean_dice(per_case[v.name]),
         }
         if v.reference in by_name:
             ref = list(per_case[v.reference].values())
@@ -215,7 +243,9 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if w in by_name and wo in by_name:
             depth_rows.append({"depth": d, "with": w, "without": wo,
                                "with_mean_dice": table[w]["mean_dice"], "without_mean_dice": table[wo]["mean_dice"],
-                               "gap": compare(list(per_case[w].values()), list(per_case[wo].values()), "mean_dice")})
+                               "gap": compare(list(per_case[w].values()), list(per_case[wo].values()), "mean_dice"),
+                               "gap_without_collapsed": table[w]["mean_dice_without_collapsed"]["mean"]
+                               - table[wo]["mean_dice_without_collapsed"]["mean"]})
 
     pairs = [(f"{a} vs {b}", a, b) for a, b in spec.analysis.gradient_pairs if a in by_name and b in by_name]
     deepest = max(spec.depths) if spec.depths else spec.depth
@@ -267,6 +297,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "runs_expected": len(build_variants(spec)) * len(spec.seeds), "runs_found": runs_found,
         "variants": table, "extra_comparisons": extra, "depth": depth_rows, "gradients": grad_table,
         "lesions": lesions, "landscapes": landscapes, "timing": timing,
+        "collapse": _collapse_summary(variants, per_case),
     }
     plots = {"metrics": metrics, "gradient_pairs": grad_pairs, "spec": spec}
     return summary, plots
@@ -378,7 +409,16 @@ def findings(summary: dict[str, Any]) -> list[str]:
         if name in t and "vs_reference" in t[name]:
             c = t[name]["vs_reference"]["mean_dice"]
             out.append(f"- {what}: mean Dice {_cmp(c)} vs `{t[name]['reference']}`, "
-                       f"Wilcoxon p = {_p(c)} over {c['cases']} cases — {_verdict(c)}.")
+                       f"Wilcoxon p = {_p(c)} over {c['cases']} cases — {_verdict(c)}."
+                       + _collapse_note(name) + _collapse_note(t[name]["reference"]))
+
+    def _collapse_note(name: str) -> str:
+        healthy = t[name]["mean_dice_without_collapsed"]
+        dropped = len(t[name]["seeds"]) - len(healthy["seeds"])
+        if not dropped:
+            return ""
+        return (f" `{name}` has {dropped} collapsed seed(s); over its other seeds its mean Dice is "
+                f"{_ms(healthy)} (all seeds: {_ms(t[name]['mean_dice'])}).")
 
     about("noskip", "Removing every long skip")
     levels = sorted((n for n in t if n.startswith("skip_off_L")), key=lambda n: t[n]["vs_reference"]["mean_dice"]["mean_diff"])
@@ -396,6 +436,17 @@ def findings(summary: dict[str, Any]) -> list[str]:
         out.append(f"- Skip minus no-skip gap by depth (per-case mean; CIs in the depth figure): {text}. "
                    + ("The point estimates grow with depth, as the degradation story predicts."
                       if widening else "The point estimates do **not** grow with depth, contrary to the degradation story."))
+        healthy = ", ".join(f"depth {r['depth']}: {r['gap_without_collapsed']:+.3f}" for r in summary["depth"])
+        out.append(f"- The same gap between seed means with collapsed runs left out: {healthy}.")
+    collapse = summary["collapse"]
+    if collapse["runs"]:
+        listed = ", ".join(f"`{r['variant']}` seed {r['seed']} ({', '.join(r['classes'])})" for r in collapse["runs"])
+        (a, na), (b, nb) = collapse["with_long_skips"], collapse["without_long_skips"]
+        out.append(f"- Collapsed runs (a class's mean Dice < {collapse['threshold']} at the end of the budget): {listed}. "
+                   f"{a} of {na} runs with long skips and {b} of {nb} without; Fisher exact p = "
+                   f"{collapse['fisher_p']:.2g}. Table cells and paired comparisons keep these runs.")
+    else:
+        out.append(f"- No run collapsed (every class's mean Dice >= {collapse['threshold']} in every run).")
     for g in summary["gradients"]:
         out.append(f"- Gradient flow (`{g['variant']}`, {g['pair']}): first-layer / head gradient-norm ratio "
                    f"early {_ms(g['early_first_over_head'])}, late {_ms(g['late_first_over_head'])}.")

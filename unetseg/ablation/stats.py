@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import wilcoxon
+from scipy.stats import fisher_exact, wilcoxon
 
 
 def bootstrap_ci(
@@ -51,3 +51,10 @@ def paired_comparison(variant: Sequence[float], reference: Sequence[float], seed
     lo, hi = bootstrap_ci(d, seed=seed)
     return {"mean_diff": float(d.mean()) if d.size else float("nan"), "ci_low": lo, "ci_high": hi,
             "wilcoxon_p": wilcoxon_p(d), "cases": int(d.size)}
+
+
+def rate_difference_p(hits_a: int, total_a: int, hits_b: int, total_b: int) -> float:
+    """Two-sided Fisher exact p that ``hits_a / total_a`` and ``hits_b / total_b`` come from the same rate."""
+    if min(total_a, total_b) == 0:
+        return float("nan")
+    return float(fisher_exact([[hits_a, total_a - hits_a], [hits_b, total_b - hits_b]]).pvalue)
