@@ -162,8 +162,12 @@ def _gradient_summary(report_dir: Path, spec: StudySpec, pairs: list[tuple[str, 
             curves[name] = {k: np.stack([p[k] for p in profiles]) for k in profiles[0]}
             first_over_head = [float(p["early_grad"][0] / p["early_grad"][-1]) for p in profiles]
             late_first_over_head = [float(p["late_grad"][0] / p["late_grad"][-1]) for p in profiles]
+            weakest = [int(np.argmin(p["early_grad"])) for p in profiles]
             table.append({"pair": title, "variant": name, "early_first_over_head": _mean_std(first_over_head),
                           "late_first_over_head": _mean_std(late_first_over_head),
+                          "early_weakest_layer": [short_name(layers[i]) for i in weakest],
+                          "early_weakest_over_head": _mean_std([float(p["early_grad"][i] / p["early_grad"][-1])
+                                                                for p, i in zip(profiles, weakest)]),
                           "early_first_grad": _mean_std([float(p["early_grad"][0]) for p in profiles])})
         if len(curves) == 2:
             figure_pairs.append({"title": title, "layers": [short_name(n) for n in layers], "curves": curves})
@@ -449,7 +453,8 @@ def findings(summary: dict[str, Any]) -> list[str]:
         out.append(f"- No run collapsed (every class's mean Dice >= {collapse['threshold']} in every run).")
     for g in summary["gradients"]:
         out.append(f"- Gradient flow (`{g['variant']}`, {g['pair']}): first-layer / head gradient-norm ratio "
-                   f"early {_ms(g['early_first_over_head'])}, late {_ms(g['late_first_over_head'])}.")
+                   f"early {_ms(g['early_first_over_head'])}, late {_ms(g['late_first_over_head'])}; weakest layer early "
+                   f"{'/'.join(sorted(set(g['early_weakest_layer'])))} at {_ms(g['early_weakest_over_head'])} of the head's norm.")
     for name, les in summary["lesions"].items():
         if les["skips"]:
             worst = max(les["skips"], key=lambda k: les["skips"][k]["mean"])
