@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from scipy.stats import wilcoxon
 
 from unetseg.ablation.landscape import filter_normalized_direction, loss_slices
 from unetseg.ablation.runs import run_dir
-from unetseg.ablation.report import collapsed_classes, healthy_mean_dice
+from unetseg.ablation.report import collapsed_classes, healthy_mean_dice, write_report
 from unetseg.ablation.stats import bootstrap_ci, paired_comparison, rate_difference_p
 from unetseg.ablation.study import STUDY_DIR, load_study
 from unetseg.ablation.variants import base_config, build_variants, variant_config
@@ -295,3 +296,43 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
             str(tmp_path / "r")]
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+# ---- the committed full studies -------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("name", ["hippocampus_2d"])
+def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
+    """The committed report.md and summary.json are exactly what --report-only makes from the committed runs."""
+    committed = DOCS / "ablation" / name
+    copy = tmp_path / name
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures", "report.md", "summary.json"))
+    write_report(copy)
+    assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
+    assert (copy / "summary.json").read_text() == (committed / "summary.json").read_text()
+    summary = json.loads((committed / "summary.json").read_text())
+    assert summary["runs_found"] == summary["runs_expected"] == 36 and not summary["quick"]
+
+
+def test_figures_quoted_in_the_docs_are_the_committed_study_s():
+    s = json.loads((DOCS / "ablation" / "hippocampus_2d" / "summary.json").read_text())
+    reading = (DOCS / "ablation.md").read_text()
+    readme = (DOCS.parent / "README.md").read_text()
+    v = s["variants"]
+
+    def ms(entry):
+        return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+    quoted = [ms(v["skip"]["mean_dice"]), ms(v["noskip"]["mean_dice"]),
+              f"{v['noskip']['vs_reference']['mean_dice']['mean_diff']:.3f}".replace("-", "−"),
+              f"p = {v['noskip']['vs_reference']['mean_dice']['wilcoxon_p']:.2g}",
+              f"{s['timing']['wall_seconds'] / 60:.1f} min", ms(v["add"]["mean_dice_without_collapsed"])]
+    quoted += [f"{r['gap_without_collapsed']:+.3f}" for r in s["depth"]]
+    (a, na), (b, nb) = s["collapse"]["with_long_skips"], s["collapse"]["without_long_skips"]
+    quoted += [f"{a} of {na} runs with long skips and {b} of {nb} without", f"p = {s['collapse']['fisher_p']:.2g}"]
+    missing = [q for q in quoted if q not in reading]
+    assert not missing, f"docs/ablation.md does not quote these summary.json figures: {missing}"
+    for q in (ms(v["skip"]["mean_dice"]), ms(v["noskip"]["mean_dice"]), f"{s['timing']['wall_seconds'] / 60:.1f} min"):
+        assert q in readme, q
