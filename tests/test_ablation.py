@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +24,8 @@ from unetseg.errors import UnetsegError
 from unetseg.model import UNet
 from unetseg.plots import read_jsonl
 from unetseg.train import fit
+
+from .conftest import REPO
 
 FULL_VARIANTS = [
     "skip", "noskip", "skip_off_L0", "skip_off_L1", "skip_off_L2", "add", "residual", "residual_noskip",
@@ -300,7 +301,7 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
 
 # ---- the committed full studies -------------------------------------------------------------
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = REPO / "docs"
 
 
 @pytest.mark.parametrize("name", ["hippocampus_2d"])
@@ -319,7 +320,7 @@ def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
 def test_figures_quoted_in_the_docs_are_the_committed_study_s():
     s = json.loads((DOCS / "ablation" / "hippocampus_2d" / "summary.json").read_text())
     reading = (DOCS / "ablation.md").read_text()
-    readme = (DOCS.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     v = s["variants"]
 
     def ms(entry):
