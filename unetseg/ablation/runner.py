@@ -76,12 +76,12 @@ def machine_info(jobs: int, threads: int) -> dict[str, Any]:
 _VAL_CACHE: dict[str, list[Case]] = {}
 
 
-def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | None) -> list[Case]:
+def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | None, progress: bool) -> list[Case]:
     """Validation cases of a run, loaded once per process (the split is shared by every run)."""
     cfg = variant_config(spec, variant, seed)
     key = json.dumps([cfg.data.__dict__, cfg.train.val_max_cases], sort_keys=True, default=str)
     if key not in _VAL_CACHE:
-        _VAL_CACHE[key] = prepare_data(cfg, data_root)[3]
+        _VAL_CACHE[key] = prepare_data(cfg, data_root, progress=progress)[3]
     return _VAL_CACHE[key]
 
 
@@ -106,7 +106,7 @@ def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, stud
     elif state == "partial":
         fit(cfg, run, data_root=data_root, resume=True, command=command, progress=progress)
     if state != "done":
-        score_run(run, _val_cases(spec, variant, seed, data_root))
+        score_run(run, _val_cases(spec, variant, seed, data_root, progress))
     action = {"new": "trained", "partial": "resumed", "trained": "scored", "done": "skipped"}[state]
     return {"event": "run", "variant": variant.name, "seed": seed, "action": action,
             "seconds": round(time.perf_counter() - t0, 2), "time": time.time()}
@@ -123,8 +123,8 @@ class StudyData:
     val: list[Case]
 
 
-def _load_study_data(spec: StudySpec, variants: list[Variant], data_root: str | None) -> StudyData:
-    _, _, train, val = prepare_data(variant_config(spec, variants[0], spec.seeds[0]), data_root)
+def _load_study_data(spec: StudySpec, variants: list[Variant], data_root: str | None, progress: bool) -> StudyData:
+    _, _, train, val = prepare_data(variant_config(spec, variants[0], spec.seeds[0]), data_root, progress=progress)
     return StudyData(train, val)
 
 
@@ -152,7 +152,7 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
         todo.append(("qualitative", (qual, qual_path)))
     if not todo:
         return
-    data = _load_study_data(spec, variants, data_root)
+    data = _load_study_data(spec, variants, data_root, progress)
     for kind, args in todo:
         t0 = time.perf_counter()
         if kind == "landscape":
