@@ -3,6 +3,8 @@ recomputed independently from the run folders, resuming a killed study, and the 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -143,8 +145,16 @@ def quick_study(tmp_path_factory, data_root):
     study, report = tmp / "study", tmp / "report"
     args = ["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(study), "--report-dir", str(report),
             "--data-root", str(data_root), "--quiet"]
-    assert main(args) == 0
-    return {"study": study, "report": report, "args": args, "spec": load_study("hippocampus_2d", quick=True)}
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(args) == 0
+    return {"study": study, "report": report, "args": args, "spec": load_study("hippocampus_2d", quick=True),
+            "stderr": stderr.getvalue()}
+
+
+def test_quiet_study_draws_no_progress_bars(quick_study):
+    """--quiet silences every bar: data loading, epochs, scoring and the analyses."""
+    assert "it/s" not in quick_study["stderr"] and "case/s" not in quick_study["stderr"], quick_study["stderr"][-500:]
 
 
 def test_quick_study_writes_every_run_with_shared_split_and_budget(quick_study):
@@ -304,7 +314,7 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
 DOCS = REPO / "docs"
 
 
-@pytest.mark.parametrize("name", ["hippocampus_2d"])
+@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d"])
 def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
     """The committed report.md and summary.json are exactly what --report-only makes from the committed runs."""
     committed = DOCS / "ablation" / name
@@ -317,23 +327,43 @@ def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
     assert summary["runs_found"] == summary["runs_expected"] == 36 and not summary["quick"]
 
 
-def test_figures_quoted_in_the_docs_are_the_committed_study_s():
-    s = json.loads((DOCS / "ablation" / "hippocampus_2d" / "summary.json").read_text())
-    reading = (DOCS / "ablation.md").read_text()
-    readme = (REPO / "README.md").read_text()
-    v = s["variants"]
+def _signed(x: float) -> str:
+    """How the docs write a difference: +0.005, −0.052 (typographic minus)."""
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def _quoted_figures(summary: dict) -> list[str]:
+    """The summary.json figures docs/ablation.md quotes for every study, formatted as the docs write them."""
+    v = summary["variants"]
 
     def ms(entry):
         return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
 
-    quoted = [ms(v["skip"]["mean_dice"]), ms(v["noskip"]["mean_dice"]),
-              f"{v['noskip']['vs_reference']['mean_dice']['mean_diff']:.3f}".replace("-", "−"),
-              f"p = {v['noskip']['vs_reference']['mean_dice']['wilcoxon_p']:.2g}",
-              f"{s['timing']['wall_seconds'] / 60:.1f} min", ms(v["add"]["mean_dice_without_collapsed"])]
-    quoted += [f"{r['gap_without_collapsed']:+.3f}" for r in s["depth"]]
-    (a, na), (b, nb) = s["collapse"]["with_long_skips"], s["collapse"]["without_long_skips"]
-    quoted += [f"{a} of {na} runs with long skips and {b} of {nb} without", f"p = {s['collapse']['fisher_p']:.2g}"]
-    missing = [q for q in quoted if q not in reading]
-    assert not missing, f"docs/ablation.md does not quote these summary.json figures: {missing}"
-    for q in (ms(v["skip"]["mean_dice"]), ms(v["noskip"]["mean_dice"]), f"{s['timing']['wall_seconds'] / 60:.1f} min"):
+    vs_skip = v["noskip"]["vs_reference"]["mean_dice"]
+    quoted = [ms(v["skip"]["mean_dice"]), ms(v["noskip"]["mean_dice"]), _signed(vs_skip["mean_diff"]),
+              f"p = {vs_skip['wilcoxon_p']:.2g}", f"{summary['timing']['wall_seconds'] / 60:.1f} min"]
+    quoted += [_signed(v[f"skip_off_L{level}"]["vs_reference"]["mean_dice"]["mean_diff"]) for level in range(3)]
+    quoted += [_signed(v["residual"]["vs_reference"]["mean_dice"]["mean_diff"])]
+    quoted += [_signed(r["gap_without_collapsed"]) for r in summary["depth"]]
+    (a, na), (b, nb) = summary["collapse"]["with_long_skips"], summary["collapse"]["without_long_skips"]
+    quoted += [f"{a} of {na} runs with long skips and {b} of {nb} without"]
+    if a + b:
+        quoted += [f"p = {summary['collapse']['fisher_p']:.2g}"]
+    # a variant with a collapsed run is also quoted by its mean over the healthy seeds
+    quoted += [f"{v[r['variant']]['mean_dice_without_collapsed']['mean']:.3f}" for r in summary["collapse"]["runs"]]
+    return quoted
+
+
+@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d"])
+def test_figures_quoted_in_the_docs_are_the_committed_study_s(name):
+    s = json.loads((DOCS / "ablation" / name / "summary.json").read_text())
+    reading = (DOCS / "ablation.md").read_text()
+    section = reading.split(f"<!-- reading: {name} -->", 1)[1].split("<!-- reading:", 1)[0]
+    missing = [q for q in _quoted_figures(s) if q not in section]
+    assert not missing, f"docs/ablation.md's {name} reading does not quote these summary.json figures: {missing}"
+    readme = (REPO / "README.md").read_text()
+    v = s["variants"]
+    for q in (f"{v['skip']['mean_dice']['mean']:.3f} ± {v['skip']['mean_dice']['std']:.3f}",
+              f"{v['noskip']['mean_dice']['mean']:.3f} ± {v['noskip']['mean_dice']['std']:.3f}",
+              f"{s['timing']['wall_seconds'] / 60:.1f} min"):
         assert q in readme, q
