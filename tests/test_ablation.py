@@ -231,6 +231,8 @@ def test_report_numbers_match_run_folders(quick_study):
             diff = float(np.mean(case_means(v.name) - case_means(v.reference)))
             shown = float(row["Δ mean Dice vs reference [95 % CI]"].split(" [")[0])
             assert shown == pytest.approx(diff, abs=6e-4), v.name
+            per_seed = [float(x) for x in row["Δ per seed"].split()]
+            assert per_seed == pytest.approx(list(seed_values(v.name, "mean") - seed_values(v.reference, "mean")), abs=6e-4)
             checked += 1
     assert checked >= 2 * len(table) + len(table) - 1
     summary = json.loads((report / "summary.json").read_text())

@@ -8,7 +8,9 @@ retrained and no number is typed in by hand.
 Conventions: a variant's score per seed is the mean over validation cases
 (HD95: over cases where prediction and truth both hold the class); the table
 shows mean +- sample std over seeds. Paired comparisons average each case over
-seeds first, then compare case by case with the reference variant.
+seeds first, then compare case by case with the reference variant; their CI
+and p therefore leave out seed-to-seed variation, which the per-seed
+differences (variant seed k minus reference seed k) show beside them.
 """
 
 from __future__ import annotations
@@ -118,11 +120,17 @@ def healthy_mean_dice(per_cases: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {**_mean_std([seed_mean(p, "mean_dice") for p in kept.values()]), "seeds": sorted(kept)}
 
 
-def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Paired comparison of variant ``a`` with reference ``b`` over their shared cases."""
-    ca, cb = seed_averaged_cases(a, key), seed_averaged_cases(b, key)
+def compare(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> dict[str, Any]:
+    """Variant ``a`` against reference ``b`` (``{seed: per_case}`` each), case by case and seed by seed.
+
+    Returns :func:`paired_comparison` over their shared cases, each case averaged
+    over seeds (so its CI and p leave out seed-to-seed variation), plus
+    ``seed_diffs``: ``seed_mean(a[s]) - seed_mean(b[s])`` for every seed both ran.
+    """
+    ca, cb = seed_averaged_cases(list(a.values()), key), seed_averaged_cases(list(b.values()), key)
     ids = [i for i in ca if i in cb]
-    return paired_comparison([ca[i] for i in ids], [cb[i] for i in ids])
+    seed_diffs = [float(seed_mean(a[s], key) - seed_mean(b[s], key)) for s in sorted(a) if s in b]
+    return {**paired_comparison([ca[i] for i in ids], [cb[i] for i in ids]), "seed_diffs": seed_diffs}
 
 
 # ---- the summary ---------------------------------------------------------------------------
@@ -229,17 +237,15 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "mean_dice_without_collapsed": healthy_mean_dice(per_case[v.name]),
         }
         if v.reference in by_name:
-            ref = list(per_case[v.reference].values())
-            entry["vs_reference"] = {key: compare(pcs, ref, key) for key in ["mean_dice", *(f"dice_{c}" for c in classes)]}
+            entry["vs_reference"] = {key: compare(per_case[v.name], per_case[v.reference], key)
+                                     for key in ["mean_dice", *(f"dice_{c}" for c in classes)]}
         table[v.name] = entry
 
     extra = {}
     if "residual_noskip" in by_name and "noskip" in by_name:
-        extra["residual_noskip vs noskip"] = compare(list(per_case["residual_noskip"].values()),
-                                                     list(per_case["noskip"].values()), "mean_dice")
+        extra["residual_noskip vs noskip"] = compare(per_case["residual_noskip"], per_case["noskip"], "mean_dice")
     if "residual_noskip" in by_name and "skip" in by_name:
-        extra["residual_noskip vs skip"] = compare(list(per_case["residual_noskip"].values()),
-                                                   list(per_case["skip"].values()), "mean_dice")
+        extra["residual_noskip vs skip"] = compare(per_case["residual_noskip"], per_case["skip"], "mean_dice")
 
     depth_rows = []
     for d in spec.depths:
@@ -247,7 +253,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if w in by_name and wo in by_name:
             depth_rows.append({"depth": d, "with": w, "without": wo,
                                "with_mean_dice": table[w]["mean_dice"], "without_mean_dice": table[wo]["mean_dice"],
-                               "gap": compare(list(per_case[w].values()), list(per_case[wo].values()), "mean_dice"),
+                               "gap": compare(per_case[w], per_case[wo], "mean_dice"),
                                "gap_without_collapsed": table[w]["mean_dice_without_collapsed"]["mean"]
                                - table[wo]["mean_dice_without_collapsed"]["mean"]})
 
@@ -373,6 +379,20 @@ def _p(c: dict[str, float]) -> str:
     return f"{c['wilcoxon_p']:.2g}" if np.isfinite(c["wilcoxon_p"]) else "n/a"
 
 
+def _seed_diffs(c: dict[str, Any]) -> str:
+    return " ".join(f"{d:+.3f}" for d in c["seed_diffs"]) or "n/a"
+
+
+def _seed_agreement(c: dict[str, Any]) -> str:
+    """How many seeds, compared seed by seed, point the way of the case-level difference."""
+    diffs = c["seed_diffs"]
+    if not diffs:
+        return ""
+    lower = sum(d < 0 for d in diffs)
+    higher = sum(d > 0 for d in diffs)
+    return f"; seed by seed {_seed_diffs(c)}: {lower} of {len(diffs)} lower, {higher} higher"
+
+
 MIN_CASES = 6  # fewer paired cases than this: no verdict (Wilcoxon cannot reach p < 0.05 below 6)
 
 
@@ -392,14 +412,14 @@ def results_table(summary: dict[str, Any]) -> list[str]:
     """Markdown lines of the results table (one row per variant)."""
     classes = summary["class_names"]
     head = (["variant", "compared with", "params"] + [f"Dice {c}" for c in classes] + [f"HD95 {c}" for c in classes]
-            + ["mean Dice", "Δ mean Dice vs reference [95 % CI]", "Wilcoxon p", "seeds"])
+            + ["mean Dice", "Δ mean Dice vs reference [95 % CI]", "Wilcoxon p", "Δ per seed", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in summary["variants"].items():
         cmp = e.get("vs_reference")
         cells = [f"`{name}`", f"`{e['reference']}`" if e["reference"] else "—", f"{e['num_parameters']:,}"]
         cells += [_ms(e["dice"][c]) for c in classes] + [_ms(e["hd95"][c], 2) for c in classes]
         cells += [_ms(e["mean_dice"]), _cmp(cmp["mean_dice"]) if cmp else "—", _p(cmp["mean_dice"]) if cmp else "—",
-                  str(len(e["seeds"]))]
+                  _seed_diffs(cmp["mean_dice"]) if cmp else "—", str(len(e["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -413,7 +433,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
         if name in t and "vs_reference" in t[name]:
             c = t[name]["vs_reference"]["mean_dice"]
             out.append(f"- {what}: mean Dice {_cmp(c)} vs `{t[name]['reference']}`, "
-                       f"Wilcoxon p = {_p(c)} over {c['cases']} cases — {_verdict(c)}."
+                       f"Wilcoxon p = {_p(c)} over {c['cases']} cases — {_verdict(c)}{_seed_agreement(c)}."
                        + _collapse_note(name) + _collapse_note(t[name]["reference"]))
 
     def _collapse_note(name: str) -> str:
@@ -432,7 +452,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
     about("residual", "Adding residual short skips (long skips kept)")
     about("residual_noskip", "Removing long skips from the residual network")
     for label, c in summary["extra_comparisons"].items():
-        out.append(f"- `{label}`: mean Dice {_cmp(c)}, Wilcoxon p = {_p(c)} — {_verdict(c)}.")
+        out.append(f"- `{label}`: mean Dice {_cmp(c)}, Wilcoxon p = {_p(c)} — {_verdict(c)}{_seed_agreement(c)}.")
     if summary["depth"]:
         gaps = [(r["depth"], r["gap"]["mean_diff"]) for r in summary["depth"]]
         text = ", ".join(f"depth {d}: {g:+.3f}" for d, g in gaps)
@@ -502,7 +522,8 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
         "table cells are mean ± sample std over seeds of the per-seed case means; HD95 (mm for volumes, pixels for "
         "2D) over cases where prediction and truth both hold the class. Paired comparisons average each case over "
         "seeds, then compare case by case: mean difference, 95 % percentile-bootstrap CI (10,000 resamples), "
-        "two-sided Wilcoxon signed-rank p.",
+        "two-sided Wilcoxon signed-rank p. That CI and p leave out seed-to-seed variation; \"Δ per seed\" gives "
+        "the variant's seed-k mean minus the reference's seed-k mean, for each seed.",
         f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {m.get('jobs', '?')} "
         f"parallel run(s) x {m.get('threads_per_job', '?')} thread(s), device {m.get('device', '?')}.",
         f"- Wall time: {tm['wall_seconds'] / 60:.1f} min over {tm['invocations']} invocation(s); training time per run "
