@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 
@@ -274,7 +275,7 @@ def test_report_only_redraws_from_artefacts_alone(quick_study, tmp_path, data_ro
     assert (copy / "figures" / "gradient_flow.png").is_file()
 
 
-def test_rerun_skips_finished_runs_and_resumes_a_killed_one(quick_study, data_root):
+def test_rerun_skips_finished_runs_and_resumes_a_killed_one(quick_study, data_root, monkeypatch, capfd):
     spec, study = quick_study["spec"], quick_study["study"]
     variant = next(v for v in build_variants(spec) if v.name == "noskip")
     killed = run_dir(study, "noskip", 1)
@@ -287,7 +288,13 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(quick_study, data_ro
     assert len(read_jsonl(killed / "metrics.jsonl")) == 1 and not (killed / "per_case.json").exists()
 
     logged = len(read_jsonl(study / "log.jsonl"))
-    assert main(quick_study["args"]) == 0
+    # resumed through the process pool; same thread count per run as the uninterrupted study had
+    monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count()))
+    parallel = [a for a in quick_study["args"] if a != "--quiet"] + ["--jobs", "2"]
+    assert main(parallel) == 0
+    shown = capfd.readouterr()
+    assert "runs: 100%" in shown.err and "noskip seed 1: resumed" in shown.out
+    assert "epoch 2/2" not in shown.err  # parallel runs draw no epoch bars over each other
     last = read_jsonl(study / "log.jsonl")[logged:]
     actions = {(r["variant"], r["seed"]): r["action"] for r in last if r["event"] == "run"}
     assert actions.pop(("noskip", 1)) == "resumed"

@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from unetseg.ablation.landscape import landscape_of_run
 from unetseg.ablation.lesion import lesion_study
@@ -215,7 +216,8 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
         data_root: folder holding the data set folders.
         jobs: runs trained in parallel processes (each with ``cores // jobs`` threads,
             or ``$OMP_NUM_THREADS``).
-        progress: per-run progress lines.
+        progress: a bar over the runs and a line per finished run (with ``jobs == 1``
+            also each run's own epoch bars), and a line per analysis.
         command: the command line, recorded in ``log.jsonl`` and quoted by the report.
     """
     from unetseg.ablation.report import write_report
@@ -232,21 +234,24 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
                             "command": " ".join(command) if command else None})
     tasks = [(v, s) for v in variants for s in spec.seeds]
     spec_dict = spec.to_dict()
+    runs_bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
+
+    def finished(row: dict[str, Any]) -> None:
+        _append_log(study_dir, row)
+        if progress:
+            runs_bar.write(f"{row['variant']} seed {row['seed']}: {row['action']} ({row['seconds']:.0f} s)")
+        runs_bar.update(1)
+
     if jobs <= 1:
         for v, s in tasks:
-            row = train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress)
-            _append_log(study_dir, row)
-            if progress:
-                print(f"{v.name} seed {s}: {row['action']} ({row['seconds']:.0f} s)", flush=True)
-    else:
+            finished(train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress))
+    else:  # parallel runs draw no bars of their own (they would overwrite each other); the runs bar counts them
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, progress)
+            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, False)
                        for v, s in tasks]
-            for future in futures:
-                row = future.result()
-                _append_log(study_dir, row)
-                if progress:
-                    print(f"{row['variant']} seed {row['seed']}: {row['action']} ({row['seconds']:.0f} s)", flush=True)
+            for future in as_completed(futures):
+                finished(future.result())
+    runs_bar.close()
     run_analyses(spec, variants, study_dir, root, progress)
     _append_log(study_dir, {"event": "invocation", "start": start, "end": time.time(),
                             "seconds": round(time.time() - start, 2), "machine": machine_info(jobs, threads)})
