@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,42 @@ def test_predict_folder_of_pngs_with_sliding_window(tmp_path, data_root):
     assert main(["predict", "--checkpoint", str(run / "best.pt"), str(images), "--out", str(tmp_path / "masks")]) == 0
     assert skio.imread(tmp_path / "masks" / "big.png").shape == (300, 410)
     assert skio.imread(tmp_path / "masks" / "grey.png").shape == (50, 70)
+
+
+def test_predict_refuses_to_overwrite_an_input_or_merge_two(tiny_run, data_root, tmp_path, capsys):
+    ref = first_val_case(tiny_run, data_root)
+    same = tmp_path / "same"
+    same.mkdir()
+    scan = same / ref.image.name
+    shutil.copy(ref.image, scan)
+    before = scan.read_bytes()
+    assert main(["predict", "--checkpoint", str(tiny_run), str(same), "--out", str(same)]) == 2
+    assert "would overwrite an input" in capsys.readouterr().err and scan.read_bytes() == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(ref.image, other / ref.image.name)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(tiny_run), str(scan), str(other / ref.image.name), "--out", str(out)]) == 2
+    assert "would both be written to" in capsys.readouterr().err and not out.exists()  # refused before any work
+
+
+def test_png_masks_encode_by_the_model_not_the_image():
+    from unetseg.data.io import label_to_png_pixels
+
+    only_class_1 = np.array([[0, 1], [1, 0]])
+    assert set(np.unique(label_to_png_pixels(only_class_1, num_classes=2))) == {0, 255}
+    assert set(np.unique(label_to_png_pixels(only_class_1, num_classes=3))) == {0, 1}  # as in masks that hold class 2
+    assert set(np.unique(label_to_png_pixels(np.array([[0, 2]]), num_classes=3))) == {0, 2}
+
+
+def test_predict_warns_when_the_input_is_not_what_the_model_was_trained_on(tmp_path, capsys):
+    photo = tmp_path / "cells.png"
+    skio.imsave(photo, np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8), check_contrast=False)
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(photo), "--out", str(tmp_path / "masks")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "trained on hippocampus" in err
+    assert (tmp_path / "masks" / "cells.png").is_file()
 
 
 def test_python_api_predicts_volume(tiny_run, data_root):

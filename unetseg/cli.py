@@ -181,12 +181,21 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 def run_predict(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from unetseg.infer import Segmenter, write_prediction
+    from unetseg.data.io import file_kind
+    from unetseg.infer import Segmenter, check_prediction_paths, write_prediction
 
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
-    for path in tqdm(collect_inputs(args.inputs), desc="predicting", unit="file"):
+    sources = collect_inputs(args.inputs)
+    check_prediction_paths(sources, args.out)  # before any prediction: nothing half-written, no input overwritten
+    warned: set[str] = set()
+    for path in tqdm(sources, desc="predicting", unit="file"):
+        kind = file_kind(path)
+        warning = segmenter.mismatch_warning(kind)
+        if warning and kind not in warned:
+            warned.add(kind)
+            tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
         labels, meta = segmenter.predict_file(path, tta=args.tta, largest_component=args.largest_component)
-        tqdm.write(f"{path} -> {write_prediction(labels, meta, args.out)}")
+        tqdm.write(f"{path} -> {write_prediction(labels, meta, args.out, segmenter.num_classes)}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -296,14 +296,43 @@ class Segmenter:
         )
 
 
-def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path) -> Path:
-    """Save a prediction next to others in ``out_dir``: NIfTI keeps affine and header; 2D becomes PNG."""
-    out_dir = Path(out_dir)
-    name = meta.path.name
+def prediction_path(source: str | Path, out_dir: str | Path) -> Path:
+    """Where the prediction of ``source`` goes: ``<out_dir>/<stem>.nii.gz`` for NIfTI, ``<out_dir>/<stem>.png`` for 2D."""
+    name = Path(source).name
+    if io.file_kind(source) == "nifti":
+        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+        return Path(out_dir) / f"{stem}.nii.gz"
+    return Path(out_dir) / f"{Path(name).stem}.png"
+
+
+def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> list[Path]:
+    """The output path of each source, after refusing a batch that would lose data.
+
+    Raises :class:`UnetsegError` (before anything is predicted) when an output
+    would overwrite one of the inputs, or when two inputs share an output
+    name (``a.png`` and ``a.jpg``, or the same file name in two folders).
+    """
+    targets = [prediction_path(s, out_dir) for s in sources]
+    inputs = {Path(s).resolve() for s in sources}
+    seen: dict[Path, Path] = {}
+    for source, target in zip(sources, targets):
+        if target.resolve() in inputs:
+            raise UnetsegError(f"{target}: the prediction would overwrite an input file; choose another --out folder")
+        if target.resolve() in seen:
+            raise UnetsegError(
+                f"{seen[target.resolve()]} and {source} would both be written to {target}; "
+                "predict them into separate --out folders"
+            )
+        seen[target.resolve()] = source
+    return targets
+
+
+def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path, num_classes: int) -> Path:
+    """Save a prediction at :func:`prediction_path`: NIfTI keeps affine and header; 2D becomes a PNG mask."""
+    target = prediction_path(meta.path, out_dir)
     if meta.kind == "nifti":
-        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-        return io.write_nifti_label(labels, meta, out_dir / f"{stem}.nii.gz")
-    return io.write_png_mask(labels, out_dir / f"{Path(name).stem}.png")
+        return io.write_nifti_label(labels, meta, target)
+    return io.write_png_mask(labels, target, num_classes)
 
 
 def dataset_kind(dataset: str | None) -> str | None:

@@ -173,18 +173,23 @@ def write_nifti_label(labels: np.ndarray, meta: ImageMeta, path: str | Path) -> 
     return path
 
 
-def label_to_png_pixels(labels: np.ndarray) -> np.ndarray:
-    """Label map -> uint8 pixels for a mask PNG: 0/255 for binary, class index otherwise."""
-    if labels.max(initial=0) <= 1:
+def label_to_png_pixels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Label map -> uint8 pixels for a mask PNG.
+
+    The encoding depends on the model, never on the image: a two-class model
+    (background + one foreground) writes 0/255; a model with more classes
+    writes the class index (0, 1, 2, ...), so every mask of a batch reads alike.
+    """
+    if num_classes <= 2:
         return (labels > 0).astype(np.uint8) * 255
     return labels.astype(np.uint8)
 
 
-def write_png_mask(labels: np.ndarray, path: str | Path) -> Path:
+def write_png_mask(labels: np.ndarray, path: str | Path, num_classes: int) -> Path:
     """Save a ``(H, W)`` label map as PNG (see :func:`label_to_png_pixels`)."""
     from skimage import io as skio
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    skio.imsave(str(path), label_to_png_pixels(labels), check_contrast=False)
+    skio.imsave(str(path), label_to_png_pixels(labels, num_classes), check_contrast=False)
     return path
