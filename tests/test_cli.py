@@ -66,11 +66,34 @@ def test_predict_nifti_keeps_shape_affine_and_header(tiny_run, data_root, tmp_pa
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
 
 
-def test_predict_folder_of_pngs_with_sliding_window(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def tiny_dsb_run(tmp_path_factory, data_root):
+    """A run folder trained for a few steps on 8 real DSB images."""
     from unetseg.train import fit
 
     cfg = tiny_config(["data.dataset=dsb2018", "data.patch_size=[64, 64]", "model.channels=[4, 8]"])
-    run = fit(cfg, tmp_path / "dsb_run", data_root=data_root, progress=False)
+    return fit(cfg, tmp_path_factory.mktemp("dsb_run"), data_root=data_root, progress=False)
+
+
+def test_evaluate_scores_on_the_checkpoint_s_own_data_set_by_default(tiny_dsb_run, data_root, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--data-root", str(data_root), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "dsb2018" and summary["num_cases"] == len(json.loads((tiny_dsb_run / "split.json").read_text())["val"])
+    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--dataset", "hippocampus", "--out", str(out)]) == 2
+    assert "predicts ['background', 'nucleus'] but hippocampus has" in capsys.readouterr().err
+
+
+def test_resume_refuses_settings_it_would_ignore(tiny_run, capsys):
+    before = (tiny_run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(tiny_run), "--epochs", "5", "--set", "train.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set, --epochs would be ignored" in err and "start a new run" in err
+    assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_predict_folder_of_pngs_with_sliding_window(tmp_path, tiny_dsb_run):
+    run = tiny_dsb_run
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "The run folder gets config.yaml, split.json, metrics.jsonl, best.pt, last.pt and curves.png.",
         epilog=EPILOG,
     )
-    p.add_argument("--config", default="hippocampus_2d", help="shipped config name or YAML path (default: %(default)s)")
+    p.add_argument("--config", help="shipped config name or YAML path (default: hippocampus_2d)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
     p.add_argument("--epochs", type=int, help="number of epochs")
@@ -33,7 +33,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="training seed (the split has its own: data.split_seed)")
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt, with its saved config.yaml (no other settings)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from config: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -66,7 +67,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     _add_inference_options(p)
-    p.add_argument("--dataset", default="hippocampus", choices=["hippocampus", "dsb2018", "folder"])
+    p.add_argument("--dataset", choices=["hippocampus", "dsb2018", "folder"],
+                   help="data set to score on (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="val: the checkpoint's validation cases; all: every labelled case (default: %(default)s)")
@@ -138,6 +140,14 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from unetseg.train import fit
 
     if args.resume:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--epochs", args.epochs),
+                                          ("--no-skip", args.no_skip), ("--seed", args.seed), ("--out", args.out),
+                                          ("--device", args.device)) if value not in (None, False, [])]
+        if given:
+            raise UnetsegError(
+                f"--resume continues {args.resume} with its saved config.yaml, so {', '.join(given)} would be ignored; "
+                "to change settings (e.g. train longer), start a new run with --config and --out"
+            )
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UnetsegError(f"{run_dir}: no config.yaml; --resume needs a run folder made by unetseg train")
@@ -153,7 +163,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
             overrides.append(f"train.seed={args.seed}")
         if args.device:
             overrides.append(f"train.device={args.device}")
-        cfg = apply_overrides(load_config(args.config), overrides)
+        cfg = apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
         out = Path(args.out or f"runs/{cfg.name}")
     run = fit(cfg, out, data_root=args.data_root, resume=bool(args.resume),
               command=["unetseg", *argv], progress=not args.quiet)

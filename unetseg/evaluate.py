@@ -95,7 +95,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def evaluate(
     checkpoint: str | Path,
     data_root: str | Path | None,
-    dataset: str,
+    dataset: str | None = None,
     split: str = "val",
     out_dir: str | Path = "evaluation",
     tta: bool = False,
@@ -104,6 +104,7 @@ def evaluate(
     """Evaluate a checkpoint on labelled cases and write per-case CSV and summary JSON.
 
     Args:
+        dataset: the data set to score on; None: the one the checkpoint was trained on.
         split: ``"val"`` - the validation cases stored in the checkpoint (its
             training run's split); ``"all"`` - every labelled case under the root.
 
@@ -113,9 +114,23 @@ def evaluate(
     if split not in ("val", "all"):
         raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
     payload = load_checkpoint(checkpoint)
-    segmenter = Segmenter.from_checkpoint(checkpoint, device=device)
-    refs, info = list_cases(dataset_info(dataset), data_root)
+    segmenter = Segmenter.from_payload(payload, device=device)
+    trained_on = payload.get("dataset")
+    dataset = dataset or trained_on
+    if dataset is None:
+        raise UnetsegError(f"{checkpoint}: the checkpoint does not say which data set it was trained on; pass --dataset")
+    info = dataset_info(dataset)
+    if tuple(info.class_names) != segmenter.class_names:
+        raise UnetsegError(
+            f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
+        )
+    refs, info = list_cases(info, data_root)
     if split == "val":
+        if trained_on and dataset != trained_on:
+            raise UnetsegError(
+                f"{checkpoint}: its validation cases are {trained_on} cases, not {dataset}; "
+                f"pass --dataset {trained_on}, or --split all to score every {dataset} case"
+            )
         wanted = set(payload.get("split", {}).get("val", []))
         if not wanted:
             raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
@@ -124,10 +139,6 @@ def evaluate(
             raise UnetsegError(
                 f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
             )
-    if tuple(info.class_names) != segmenter.class_names:
-        raise UnetsegError(
-            f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
-        )
     cases = load_cases(refs, info, segmenter.preprocessing["normalization"])
     rows = evaluate_cases(segmenter, cases, tta=tta)
     summary = summarize(rows, info.class_names)
