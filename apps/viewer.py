@@ -385,7 +385,7 @@ def page() -> None:
     if truth is not None:
         ground_truth_metrics(source, refs[first], label_key(label_upload, sample), labels, truth, seg)
     sizes(labels, seg, source)
-    download(key, refs[first], labels, meta)
+    download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
 
 
@@ -456,12 +456,13 @@ def sizes(labels: np.ndarray, seg: Segmenter, source: Input) -> None:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def download_file(key: str, model_key: str, _labels: np.ndarray, _meta: ImageMeta) -> tuple[str, bytes, str]:
-    return uploads.prediction_download(_labels, _meta)
+def download_file(key: str, model_key: str, num_classes: int, _labels: np.ndarray,
+                  _meta: ImageMeta) -> tuple[str, bytes, str]:
+    return uploads.prediction_download(_labels, _meta, num_classes)
 
 
-def download(key: str, model_key: str, labels: np.ndarray, meta: ImageMeta) -> None:
-    name, data, mime = download_file(key, model_key, labels, meta)
+def download(key: str, model_key: str, num_classes: int, labels: np.ndarray, meta: ImageMeta) -> None:
+    name, data, mime = download_file(key, model_key, num_classes, labels, meta)
     st.download_button(f"Download the predicted mask ({name})", data, file_name=name, mime=mime, key="download")
 
 

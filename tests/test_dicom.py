@@ -122,7 +122,7 @@ def test_dicom_upload_predicts_and_downloads_as_nifti_with_its_affine(series):
     image, meta = uploads.read_upload("series.zip", zip_bytes(files))
     assert meta.path.name == "series.zip"
     labels = (image[0] > 900).astype(np.int64)
-    name, data, _ = uploads.prediction_download(labels, meta)
+    name, data, _ = uploads.prediction_download(labels, meta, num_classes=2)
     saved = nib.Nifti1Image.from_bytes(gzip.decompress(data))
     assert name == "series_prediction.nii.gz"
     assert np.allclose(saved.affine, meta.affine, atol=1e-5) and np.array_equal(np.asarray(saved.dataobj), labels)

@@ -221,7 +221,7 @@ def test_prediction_download_nifti_keeps_affine_and_header(data_root):
     path = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
     image, meta = uploads.read_upload(path.name, path.read_bytes())
     labels = (image[0] > np.median(image)).astype(np.int64)
-    name, data, mime = uploads.prediction_download(labels, meta)
+    name, data, mime = uploads.prediction_download(labels, meta, num_classes=3)
     assert name == "hippocampus_003_prediction.nii.gz" and mime == "application/gzip"
     saved = nib.Nifti1Image.from_bytes(gzip.decompress(data))
     source = nib.load(path)
@@ -235,7 +235,7 @@ def test_prediction_download_png_for_2d():
     image, meta = uploads.read_upload("cells.png", png_bytes(np.zeros((4, 6, 3), dtype=np.uint8)))
     labels = np.zeros((4, 6), dtype=np.int64)
     labels[1:3, 2:5] = 1
-    name, data, mime = uploads.prediction_download(labels, meta)
+    name, data, mime = uploads.prediction_download(labels, meta, num_classes=2)
     assert (name, mime) == ("cells_prediction.png", "image/png")
     assert np.array_equal(np.asarray(Image.open(pyio.BytesIO(data))), labels.astype(np.uint8) * 255)
 

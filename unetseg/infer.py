@@ -296,10 +296,11 @@ class Segmenter:
         )
 
 
-def prediction_path(source: str | Path, out_dir: str | Path) -> Path:
-    """Where the prediction of ``source`` goes: ``<out_dir>/<stem>.nii.gz`` for NIfTI, ``<out_dir>/<stem>.png`` for 2D."""
+def prediction_path(source: str | Path, kind: str, out_dir: str | Path) -> Path:
+    """Where the prediction of ``source`` goes: ``<out_dir>/<stem>.nii.gz`` for a volume
+    (``kind`` "nifti", also DICOM read as a volume), ``<out_dir>/<stem>.png`` for a 2D image."""
     name = Path(source).name
-    if io.file_kind(source) == "nifti":
+    if kind == "nifti":
         stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
         return Path(out_dir) / f"{stem}.nii.gz"
     return Path(out_dir) / f"{Path(name).stem}.png"
@@ -312,7 +313,7 @@ def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> list
     would overwrite one of the inputs, or when two inputs share an output
     name (``a.png`` and ``a.jpg``, or the same file name in two folders).
     """
-    targets = [prediction_path(s, out_dir) for s in sources]
+    targets = [prediction_path(s, io.file_kind(s), out_dir) for s in sources]
     inputs = {Path(s).resolve() for s in sources}
     seen: dict[Path, Path] = {}
     for source, target in zip(sources, targets):
@@ -329,7 +330,7 @@ def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> list
 
 def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path, num_classes: int) -> Path:
     """Save a prediction at :func:`prediction_path`: NIfTI keeps affine and header; 2D becomes a PNG mask."""
-    target = prediction_path(meta.path, out_dir)
+    target = prediction_path(meta.path, meta.kind, out_dir)
     if meta.kind == "nifti":
         return io.write_nifti_label(labels, meta, target)
     return io.write_png_mask(labels, target, num_classes)

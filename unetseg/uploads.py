@@ -243,16 +243,17 @@ def _extract_masks(data: bytes, name: str, folder: Path, limit: int) -> None:
         raise DataError(name, "zip holds no mask PNGs; zip a DSB masks/ folder or upload one mask image")
 
 
-def prediction_download(labels: np.ndarray, meta: io.ImageMeta) -> tuple[str, bytes, str]:
+def prediction_download(labels: np.ndarray, meta: io.ImageMeta, num_classes: int) -> tuple[str, bytes, str]:
     """The predicted label map as a file in memory: ``(file name, bytes, MIME type)``.
 
-    Volumes become NIfTI with the source's affine and header
-    (:func:`unetseg.infer.write_prediction`); 2D images a PNG mask.
+    Volumes become NIfTI with the source's affine and header; 2D images a PNG
+    mask encoded for a model of ``num_classes`` classes (both by
+    :func:`unetseg.infer.write_prediction`, as ``unetseg predict`` writes them).
     """
     from unetseg.infer import write_prediction
 
     with tempfile.TemporaryDirectory(prefix="unetseg-download-", dir=tempfile.gettempdir()) as tmp:
-        path = write_prediction(labels, meta, tmp)
+        path = write_prediction(labels, meta, tmp, num_classes)
         data = path.read_bytes()
     if path.name.endswith(".nii.gz"):
         return f"{path.name[: -len('.nii.gz')]}_prediction.nii.gz", data, "application/gzip"
