@@ -84,6 +84,17 @@ def test_evaluate_scores_on_the_checkpoint_s_own_data_set_by_default(tiny_dsb_ru
     assert "predicts ['background', 'nucleus'] but hippocampus has" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("train.lr=-1", "train.lr=-1 must be greater than 0"),
+    ("data.max_cases=abc", "data.max_cases='abc' is not of type int | None"),
+    ("train.steps_per_epoch=0", "train.steps_per_epoch=0 must be greater than 0"),
+    ("model.skips=[true,false,true,true]", "model.skips needs one flag per decoder level (3, finest first), got 4"),
+])
+def test_bad_settings_are_one_line_errors_before_training(setting, message, tmp_path, capsys):
+    assert main(["train", "--set", setting, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_settings_it_would_ignore(tiny_run, capsys):
     before = (tiny_run / "metrics.jsonl").read_text()
     assert main(["train", "--resume", str(tiny_run), "--epochs", "5", "--set", "train.lr=0.1"]) == 2

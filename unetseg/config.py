@@ -96,6 +96,44 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases"},
+            "data": {"max_cases"}}
+NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",
+                          "dice_ce_lambda_ce"},
+                "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold"}}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a field annotation such as ``int | None`` or ``bool | list[bool]``."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option.startswith("list[") and isinstance(value, list):
+            inner = _TYPES[option[5:-1]]
+            if all(isinstance(v, inner) and (bool in inner or not isinstance(v, bool)) for v in value):
+                return True
+        elif option in _TYPES and isinstance(value, _TYPES[option]) and (option == "bool" or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def check_section(section: str, values: Any, source: str) -> None:
+    """Raise :class:`UnetsegError` naming the field when a value has the wrong type or sign."""
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        where = f"{source}: {section}.{f.name}={value!r}"
+        if not _matches(value, str(f.type)):
+            raise UnetsegError(f"{where} is not of type {f.type}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if f.name in POSITIVE.get(section, ()) and value <= 0:
+                raise UnetsegError(f"{where} must be greater than 0")
+            if f.name in NON_NEGATIVE.get(section, ()) and value < 0:
+                raise UnetsegError(f"{where} must not be negative")
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build a :class:`Config` from nested dicts; unknown keys raise :class:`UnetsegError`."""
     unknown = set(raw) - {"name", *SECTIONS}
@@ -108,7 +146,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         bad = set(values) - names
         if bad:
             raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
+        check_section(section, values, source)
         setattr(cfg, section, cls(**values))
+    levels = len(cfg.model.channels) - 1
+    if isinstance(cfg.model.skips, list) and len(cfg.model.skips) != levels:
+        raise UnetsegError(f"{source}: model.skips needs one flag per decoder level ({levels}, finest first), "
+                           f"got {len(cfg.model.skips)}")
     return cfg
 
 
