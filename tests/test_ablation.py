@@ -336,6 +336,12 @@ def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
     assert summary["runs_found"] == summary["runs_expected"] == 36 and not summary["quick"]
 
 
+def test_report_only_refuses_another_study_s_folder(capsys):
+    folder = DOCS / "ablation" / "hippocampus_2d"
+    assert main(["ablate", "--config", "dsb2018_2d", "--report-only", "--report-dir", str(folder)]) == 2
+    assert "holds the study 'hippocampus_2d', not 'dsb2018_2d'" in capsys.readouterr().err
+
+
 def _signed(x: float) -> str:
     """How the docs write a difference: +0.005, −0.052 (typographic minus)."""
     return f"{x:+.3f}".replace("-", "−")

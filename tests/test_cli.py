@@ -77,7 +77,10 @@ def tiny_dsb_run(tmp_path_factory, data_root):
 
 def test_evaluate_scores_on_the_checkpoint_s_own_data_set_by_default(tiny_dsb_run, data_root, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--data-root", str(data_root), "--out", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--data-root", str(data_root), "--out", str(out),
+                 "--quiet"]) == 0
+    shown = capsys.readouterr().err
+    assert "loading" not in shown and "evaluating" not in shown  # --quiet: no loading or scoring bars
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "dsb2018" and summary["num_cases"] == len(json.loads((tiny_dsb_run / "split.json").read_text())["val"])
     assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--dataset", "hippocampus", "--out", str(out)]) == 2

@@ -53,8 +53,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by predict and evaluate: which model, TTA, device."""
+    """Options shared by predict and evaluate: which model, TTA, device, progress."""
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
 
@@ -198,7 +199,7 @@ def run_predict(args: argparse.Namespace) -> None:
     sources = collect_inputs(args.inputs)
     check_prediction_paths(sources, args.out)  # before any prediction: nothing half-written, no input overwritten
     warned: set[str] = set()
-    for path in tqdm(sources, desc="predicting", unit="file"):
+    for path in tqdm(sources, desc="predicting", unit="file", disable=args.quiet):
         kind = file_kind(path)
         warning = segmenter.mismatch_warning(kind)
         if warning and kind not in warned:
@@ -211,7 +212,8 @@ def run_predict(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from unetseg.evaluate import evaluate, format_summary
 
-    summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, args.out, args.tta, args.device)
+    summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, args.out, args.tta, args.device,
+                       progress=not args.quiet)
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'per_case.csv'} and {Path(args.out) / 'summary.json'}")
 

@@ -100,11 +100,13 @@ def evaluate(
     out_dir: str | Path = "evaluation",
     tta: bool = False,
     device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on labelled cases and write per-case CSV and summary JSON.
 
     Args:
         dataset: the data set to score on; None: the one the checkpoint was trained on.
+        progress: loading and scoring bars.
         split: ``"val"`` - the validation cases stored in the checkpoint (its
             training run's split); ``"all"`` - every labelled case under the root.
 
@@ -139,8 +141,8 @@ def evaluate(
             raise UnetsegError(
                 f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
             )
-    cases = load_cases(refs, info, segmenter.preprocessing["normalization"])
-    rows = evaluate_cases(segmenter, cases, tta=tta)
+    cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress)
+    rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)
     summary = summarize(rows, info.class_names)
     summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta})
     write_evaluation(rows, summary, out_dir)
