@@ -136,6 +136,20 @@ def test_predict_refuses_to_overwrite_an_input_or_merge_two(tiny_run, data_root,
     assert "would both be written to" in capsys.readouterr().err and not out.exists()  # refused before any work
 
 
+def test_predict_goes_on_past_an_unreadable_file_and_fails_at_the_end(tiny_run, data_root, tmp_path, capsys):
+    ref = first_val_case(tiny_run, data_root)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(ref.image, batch / "a.nii.gz")
+    (batch / "b.nii.gz").write_text("not an image")
+    shutil.copy(ref.image, batch / "c.nii.gz")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(tiny_run), str(batch), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz: not a readable NIfTI file" in err and "1 of 3 files could not be segmented" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]
+
+
 def test_png_masks_encode_by_the_model_not_the_image():
     from unetseg.data.io import label_to_png_pixels
 

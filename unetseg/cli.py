@@ -193,20 +193,32 @@ def run_predict(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from unetseg.data.io import file_kind
+    from unetseg.errors import DataError
     from unetseg.infer import Segmenter, check_prediction_paths, write_prediction
 
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
     sources = collect_inputs(args.inputs)
     check_prediction_paths(sources, args.out)  # before any prediction: nothing half-written, no input overwritten
     warned: set[str] = set()
+    failed: list[Path] = []
     for path in tqdm(sources, desc="predicting", unit="file", disable=args.quiet):
         kind = file_kind(path)
         warning = segmenter.mismatch_warning(kind)
         if warning and kind not in warned:
             warned.add(kind)
             tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
-        labels, meta = segmenter.predict_file(path, tta=args.tta, largest_component=args.largest_component)
+        try:
+            labels, meta = segmenter.predict_file(path, tta=args.tta, largest_component=args.largest_component)
+        except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
+            if len(sources) == 1:
+                raise
+            failed.append(path)
+            tqdm.write(f"error: {exc}", file=sys.stderr)
+            continue
         tqdm.write(f"{path} -> {write_prediction(labels, meta, args.out, segmenter.num_classes)}")
+    if failed:
+        raise UnetsegError(f"{len(failed)} of {len(sources)} files could not be segmented (see the errors above): "
+                           + ", ".join(map(str, failed)))
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
