@@ -104,16 +104,20 @@ NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_work
                 "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold"}}
 
 
+def _is_type(value: Any, name: str) -> bool:
+    """``isinstance`` for a type named in an annotation; a bool is not an int or a float here."""
+    return isinstance(value, _TYPES[name]) and (name == "bool" or not isinstance(value, bool))
+
+
 def _matches(value: Any, annotation: str) -> bool:
     """Whether ``value`` fits a field annotation such as ``int | None`` or ``bool | list[bool]``."""
     for option in (part.strip() for part in annotation.split("|")):
         if option == "None" and value is None:
             return True
         if option.startswith("list[") and isinstance(value, list):
-            inner = _TYPES[option[5:-1]]
-            if all(isinstance(v, inner) and (bool in inner or not isinstance(v, bool)) for v in value):
+            if all(_is_type(v, option[5:-1]) for v in value):
                 return True
-        elif option in _TYPES and isinstance(value, _TYPES[option]) and (option == "bool" or not isinstance(value, bool)):
+        elif option in _TYPES and _is_type(value, option):
             return True
     return False
 
@@ -148,10 +152,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
         check_section(section, values, source)
         setattr(cfg, section, cls(**values))
-    levels = len(cfg.model.channels) - 1
-    if isinstance(cfg.model.skips, list) and len(cfg.model.skips) != levels:
-        raise UnetsegError(f"{source}: model.skips needs one flag per decoder level ({levels}, finest first), "
-                           f"got {len(cfg.model.skips)}")
+    from unetseg.model.unet import resolve_skips  # the network's own rule, checked before any training
+
+    try:
+        resolve_skips(cfg.model.skips, len(cfg.model.channels) - 1)
+    except ValueError as exc:
+        raise UnetsegError(f"{source}: model.{exc}") from None
     return cfg
 
 

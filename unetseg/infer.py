@@ -306,26 +306,25 @@ def prediction_path(source: str | Path, kind: str, out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{Path(name).stem}.png"
 
 
-def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> list[Path]:
-    """The output path of each source, after refusing a batch that would lose data.
+def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> None:
+    """Refuse a batch that would lose data, before anything is predicted.
 
-    Raises :class:`UnetsegError` (before anything is predicted) when an output
-    would overwrite one of the inputs, or when two inputs share an output
-    name (``a.png`` and ``a.jpg``, or the same file name in two folders).
+    Raises :class:`UnetsegError` when a :func:`prediction_path` would overwrite
+    one of the inputs, or when two inputs share one (``a.png`` and ``a.jpg``,
+    or the same file name in two folders).
     """
-    targets = [prediction_path(s, io.file_kind(s), out_dir) for s in sources]
     inputs = {Path(s).resolve() for s in sources}
     seen: dict[Path, Path] = {}
-    for source, target in zip(sources, targets):
-        if target.resolve() in inputs:
+    for source in sources:
+        target = prediction_path(source, io.file_kind(source), out_dir)
+        key = target.resolve()
+        if key in inputs:
             raise UnetsegError(f"{target}: the prediction would overwrite an input file; choose another --out folder")
-        if target.resolve() in seen:
+        if key in seen:
             raise UnetsegError(
-                f"{seen[target.resolve()]} and {source} would both be written to {target}; "
-                "predict them into separate --out folders"
+                f"{seen[key]} and {source} would both be written to {target}; predict them into separate --out folders"
             )
-        seen[target.resolve()] = source
-    return targets
+        seen[key] = source
 
 
 def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path, num_classes: int) -> Path:
