@@ -15,8 +15,9 @@ from unetseg.infer import PRETRAINED_DIR, shipped_models
 
 
 def main() -> None:
-    print("| model | val cases | mean Dice | per-class Dice | per-class HD95 | epochs | train wall time | time to Dice >= 0.85 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | val cases | mean Dice | per-class Dice | per-class HD95 | epochs | train wall time | time to Dice >= 0.85 |"
+          " Dice with flip TTA (flips) | s/case plain / TTA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in shipped_models():
         m = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
         t = m["training"]
@@ -24,8 +25,11 @@ def main() -> None:
         hd = ", ".join(f"{k} {v['hd95_mean']:.2f}" for k, v in m["classes"].items())
         reach = t.get("wall_time_to_val_dice_ge_0.85_s")
         reach_txt = "not reached" if reach is None else f"{reach / 60:.1f} min (epoch {t['first_epoch_val_dice_ge_0.85'] + 1})"
+        tta = m.get("with_tta")
+        tta_txt = "not recorded" if tta is None else f"{tta['mean_dice']:.4f} ({len(tta['tta_flips'])}: {tta['tta_flips']})"
+        cost = "-" if tta is None else f"{m['seconds_per_case']:.2f} / {tta['seconds_per_case']:.2f}"
         print(f"| `{name}` | {m['num_cases']} | {m['mean_dice']:.4f} | {dice} | {hd} | {t['epochs']} | "
-              f"{t['wall_time_s'] / 60:.1f} min | {reach_txt} |")
+              f"{t['wall_time_s'] / 60:.1f} min | {reach_txt} | {tta_txt} | {cost} |")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from unetseg.data.datasets import (
     training_samples,
 )
 from unetseg.data.preprocess import normalize_intensity, pad_to_shape, slices_to_volume, volume_to_slices
-from unetseg.data.transforms import augment, build_augmentation
+from unetseg.data.transforms import augment, build_augmentation, flip_combinations
 from unetseg.errors import DataError
 
 # ---- real data ---------------------------------------------------------------------------
@@ -224,6 +224,73 @@ def blocky_pair(rng, size=(48, 64)):
     return np.clip(image, 0, 1), mask
 
 
+def fired_2d(augmenter, image, mask) -> set[str]:
+    """Names of the albumentations transforms that fired on one call."""
+    augmenter.pipeline.save_applied_params = True
+    out = augmenter.pipeline(image=np.moveaxis(image, 0, -1), mask=mask.astype(np.uint8))
+    return {name for name, _ in out["applied_transforms"]}
+
+
+def test_2d_transforms_fire_at_their_own_rates_independently():
+    """Flips, affine and brightness/contrast each fire at p = 0.5 and every pair fires together a quarter of
+    the time (albumentations' per-transform seeding used to make them all fire together)."""
+    rng = np.random.default_rng(0)
+    image, mask = blocky_pair(rng)
+    augmenter = build_augmentation(AugmentConfig(intensity=True), "zscore", spatial_dims=2, seed=3)
+    names = ["VerticalFlip", "HorizontalFlip", "Affine", "RandomBrightnessContrast"]
+    n = 800
+    draws = np.array([[name in fired for name in names] for fired in (fired_2d(augmenter, image, mask) for _ in range(n))])
+    sd = 0.5 / np.sqrt(n)  # binomial standard deviation of a rate of 0.5
+    np.testing.assert_allclose(draws.mean(axis=0), 0.5, atol=4 * sd)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            assert abs((draws[:, i] & draws[:, j]).mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n), (names[i], names[j])
+
+
+def test_2d_flips_come_in_all_four_combinations():
+    """Seen from the output: unflipped, each single mirror and both, each about a quarter of the draws."""
+    image = np.arange(48 * 64, dtype=np.float32).reshape(1, 48, 64)
+    mask = np.zeros((48, 64), np.int64)
+    augmenter = build_augmentation(AugmentConfig(affine=False, intensity=False), "zscore", spatial_dims=2, seed=0)
+    counts = dict.fromkeys(flip_combinations([0, 1]), 0)
+    for _ in range(400):
+        out, _ = augmenter(image, mask)
+        match = [f for f in counts if np.array_equal(out[0], np.flip(image[0], f) if f else image[0])]
+        assert len(match) == 1
+        counts[match[0]] += 1
+    assert all(60 <= c <= 140 for c in counts.values()), counts
+
+
+def test_3d_augmentation_flips_only_the_configured_axes_and_moves_mask_with_image():
+    mask = np.zeros((40, 48, 32), np.int64)
+    mask[6:24, 8:36, 4:18] = 1
+    mask[24:36, 12:40, 16:28] = 2
+    image = (mask / 2.0).astype(np.float32)[None]
+    flips_only = build_augmentation(AugmentConfig(flip_axes=[0], affine=False, intensity=False), "percentile", 3, seed=1)
+    seen = set()
+    for _ in range(40):
+        out_image, out_mask = flips_only(image, mask)
+        flipped = np.array_equal(out_mask, mask[::-1])
+        assert flipped or np.array_equal(out_mask, mask)  # never along axis 1 or 2
+        np.testing.assert_array_equal(out_image[0], mask[::-1] / 2.0 if flipped else mask / 2.0)
+        seen.add(flipped)
+    assert seen == {True, False}
+    full = build_augmentation(AugmentConfig(intensity=False), "percentile", 3, seed=2)
+    moved = 0
+    for _ in range(20):
+        out_image, out_mask = full(image, mask)
+        assert out_image.shape == image.shape and out_mask.shape == mask.shape and out_mask.dtype == np.int64
+        assert (np.rint(out_image[0] * 2).astype(int) == out_mask).mean() > 0.97
+        moved += int(not any(np.array_equal(out_mask, np.flip(mask, f) if f else mask) for f in flip_combinations([0, 1, 2])))
+    assert 4 <= moved <= 16  # the affine fires about half the time
+
+
+def test_flip_axes_outside_the_network_are_refused():
+    with pytest.raises(ValueError, match="flip_axes"):
+        build_augmentation(AugmentConfig(flip_axes=[2]), "percentile", spatial_dims=2)
+    assert flip_combinations([1, 0]) == [(), (0,), (1,), (0, 1)]
+
+
 def test_augmentation_keeps_image_and_mask_aligned():
     rng = np.random.default_rng(0)
     transform = build_augmentation(AugmentConfig(strength=1.0, elastic=True, intensity=False), "percentile", seed=1)
@@ -241,8 +308,8 @@ def test_augmentation_keeps_image_and_mask_aligned():
 def test_augmentation_off_and_intensity_only():
     assert build_augmentation(AugmentConfig(strength=0), "percentile") is None
     t = build_augmentation(AugmentConfig(flip=False, affine=False, intensity=True, strength=2.0), "zscore", seed=0)
-    names = [type(x).__name__ for x in t.transforms]
-    assert names == ["RandomBrightnessContrast"]  # no gamma on z-scored data
+    assert t.names == ["RandomBrightnessContrast"]  # no gamma on z-scored data
+    assert build_augmentation(AugmentConfig(flip=False, affine=False, intensity=False), "zscore") is None
 
 
 def test_patch_dataset_pads_crops_and_is_reproducible():

@@ -46,3 +46,42 @@ def test_hippocampus_2d_reaches_target_and_evaluate_reproduces_it(tmp_path, data
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == recorded["num_cases"] == 42
     assert summary["mean_dice"] == pytest.approx(recorded["mean_dice"], abs=1e-6)
+
+
+def recorded(name: str) -> dict:
+    return json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_flip_tta_never_lowers_recorded_validation_dice(name):
+    m = recorded(name)
+    assert m["with_tta"]["num_cases"] == m["num_cases"]
+    assert m["with_tta"]["mean_dice"] >= m["mean_dice"], (m["with_tta"]["mean_dice"], m["mean_dice"])
+    flips = Segmenter.from_checkpoint(name).tta_flips
+    assert [tuple(f) for f in m["with_tta"]["tta_flips"]] == flips and len(flips) >= 2
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("hippocampus")])
+def test_hippocampus_tta_figure_reproduces(name, data_root, tmp_path):
+    from unetseg.evaluate import evaluate
+
+    summary = evaluate(name, data_root, None, "val", tmp_path, tta=True, progress=False)
+    assert summary["mean_dice"] == pytest.approx(recorded(name)["with_tta"]["mean_dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("dsb2018")])
+def test_dsb_tta_per_case_figures_reproduce_on_five_cases(name, data_root):
+    """The whole DSB split takes minutes with TTA; five of its recorded per-case rows are recomputed."""
+    import csv
+
+    from unetseg.data.datasets import dataset_info, list_cases, load_case
+    from unetseg.evaluate import score_case
+
+    rows = list(csv.DictReader((PRETRAINED_DIR / name / "per_case_tta.csv").open()))[:5]
+    refs, info = list_cases(dataset_info("dsb2018"), data_root)
+    by_id = {r.case_id: r for r in refs}
+    seg = Segmenter.from_checkpoint(name)
+    for row in rows:
+        case = load_case(by_id[row["case_id"]], info, seg.preprocessing["normalization"])
+        score = score_case(seg.predict(case.image, tta=True, normalized=True), case.label, seg.class_names)
+        assert score["dice_nucleus"] == pytest.approx(float(row["dice_nucleus"]), abs=1e-6)

@@ -95,3 +95,55 @@ def test_3d_training_on_whole_volumes(tmp_path, data_root):
     row = metrics(run)[-1]
     assert 0.0 <= row["val_mean_dice"] <= 1.0 and np.isfinite(row["train_loss"])
     assert torch.load(run / "best.pt", weights_only=True)["model_args"]["spatial_dims"] == 3
+
+
+def test_checkpoint_stores_the_trained_flips_for_tta(tiny_run):
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    assert ckpt["tta_flips"] == [[], [0]]  # hippocampus_2d mirrors left-right (axis 0) only
+    from unetseg.infer import Segmenter
+
+    assert Segmenter.from_checkpoint(tiny_run).tta_flips == [(), (0,)]
+
+
+def test_collapsed_class_is_warned_in_progress_output_and_metrics(tmp_path, data_root, monkeypatch, capsys):
+    """Two validations in a row with a foreground class at Dice 0 -> a warning line and a ``warning`` field."""
+    import unetseg.train as train
+
+    def never_posterior(segmenter, cases, progress=False):
+        return [{"case_id": c.case_id, "dice_anterior": 0.7, "hd95_anterior": 2.0,
+                 "dice_posterior": 0.0, "hd95_posterior": float("nan")} for c in cases]
+
+    monkeypatch.setattr(train, "evaluate_cases", never_posterior)
+    run = fit(tiny_config(["train.epochs=3", "train.steps_per_epoch=1"]), tmp_path / "run", data_root=data_root)
+    rows = metrics(run)
+    assert "warning" not in rows[0]  # one validation is not yet a pattern
+    assert all("posterior" in r["warning"] and "anterior" not in r["warning"] for r in rows[1:])
+    assert capsys.readouterr().err.count("warning: epoch") == 2
+
+
+def test_collapsed_classes_rule():
+    from unetseg.train import collapsed_classes
+
+    names = ["background", "a", "b"]
+    history = [{"val_mean_dice": 0.3, "val_dice_a": 0.0, "val_dice_b": 0.6}, {"train_loss": 1.0},
+               {"val_mean_dice": 0.3, "val_dice_a": 0.004, "val_dice_b": 0.0}]
+    assert collapsed_classes(history, names) == ["a"]  # b was 0 only once; rows without validation don't count
+    assert collapsed_classes(history[:1], names) == []
+
+
+def test_batch_dice_gives_no_free_score_for_never_predicting_an_absent_class():
+    """Per-sample soft Dice rewards "never predict class 2" in a slice without class 2; batch Dice does not."""
+    from unetseg.losses import make_loss
+
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    labels[:, 0, 2:6, 2:6] = 1
+    labels[1, 0, 6:8, 6:8] = 2  # class 2 only in the second sample
+    never_two = torch.full((2, 3, 8, 8), -10.0)
+    never_two[:, 0] = (labels[:, 0] != 1) * 20.0 - 10.0  # perfect on background / class 1, never class 2
+    never_two[:, 1] = (labels[:, 0] == 1) * 20.0 - 10.0
+    dice_only = {"lambda_ce": 0.0}
+    per_sample = float(make_loss(**dice_only, batch_dice=False)(never_two, labels))
+    batch = float(make_loss(**dice_only, batch_dice=True)(never_two, labels))
+    # per sample: class 2 scores 1 in sample 0 and 0 in sample 1; over the batch it scores 0 -> a larger loss
+    assert per_sample == pytest.approx((0 + 0 + 0 + 0 + 1 + 0) / 6, abs=0.02)
+    assert batch == pytest.approx(1 / 3, abs=0.02)

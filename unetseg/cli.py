@@ -56,7 +56,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options shared by predict and evaluate: which model, TTA, device, progress."""
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the unflipped image with each mirroring the model was "
+                   "trained with (stored in the checkpoint); costs one forward pass per member")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
 
 

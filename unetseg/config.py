@@ -49,10 +49,15 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """albumentations augmentation for 2D training; never applied to validation."""
+    """Training augmentation (albumentations in 2D, MONAI in 3D); never applied to validation.
+
+    A model is trained to be invariant to the flips it saw, so flip test-time
+    augmentation uses exactly the mirrorings of ``flip_axes``.
+    """
 
     strength: float = 1.0  # scales every probability and magnitude below; 0 switches augmentation off
-    flip: bool = True  # horizontal and vertical flips
+    flip: bool = True  # random mirroring, each axis of flip_axes on its own with probability 0.5
+    flip_axes: list[int] | None = None  # spatial axes of the network input to mirror; None: every axis
     affine: bool = True  # rotation +-15 deg, scale 0.85-1.15, shift 5 % (times strength)
     elastic: bool = False  # elastic deformation (slower)
     intensity: bool = True  # brightness / contrast, and gamma when normalization is "percentile"
@@ -77,6 +82,7 @@ class TrainConfig:
     val_max_cases: int | None = None  # validate on the first N validation cases only
     grad_log_every: int = 0  # log per-layer gradient norms every N steps (0: off)
     dice_ce_lambda_ce: float = 1.0  # weight of cross-entropy in MONAI's DiceCELoss
+    dice_batch: bool = True  # soft Dice over the whole batch; False: per sample, where an absent class scores a free 1
 
 
 @dataclass
@@ -158,6 +164,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         resolve_skips(cfg.model.skips, len(cfg.model.channels) - 1)
     except ValueError as exc:
         raise UnetsegError(f"{source}: model.{exc}") from None
+    from unetseg.data.transforms import resolve_flip_axes
+
+    try:
+        resolve_flip_axes(cfg.augment, cfg.model.spatial_dims)
+    except ValueError as exc:
+        raise UnetsegError(f"{source}: {exc}") from None
     return cfg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ def evaluate(
             training run's split); ``"all"`` - every labelled case under the root.
 
     Returns:
-        The summary dict (also written to ``out_dir/summary.json``).
+        The summary dict (also written to ``out_dir/summary.json``), with the
+        flips averaged (``tta_flips``) and the prediction and scoring time per case.
     """
     if split not in ("val", "all"):
         raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
@@ -142,8 +144,12 @@ def evaluate(
                 f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
             )
     cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress)
+    start = time.perf_counter()
     rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)
+    seconds = time.perf_counter() - start
     summary = summarize(rows, info.class_names)
-    summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta})
+    summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta,
+                    "tta_flips": [list(f) for f in segmenter.tta_flips] if tta else [[]],
+                    "seconds_per_case": seconds / max(1, len(rows))})
     write_evaluation(rows, summary, out_dir)
     return summary

@@ -2,8 +2,8 @@
 
 The folder holds ``model.pt`` (weights + constructor arguments + preprocessing,
 no optimiser state), ``config.yaml`` (the run's resolved config),
-``metrics.json`` (``unetseg evaluate`` on the run's validation split, plus the
-training figures), ``per_case.csv``, and the run's ``training_metrics.jsonl``
+``metrics.json`` (``unetseg evaluate`` on the run's validation split without
+and with flip TTA, plus the training figures), ``per_case.csv`` and ``per_case_tta.csv``, and the run's ``training_metrics.jsonl``
 and ``curves.png``.
 """
 
@@ -50,18 +50,33 @@ def export_run(run_dir: str | Path, name: str, data_root: str | Path | None = No
     payload = load_checkpoint(run_dir / "best.pt")
     target = Path(dest) / name
     target.mkdir(parents=True, exist_ok=True)
-    keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "dataset", "split", "epoch", "config")
-    model_path = save_checkpoint({k: payload[k] for k in keep}, target / "model.pt")
+    keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "tta_flips", "dataset", "split", "epoch", "config")
+    model_path = save_checkpoint({k: payload[k] for k in keep if k in payload}, target / "model.pt")
     if model_path.stat().st_size > MAX_SHIPPED_BYTES:
         model_path.unlink()
         raise UnetsegError(f"{run_dir}: model is {model_path.stat().st_size / 2**20:.1f} MB; shipped models must stay under 10 MB")
     shutil.copyfile(run_dir / "config.yaml", target / "config.yaml")
     shutil.copyfile(run_dir / "metrics.jsonl", target / "training_metrics.jsonl")
     shutil.copyfile(run_dir / "curves.png", target / "curves.png")
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = evaluate(model_path, data_root, payload["dataset"], "val", tmp, device="cpu")
-        shutil.move(Path(tmp) / "per_case.csv", target / "per_case.csv")
-    summary["checkpoint"] = f"{name} (from {run_dir}/best.pt)"
-    summary["training"] = training_record(run_dir)
+    summary = {**record_evaluation(target, data_root), "checkpoint": f"{name} (from {run_dir}/best.pt)",
+               "training": training_record(run_dir)}
     (target / "metrics.json").write_text(json.dumps(summary, indent=2))
     return target
+
+
+def record_evaluation(model_dir: str | Path, data_root: str | Path | None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``model_dir/model.pt`` on its validation split without and with flip TTA.
+
+    Writes ``per_case.csv`` and ``per_case_tta.csv`` into ``model_dir`` and
+    returns the plain summary with the TTA summary under ``"with_tta"`` (each
+    with its ``seconds_per_case``): what ``metrics.json`` records.
+    """
+    model_dir = Path(model_dir)
+    model_path = model_dir / "model.pt"
+    summaries = {}
+    for tta, csv_name in ((False, "per_case.csv"), (True, "per_case_tta.csv")):
+        with tempfile.TemporaryDirectory() as tmp:
+            summaries[tta] = evaluate(model_path, data_root, None, "val", tmp, tta=tta, device="cpu", progress=progress)
+            shutil.move(Path(tmp) / "per_case.csv", model_dir / csv_name)
+    keep = ("num_cases", "classes", "mean_dice", "tta_flips", "seconds_per_case")
+    return {**summaries[False], "with_tta": {k: summaries[True][k] for k in keep}}

@@ -23,6 +23,7 @@ from skimage.measure import label as connected_components
 from unetseg.data import io
 from unetseg.data.datasets import to_channels
 from unetseg.data.preprocess import normalize_intensity, slices_to_volume, volume_to_slices
+from unetseg.data.transforms import flip_combinations
 from unetseg.errors import DataError, UnetsegError
 from unetseg.model import UNet
 
@@ -81,6 +82,24 @@ def load_checkpoint(name_or_path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def checkpoint_tta_flips(payload: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The flip test-time-augmentation members of a checkpoint: the mirrorings its model was trained with.
+
+    Training stores them as ``tta_flips``. Older checkpoints are read by what
+    their training really did: 2D augmentation came from albumentations with
+    one seed per transform, so horizontal and vertical flips always fired
+    together (a model that saw only 180-degree rotations); 3D flipped each axis
+    on its own.
+    """
+    if "tta_flips" in payload:
+        return [tuple(int(a) for a in f) for f in payload["tta_flips"]]
+    augment = payload.get("config", {}).get("augment", {})
+    if not augment.get("flip", True) or augment.get("strength", 1.0) <= 0:
+        return [()]
+    dims = int(payload["model_args"]["spatial_dims"])
+    return [(), (0, 1)] if dims == 2 else flip_combinations(range(dims))
+
+
 def build_model(model_args: dict[str, Any]) -> UNet:
     """Rebuild a :class:`UNet` from the constructor arguments stored in a checkpoint."""
     return UNet(**model_args)
@@ -120,6 +139,10 @@ class Segmenter:
         batch_size: slices or windows per forward pass.
         dataset: name of the data set the model was trained on (``"hippocampus"``,
             ``"dsb2018"``, ...), when known; used for input-mismatch warnings.
+        tta_flips: the members of flip test-time augmentation, each a tuple of
+            spatial axes to mirror (``()`` = unflipped, listed first). Use only
+            flips the model was trained with (checkpoints store them); None:
+            every combination of the network's spatial axes.
 
     Example::
 
@@ -135,9 +158,14 @@ class Segmenter:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         dataset: str | None = None,
+        tta_flips: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dataset = dataset
+        flips = flip_combinations(range(model.spatial_dims)) if tta_flips is None else [tuple(f) for f in tta_flips]
+        if not flips or flips[0] != ():
+            raise ValueError(f"tta_flips must start with () (the unflipped image), got {flips}")
+        self.tta_flips = flips
         self.model = model.to(self.device).eval()
         self.preprocessing = dict(preprocessing)
         self.class_names = tuple(class_names)
@@ -153,7 +181,8 @@ class Segmenter:
         """Build from a checkpoint dict that :func:`load_checkpoint` returned."""
         model = build_model(payload["model_args"])
         model.load_state_dict(payload["state_dict"])
-        return cls(model, payload["preprocessing"], payload["class_names"], device, dataset=payload.get("dataset"))
+        return cls(model, payload["preprocessing"], payload["class_names"], device, dataset=payload.get("dataset"),
+                   tta_flips=checkpoint_tta_flips(payload))
 
     @property
     def spatial_dims(self) -> int:
@@ -222,8 +251,7 @@ class Segmenter:
         Args:
             image: raw image (see :meth:`prepare`), or already normalised
                 ``(C, *S)`` when ``normalized=True``.
-            tta: average over flips along each in-plane axis of the network
-                (test-time augmentation).
+            tta: average over the flips in ``tta_flips`` (test-time augmentation).
             channel_axis: see :meth:`prepare`.
         """
         if not normalized:
@@ -233,9 +261,8 @@ class Segmenter:
         return np.mean(self._flip_member_probabilities(image), axis=0)
 
     def _flip_member_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
-        """Probabilities ``(K, *S)`` unflipped, then flipped along each in-plane axis (the flip-TTA members)."""
-        flips = [()] + [(axis,) for axis in range(self.spatial_dims)]
-        return [self._probabilities(image, flip_axes=f) for f in flips]
+        """Probabilities ``(K, *S)`` of each flip-TTA member (``tta_flips``), the unflipped one first."""
+        return [self._probabilities(image, flip_axes=f) for f in self.tta_flips]
 
     def predict(
         self,
@@ -253,7 +280,7 @@ class Segmenter:
         return keep_largest_component(labels, self.num_classes) if largest_component else labels
 
     def flip_predictions(self, image: np.ndarray, channel_axis: int | None = None, normalized: bool = False) -> np.ndarray:
-        """Label maps ``(1 + spatial_dims, *S)``: unflipped, then flipped along each in-plane axis of the network.
+        """Label maps ``(M, *S)``, one per flip-TTA member (``tta_flips``, the unflipped one first).
 
         These are the members of :meth:`predict_proba`'s flip test-time
         augmentation; where they disagree the model is unsure (see
@@ -369,6 +396,6 @@ def model_card(name_or_path: str | Path) -> dict[str, Any]:
         "input_kind": dataset_kind(payload.get("dataset")),
         "class_names": tuple(payload["class_names"]),
         "spatial_dims": int(args["spatial_dims"]),
-        "skips": bool(args.get("skips", True)),
+        "skips": args.get("skips", True) if isinstance(args.get("skips", True), bool) else list(args["skips"]),
         "metrics": metrics,
     }

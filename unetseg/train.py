@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from unetseg import __version__
 from unetseg.config import Config, save_config
 from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
-from unetseg.data.transforms import build_augmentation
+from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkpoint, resolve_device, save_checkpoint
@@ -87,6 +88,28 @@ def preprocessing_settings(cfg: Config, info: DatasetInfo) -> dict[str, Any]:
         "patch_size": list(cfg.data.patch_size),
         "in_channels": info.in_channels,
     }
+
+
+def tta_flips(cfg: Config) -> list[list[int]]:
+    """The flips a model of ``cfg`` is trained with, as stored in its checkpoints for flip test-time augmentation."""
+    return [list(f) for f in flip_combinations(resolve_flip_axes(cfg.augment, cfg.model.spatial_dims))]
+
+
+COLLAPSE_DICE = 0.01  # validation Dice below this: the class is (next to) never predicted
+
+
+def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[str], patience: int = 2) -> list[str]:
+    """Foreground classes whose validation Dice was below :data:`COLLAPSE_DICE` in each of the last
+    ``patience`` validations.
+
+    Args:
+        history: ``metrics.jsonl`` rows, oldest first (rows without validation are skipped).
+        class_names: background first.
+    """
+    validated = [r for r in history if "val_mean_dice" in r][-patience:]
+    if len(validated) < patience:
+        return []
+    return [k for k in class_names[1:] if all(r.get(f"val_dice_{k}", 1.0) < COLLAPSE_DICE for r in validated)]
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -217,7 +240,7 @@ def fit(
     args = model_args(cfg, info)
     model: UNet = build_model(args).to(device)
     images, labels = training_samples(train_cases, cfg.model.spatial_dims, cfg.data.slice_axis)
-    transform = build_augmentation(cfg.augment, cfg.data.normalization, seed=cfg.train.seed)
+    transform = build_augmentation(cfg.augment, cfg.data.normalization, cfg.model.spatial_dims, seed=cfg.train.seed)
     dataset = PatchDataset(images, labels, cfg.data.patch_size, transform, seed=cfg.train.seed * 1000 + di.rank)
     batches_per_epoch = cfg.train.steps_per_epoch or max(1, len(dataset) // (cfg.train.batch_size * di.world_size))
     total_steps = batches_per_epoch * cfg.train.epochs
@@ -237,8 +260,8 @@ def fit(
             _truncate_jsonl(out / "metrics.jsonl", lambda r: r["epoch"] < start_epoch)
             _truncate_jsonl(out / "gradients.jsonl", lambda r: r["epoch"] < start_epoch)
     net = DistributedDataParallel(model) if di.world_size > 1 else model
-    loss_fn = make_loss(cfg.train.dice_ce_lambda_ce)
-    segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device)
+    loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch)
+    segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=tta_flips(cfg))
     use_amp = device.type == "cuda"
     history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
@@ -301,10 +324,15 @@ def fit(
             row["val_mean_dice"] = summary["mean_dice"]
             row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["classes"].items()})
             row.update({f"val_hd95_{k}": v["hd95_mean"] for k, v in summary["classes"].items()})
+            collapsed = collapsed_classes([*history, row], info.class_names)
+            if collapsed:
+                row["warning"] = (f"validation Dice of {', '.join(collapsed)} below {COLLAPSE_DICE} for two validations in a row: "
+                                  "the network has stopped predicting it (try another train.seed or a lower train.lr)")
         row["elapsed_s"] = time.perf_counter() - t_start
         improved = row.get("val_mean_dice", -1.0) > best or not val_cases
         if improved:
             best, best_epoch = row["val_mean_dice"], epoch
+        history.append(row)
         if di.is_main:
             _append_jsonl(out / "metrics.jsonl", row)
             payload = {
@@ -314,6 +342,7 @@ def fit(
                 "state_dict": model.state_dict(),
                 "preprocessing": preprocessing_settings(cfg, info),
                 "class_names": list(info.class_names),
+                "tta_flips": tta_flips(cfg),
                 "dataset": cfg.data.dataset,
                 "split": split,
                 "epoch": epoch,
@@ -334,6 +363,8 @@ def fit(
                     f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f}{dice} "
                     f"({row['samples_per_s']:.0f} samples/s, {row['elapsed_s']:.0f} s)"
                 )
+            if "warning" in row:
+                tqdm.write(f"warning: epoch {epoch + 1}: {row['warning']}", file=sys.stderr)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if di.world_size > 1:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from unetseg.data import io
 from unetseg.data.preprocess import Normalization, normalize_intensity, pad_to_shape, volume_to_slices
-from unetseg.data.transforms import augment
+from unetseg.data.transforms import Augmenter, augment
 from unetseg.errors import DataError, UnetsegError
 
 DATA_ROOT_ENV = "UNETSEG_DATA_ROOT"
@@ -312,8 +312,8 @@ class PatchDataset(Dataset):
     """Fixed-size training patches from in-memory samples.
 
     Each item pads the sample to ``patch_size`` (zeros) where it is smaller and
-    takes a random crop where it is larger, then augments it: albumentations
-    for 2D (``transform``), random flips for 3D.
+    takes a random crop where it is larger, then augments it with ``transform``
+    (an :class:`~unetseg.data.transforms.Augmenter`, 2D or 3D; None: no augmentation).
 
     Items: ``(image (C, *patch_size) float32 tensor, label (*patch_size) int64 tensor)``.
     Call :meth:`set_epoch` before each epoch so crops and augmentation are
@@ -325,7 +325,7 @@ class PatchDataset(Dataset):
         images: Sequence[np.ndarray],
         labels: Sequence[np.ndarray],
         patch_size: Sequence[int],
-        transform=None,
+        transform: Augmenter | None = None,
         seed: int = 0,
     ) -> None:
         if len(images) != len(labels) or not images:
@@ -341,7 +341,7 @@ class PatchDataset(Dataset):
         """Reseed cropping and augmentation for ``epoch`` (and DataLoader worker)."""
         self.rng = np.random.default_rng([self.seed, epoch, worker_id])
         if self.transform is not None:
-            self.transform.set_random_seed(int(self.rng.integers(2**31)))
+            self.transform.reseed(int(self.rng.integers(2**31)))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -351,13 +351,7 @@ class PatchDataset(Dataset):
         label = pad_to_shape(self.labels[index], self.patch_size)
         starts = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(label.shape, self.patch_size)]
         window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
-        image, label = image[(slice(None), *window)], label[window]
-        if len(self.patch_size) == 2:
-            image, label = augment(self.transform, image, label)
-        elif self.transform is not None:
-            for axis in range(3):
-                if self.rng.random() < 0.5:
-                    image, label = np.flip(image, axis + 1), np.flip(label, axis)
+        image, label = augment(self.transform, image[(slice(None), *window)], label[window])
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(
             np.ascontiguousarray(label, dtype=np.int64)
         )
