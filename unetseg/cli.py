@@ -49,6 +49,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out (default: refuse)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse files whose header declares more than N pixels or voxels, before decoding "
+                   "(default: $UNETSEG_MAX_PIXELS, else 2**27 = 134217728)")
     _add_inference_options(p)
 
 
@@ -97,7 +101,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     p.add_argument("run_dir", help="run folder made by unetseg train")
-    p.add_argument("--name", required=True, help="model name, e.g. hippocampus_2d")
+    p.add_argument("--name", required=True, help="model name, e.g. hippocampus_2d (letters, digits, '_', '-', '.')")
+    p.add_argument("--overwrite", action="store_true", help="replace a shipped model of that name (default: refuse)")
     p.add_argument("--data-root", help="folder holding the data set folders")
 
 
@@ -191,15 +196,25 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from unetseg.data.io import pixel_budget
+    from unetseg.infer import Segmenter, check_prediction_paths
+
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    sources = collect_inputs(args.inputs)
+    # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
+    check_prediction_paths(sources, args.out, overwrite=args.overwrite)
+    with pixel_budget(args.max_pixels):
+        _predict_files(args, segmenter, sources)
+
+
+def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> None:
+    """Predict each file into ``args.out``; an unreadable file is reported and the batch goes on."""
     from tqdm.auto import tqdm
 
     from unetseg.data.io import file_kind
     from unetseg.errors import DataError
-    from unetseg.infer import Segmenter, check_prediction_paths, write_prediction
+    from unetseg.infer import write_prediction
 
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
-    sources = collect_inputs(args.inputs)
-    check_prediction_paths(sources, args.out)  # before any prediction: nothing half-written, no input overwritten
     warned: set[str] = set()
     failed: list[Path] = []
     for path in tqdm(sources, desc="predicting", unit="file", disable=args.quiet):
@@ -243,7 +258,7 @@ def run_export(args: argparse.Namespace) -> None:
     from unetseg.evaluate import format_summary
     from unetseg.export import export_run
 
-    target = export_run(args.run_dir, args.name, args.data_root)
+    target = export_run(args.run_dir, args.name, args.data_root, overwrite=args.overwrite)
     summary = json.loads((target / "metrics.json").read_text())
     print(format_summary(summary))
     print(f"shipped model written to {target}")

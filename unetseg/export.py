@@ -10,6 +10,7 @@ and ``curves.png``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,11 +45,35 @@ def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
     }
 
 
-def export_run(run_dir: str | Path, name: str, data_root: str | Path | None = None, dest: str | Path = PRETRAINED_DIR) -> Path:
-    """Copy a run's ``best.pt`` (weights only) into ``dest/name`` with config and evaluated metrics."""
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when it is a plain model name (a folder name: letters, digits, ``_ - .``; no ``..``), else raise."""
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise UnetsegError(
+            f"--name {name!r} is not a plain model name; use letters, digits, '_', '-' and '.' "
+            "(no folders, no '..'), e.g. hippocampus_2d"
+        )
+    return name
+
+
+def export_run(
+    run_dir: str | Path, name: str, data_root: str | Path | None = None, dest: str | Path = PRETRAINED_DIR,
+    overwrite: bool = False,
+) -> Path:
+    """Copy a run's ``best.pt`` (weights only) into ``dest/name`` with config and evaluated metrics.
+
+    ``name`` must be a plain model name (:func:`check_model_name`). An existing
+    ``dest/name`` that holds files is refused unless ``overwrite``.
+    """
     run_dir = Path(run_dir)
+    target = Path(dest) / check_model_name(name)
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise UnetsegError(f"{target} already holds a model; pass --overwrite to replace it or choose another --name")
+    if target.exists() and not target.is_dir():
+        raise UnetsegError(f"{target} is a file, not a model folder; remove it or choose another --name")
     payload = load_checkpoint(run_dir / "best.pt")
-    target = Path(dest) / name
     target.mkdir(parents=True, exist_ok=True)
     keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "tta_flips", "dataset", "split", "epoch", "config")
     model_path = save_checkpoint({k: payload[k] for k in keep if k in payload}, target / "model.pt")

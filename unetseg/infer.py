@@ -333,13 +333,17 @@ def prediction_path(source: str | Path, kind: str, out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{Path(name).stem}.png"
 
 
-def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> None:
+def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path, overwrite: bool = False) -> None:
     """Refuse a batch that would lose data, before anything is predicted.
 
     Raises :class:`UnetsegError` when a :func:`prediction_path` would overwrite
-    one of the inputs, or when two inputs share one (``a.png`` and ``a.jpg``,
-    or the same file name in two folders).
+    one of the inputs, when two inputs share one (``a.png`` and ``a.jpg``,
+    or the same file name in two folders), when ``out_dir`` is a file, or -
+    unless ``overwrite`` - when a prediction path already exists (a file this
+    run did not make, e.g. ``x.nii.gz`` beside an input ``x.nii``).
     """
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UnetsegError(f"--out {out_dir} is a file, not a folder; give a folder for the predictions")
     inputs = {Path(s).resolve() for s in sources}
     seen: dict[Path, Path] = {}
     for source in sources:
@@ -351,6 +355,8 @@ def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path) -> None
             raise UnetsegError(
                 f"{seen[key]} and {source} would both be written to {target}; predict them into separate --out folders"
             )
+        if not overwrite and target.exists():
+            raise UnetsegError(f"{target} already exists; pass --overwrite to replace it or choose another --out folder")
         seen[key] = source
 
 

@@ -31,8 +31,6 @@ from unetseg.errors import DataError, UnetsegError
 
 MAX_UPLOAD_ENV = "UNETSEG_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 100.0
-# Decoded size limit (voxels or pixels): a small compressed file may claim a huge array.
-MAX_ELEMENTS = 2**27
 SUPPORTED = "NIfTI (.nii, .nii.gz), DICOM (.dcm or a .zip of one series), PNG, JPG, TIF or BMP"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -103,17 +101,6 @@ def _nifti_suffix(data: bytes) -> str:
     return ".nii.gz" if data[:2] == GZIP_MAGIC else ".nii"
 
 
-def _check_nifti_size(path: Path, name: str) -> None:
-    import nibabel as nib
-
-    try:
-        shape = nib.load(str(path)).header.get_data_shape()
-    except Exception:
-        return  # the reader reports unreadable files with the right message
-    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
-        raise DataError(name, f"volume of shape {tuple(shape)} is too large for the viewer (limit {MAX_ELEMENTS} voxels)")
-
-
 def _renamed(meta: io.ImageMeta, name: str) -> io.ImageMeta:
     return replace(meta, path=Path(Path(name).name or "upload"))
 
@@ -124,7 +111,9 @@ def read_upload(name: str, data: bytes, max_bytes: int | None = None) -> tuple[n
     Volumes (NIfTI, DICOM) come back ``(1, X, Y, Z)``; 2D images ``(1|3, H, W)``.
     The meta's ``path`` is the upload's file name (no folder). Every problem
     raises :class:`DataError` naming the upload: unsupported type, empty,
-    over the size limit, truncated or corrupt, 4D, wrong channel count.
+    over the size limit, over the pixel budget (:func:`unetseg.data.io.max_pixels`,
+    checked from the header before decoding), truncated or corrupt, 4D, wrong
+    channel count.
     """
     check_bytes(name, data, max_bytes)
     kind = upload_kind(name, data)
@@ -135,14 +124,11 @@ def read_upload(name: str, data: bytes, max_bytes: int | None = None) -> tuple[n
         with temporary_file(data, suffix) as path:
             try:
                 if kind == "nifti":
-                    _check_nifti_size(path, name)
                     image, meta = io.read_nifti_image(path)
                 else:
                     image, meta = io.read_image_2d(path)
             except DataError as exc:
                 raise DataError(name, _problem(exc)) from None
-    if image.size > MAX_ELEMENTS:
-        raise DataError(name, f"image of shape {image.shape} is too large for the viewer (limit {MAX_ELEMENTS} values)")
     if not np.all(np.isfinite(image)):
         raise DataError(name, "image holds NaN or infinite values; fix or re-export the file")
     return image, _renamed(meta, name)
@@ -189,12 +175,7 @@ def read_label_path(path: str | Path, image_shape: tuple[int, ...], num_classes:
         elif io.file_kind(path) == "nifti":
             labels, _ = io.read_nifti_label(path, num_classes)
         else:
-            from skimage import io as skio
-
-            try:
-                pixels = np.asarray(skio.imread(str(path)))
-            except Exception as exc:  # scikit-image raises many types for corrupt files
-                raise DataError(shown, f"not a readable label image ({type(exc).__name__})") from None
+            pixels = io.read_pixels_2d(path, what="label image")
             labels = label_from_pixels(pixels, num_classes, shown)
     except DataError as exc:
         raise DataError(shown, _problem(exc)) from None

@@ -22,12 +22,59 @@ from pathlib import Path
 
 import numpy as np
 
-from unetseg.data.io import ImageMeta
+from unetseg.data.io import MAX_PIXELS_ENV, ImageMeta, check_pixel_budget, max_pixels
 from unetseg.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MAX_ZIP_MEMBERS = 5000
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+# A deflated DICOM may inflate to at most this many bytes per pixel of the budget (16-bit pixels plus headers).
+INFLATED_BYTES_PER_PIXEL = 4
+
+
+def _check_inflated_size(data: bytes, source: str | Path) -> None:
+    """Refuse a deflated-transfer-syntax file that inflates past the budget, before pydicom inflates it.
+
+    The inflated bytes are counted in 1 MB pieces and thrown away, so the check
+    itself never holds more than one piece.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    stream = _io.BytesIO(data)
+    try:
+        read_preamble(stream, True)
+        syntax = str(_read_file_meta_info(stream).get("TransferSyntaxUID", ""))
+    except Exception:  # not DICOM or a broken header: dcmread reports it with the usual message
+        return
+    if syntax != DEFLATED_SYNTAX:
+        return
+    limit = INFLATED_BYTES_PER_PIXEL * max_pixels()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        total = len(inflater.decompress(stream.read(), 1 << 20))
+        while inflater.unconsumed_tail and total <= limit:
+            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+    except zlib.error:
+        raise DataError(source, "deflated DICOM data is corrupt; check the file is complete") from None
+    if total > limit:
+        raise DataError(
+            source, f"deflated DICOM inflates to over {limit / 1e6:.0f} MB ({INFLATED_BYTES_PER_PIXEL} bytes per pixel of "
+            f"the {max_pixels():,} pixel budget); export it uncompressed, or raise ${MAX_PIXELS_ENV} or --max-pixels"
+        )
+
+
+def _check_declared_pixels(datasets: Sequence, source: str | Path) -> None:
+    """Rows x columns x frames of every dataset, from the header, against the pixel budget (before any decoding)."""
+    rows = cols = frames = 0
+    for ds in datasets:
+        try:
+            r, c = int(ds.Rows), int(ds.Columns)
+            n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except (AttributeError, TypeError, ValueError):
+            raise DataError(source, "DICOM image has no valid Rows/Columns; check the file is complete") from None
+        rows, cols, frames = max(rows, r), max(cols, c), frames + n
+    check_pixel_budget(source, (frames, rows, cols), "DICOM series" if len(datasets) > 1 else "DICOM image")
 
 
 def is_dicom_bytes(data: bytes) -> bool:
@@ -44,6 +91,7 @@ def _parse(data: bytes, source: str | Path, strict: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_inflated_size(data, source)
     try:
         ds = pydicom.dcmread(_io.BytesIO(data), force=not is_dicom_bytes(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -144,6 +192,7 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
     """
     if not datasets:
         raise DataError(source, "no DICOM images found")
+    _check_declared_pixels(datasets, source)
     if len(datasets) == 1:
         ds = datasets[0]
         pixels = _pixels(ds, source)  # (frames, rows, cols)

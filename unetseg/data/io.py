@@ -9,17 +9,75 @@ raises :class:`~unetseg.errors.DataError` naming the file and the fix.
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from unetseg.errors import DataError
+from unetseg.errors import DataError, UnetsegError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+# The pixel budget: the most pixels (2D) or voxels (3D) a file may declare before it is decoded.
+# A small compressed file can declare a huge array (a decompression bomb); every reader checks
+# the size stated in the file's header against this budget first. See docs/reliability.md.
+MAX_PIXELS_ENV = "UNETSEG_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 2**27  # 134 million: a 512^3 volume or an 11585 x 11585 image
+_budget_override: list[int] = []
+
+
+def max_pixels() -> int:
+    """The pixel budget in force: :func:`pixel_budget`'s value, else ``$UNETSEG_MAX_PIXELS``, else 2**27."""
+    if _budget_override:
+        return _budget_override[-1]
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise UnetsegError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels; set it to e.g. {DEFAULT_MAX_PIXELS}") from None
+    if value <= 0:
+        raise UnetsegError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {raw}")
+    return value
+
+
+@contextmanager
+def pixel_budget(limit: int | None) -> Iterator[int]:
+    """Use ``limit`` as the pixel budget inside the ``with`` block (None: keep the current one)."""
+    if limit is not None and limit <= 0:
+        raise UnetsegError(f"--max-pixels must be a positive number of pixels, got {limit}")
+    if limit is None:
+        yield max_pixels()
+        return
+    _budget_override.append(int(limit))
+    try:
+        yield int(limit)
+    finally:
+        _budget_override.pop()
+
+
+def check_pixel_budget(path: str | Path, shape: Sequence[int], what: str = "image") -> None:
+    """Refuse, before decoding, a file whose header declares more pixels than :func:`max_pixels`.
+
+    ``shape`` is the declared size (spatial axes and frames; channels excluded).
+    """
+    count = 1
+    for side in shape:
+        count *= max(int(side), 0)
+    limit = max_pixels()
+    if count > limit:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise DataError(
+            path, f"{what} declares {dims} = {count:,} pixels, over the {limit:,} pixel budget; "
+            f"downsample it, or raise the budget with --max-pixels or ${MAX_PIXELS_ENV}"
+        )
 
 
 @dataclass
@@ -60,6 +118,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
         raise DataError(path, "file is empty; re-export or re-download it")
     try:
         img = nib.load(str(path))
+        check_pixel_budget(path, img.header.get_data_shape(), "NIfTI header")
         data = np.asanyarray(img.dataobj)
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise DataError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc}); check it is complete") from None
@@ -113,9 +172,29 @@ def check_label_values(labels: np.ndarray, num_classes: int | None, path: str | 
 def read_image_2d(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     """Read a 2D image (PNG, JPEG, TIFF, BMP) as ``(C, H, W)`` float32.
 
-    Grey images give ``C=1``; RGB ``C=3``; RGBA drops alpha (``C=3``). Other
-    channel counts raise.
+    Grey images give ``C=1``; RGB ``C=3``; RGBA drops alpha (``C=3``). CMYK,
+    YCbCr, LAB, HSV and palette images are converted to RGB. Multi-page files
+    and other channel counts raise, as does a size over :func:`max_pixels`
+    (checked from the header, before decoding).
     """
+    path = Path(path)
+    data = read_pixels_2d(path)
+    return image_to_channels_first(data, path), ImageMeta(path=path, kind="image2d")
+
+
+_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "P", "PA")
+
+
+def read_pixels_2d(path: str | Path, what: str = "image") -> np.ndarray:
+    """The pixels of a single-page 2D image file, ``(H, W)`` or ``(H, W, C)``.
+
+    The size is read from the header first (Pillow opens lazily; tifffile for
+    TIFFs Pillow cannot open) and refused over :func:`max_pixels`; multi-page
+    files are refused; colour modes other than grey/RGB/RGBA become RGB.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
     from skimage import io as skio
 
     path = Path(path)
@@ -123,11 +202,53 @@ def read_image_2d(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
         raise DataError(path, "file not found")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty; re-export it")
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check (error above twice this) agrees with the budget
+    converted = None
     try:
-        data = np.asarray(skio.imread(str(path)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_2d_header(path, (img.height, img.width), int(getattr(img, "n_frames", 1)), what)
+                if img.mode in _TO_RGB_MODES:
+                    converted = np.asarray(img.convert("RGB"))
+                elif img.mode == "1":
+                    converted = np.asarray(img.convert("L"))
+    except Image.DecompressionBombError:
+        raise DataError(path, f"{what} is over the {limit:,} pixel budget; downsample it, or raise the budget "
+                        f"with --max-pixels or ${MAX_PIXELS_ENV}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if not path.name.lower().endswith((".tif", ".tiff")):
+            raise DataError(path, f"not a readable {what} ({type(exc).__name__}); check the file is complete") from None
+        _check_tiff_header(path, what)
+    if converted is not None:
+        return converted
+    try:
+        return np.asarray(skio.imread(str(path)))
     except Exception as exc:  # scikit-image raises many types for corrupt files
-        raise DataError(path, f"not a readable image ({type(exc).__name__}); check the file is complete") from None
-    return image_to_channels_first(data, path), ImageMeta(path=path, kind="image2d")
+        raise DataError(path, f"not a readable {what} ({type(exc).__name__}); check the file is complete") from None
+
+
+def _check_2d_header(path: Path, size: tuple[int, int], frames: int, what: str) -> None:
+    check_pixel_budget(path, (*size, frames) if frames > 1 else size, what)
+    if frames > 1:
+        raise DataError(path, f"{what} holds {frames} pages or frames, not one grey, RGB or RGBA 2D image; "
+                        "save the page to segment as a single-page file")
+
+
+def _check_tiff_header(path: Path, what: str) -> None:
+    """Budget and page checks for a TIFF that Pillow cannot open (tifffile reads only its tags)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = len(tif.pages)
+            shape = tif.pages[0].shape
+            samples = int(getattr(tif.pages[0], "samplesperpixel", 1))
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise DataError(path, f"not a readable {what} ({type(exc).__name__}); check the file is complete") from None
+    spatial = shape[:-1] if samples > 1 and len(shape) > 2 else shape
+    _check_2d_header(path, tuple(spatial), pages, what)
 
 
 def image_to_channels_first(data: np.ndarray, path: str | Path) -> np.ndarray:
@@ -143,12 +264,7 @@ def image_to_channels_first(data: np.ndarray, path: str | Path) -> np.ndarray:
 
 def read_mask_2d(path: str | Path) -> np.ndarray:
     """Read a 2D mask image as bool ``(H, W)``: any non-zero pixel is foreground."""
-    from skimage import io as skio
-
-    try:
-        data = np.asarray(skio.imread(str(path)))
-    except Exception as exc:
-        raise DataError(path, f"not a readable mask image ({type(exc).__name__})") from None
+    data = read_pixels_2d(path, what="mask image")
     if data.ndim == 3:
         data = data[..., 0]
     if data.ndim != 2:

@@ -1,0 +1,217 @@
+"""Hostile and careless inputs, built here (no committed binaries): each gives a clean error or a correct result.
+
+The catalogue and its outcomes are written up in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import io as pyio
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from unetseg import uploads
+from unetseg.cli import main
+from unetseg.data import io
+from unetseg.errors import DataError, UnetsegError
+
+from .test_dicom import dicom_bytes
+
+
+# ------------------------------------------------------------------ hostile files, made in memory
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width x height`` grey pixels, with a tiny (truncated) body."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b"")
+
+
+def nifti_bomb(shape=(1000, 1000, 1000)) -> bytes:
+    """An 80-byte-body NIfTI whose header declares ``shape`` float32 voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    return header.binaryblock + b"\x00" * 4 + b"\x00" * 80
+
+
+def peak_rss_mb(code: str) -> tuple[float, str]:
+    """Run ``code`` in a fresh Python; returns its peak resident memory (MB) and what it printed."""
+    script = f"import resource\n{code}\nprint('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    peak = next(line for line in result.stdout.splitlines() if line.startswith("peak"))
+    return int(peak.split()[1]) / 1024, result.stdout
+
+
+# ------------------------------------------------------------------ decompression bombs: refused before decoding
+
+def test_png_bomb_is_refused_from_its_header_with_bounded_memory(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(13000, 13000))  # 169 million pixels, a few hundred bytes
+    with pytest.raises(DataError, match=r"13000 x 13000 = 169,000,000 pixels, over the 134,217,728 pixel budget"):
+        io.read_image_2d(bomb)
+    code = (f"from unetseg.data.io import read_image_2d\n"
+            f"try:\n    read_image_2d({str(bomb)!r})\nexcept Exception as exc:\n    print('refused', exc)")
+    peak, printed = peak_rss_mb(code)
+    assert "refused" in printed and "pixel budget" in printed
+    assert peak < 600, f"peak {peak:.0f} MB: the bomb was decoded"
+
+
+def test_nifti_bomb_is_refused_from_its_header_by_the_cli_api_and_viewer(tmp_path, capsys):
+    data = nifti_bomb()
+    path = tmp_path / "bomb.nii"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match="1000 x 1000 x 1000 = 1,000,000,000 pixels"):
+        io.read_image(path)
+    with pytest.raises(DataError, match="bomb.nii: NIfTI header declares 1000 x 1000 x 1000"):
+        uploads.read_upload("bomb.nii", data)
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "pixel budget" in err and "--max-pixels" in err
+    peak, printed = peak_rss_mb(
+        f"from unetseg.data.io import read_image\ntry:\n    read_image({str(path)!r})\nexcept Exception as exc:\n    print('refused')"
+    )
+    assert "refused" in printed and peak < 600
+
+
+def test_pixel_budget_from_the_cli_the_environment_and_the_default(tmp_path, monkeypatch, capsys, data_root):
+    scan = sorted((data_root / "Task04_Hippocampus" / "imagesTr").glob("hippocampus_*.nii.gz"))[0]
+    voxels = int(np.prod(nib.load(str(scan)).shape))
+    assert io.max_pixels() == io.DEFAULT_MAX_PIXELS == 2**27
+    rc = main(["predict", "--checkpoint", "hippocampus_2d", str(scan), "--out", str(tmp_path / "a"),
+               "--max-pixels", str(voxels - 1), "--quiet"])
+    assert rc == 2 and "pixel budget" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(scan), "--out", str(tmp_path / "b"),
+                 "--max-pixels", str(voxels), "--quiet"]) == 0
+    assert io.max_pixels() == 2**27  # the CLI's budget ends with the command
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, "100")
+    with pytest.raises(DataError, match="over the 100 pixel budget"):
+        io.read_image(scan)
+    with io.pixel_budget(voxels):
+        assert io.read_image(scan)[0].shape[1:] == nib.load(str(scan)).shape
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, "many")
+    with pytest.raises(UnetsegError, match="UNETSEG_MAX_PIXELS='many' is not a number"):
+        io.max_pixels()
+
+
+def test_tiff_over_the_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.tif"
+    Image.fromarray(np.zeros((200, 300), np.uint8)).save(path, compression="tiff_deflate")
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(200 * 300 - 1))
+    with pytest.raises(DataError, match="200 x 300 = 60,000 pixels"):
+        io.read_image_2d(path)
+    with pytest.raises(DataError, match="60,000 pixels"):
+        uploads.read_upload("big.tif", path.read_bytes())
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(200 * 300))
+    assert io.read_image_2d(path)[0].shape == (1, 200, 300)
+
+
+def test_dicom_declaring_too_many_pixels_is_refused_before_pixel_decoding(monkeypatch):
+    data = dicom_bytes(np.zeros((64, 64), np.uint16), (0, 0, 0))
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(64 * 64 - 1))
+    with pytest.raises(DataError, match="DICOM image declares 1 x 64 x 64 = 4,096 pixels"):
+        uploads.read_upload("slice.dcm", data)
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(64 * 64))
+    assert uploads.read_upload("slice.dcm", data)[0].shape == (1, 64, 64, 1)
+
+
+def test_deflated_dicom_bomb_is_refused_by_the_bytes_it_inflates_to(monkeypatch):
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(pyio.BytesIO(dicom_bytes(np.zeros((2000, 2000), np.uint16), (0, 0, 0))))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = pyio.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    bomb = buf.getvalue()
+    assert len(bomb) < 100_000  # 8 MB of pixels
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, "1000000")  # 4 MB of inflated data allowed
+    with pytest.raises(DataError, match="deflated DICOM inflates to over 4 MB"):
+        uploads.read_upload("deflated.dcm", bomb)
+    monkeypatch.setenv(io.MAX_PIXELS_ENV, str(2000 * 2000))
+    assert uploads.read_upload("deflated.dcm", bomb)[0].shape == (1, 2000, 2000, 1)
+
+
+# ------------------------------------------------------------------ colour modes and pages
+
+def test_cmyk_and_palette_images_are_converted_to_rgb(tmp_path):
+    white_cmyk = tmp_path / "white.jpg"
+    Image.new("CMYK", (16, 12), (0, 0, 0, 0)).save(white_cmyk)  # no ink: white
+    image, _ = io.read_image_2d(white_cmyk)
+    assert image.shape == (3, 12, 16) and image.min() > 245  # read as RGB before: CMY channels, black
+    palette = Image.new("P", (10, 8))
+    palette.putpalette([0, 0, 0, 200, 30, 10] + [0] * 762)
+    palette.putpixel((3, 2), 1)
+    palette.save(tmp_path / "palette.png")
+    image, _ = io.read_image_2d(tmp_path / "palette.png")
+    assert image.shape == (3, 8, 10)
+    np.testing.assert_array_equal(image[:, 2, 3], [200, 30, 10])
+    assert image[:, 0, 0].tolist() == [0, 0, 0]
+
+
+def test_multi_page_tiff_is_refused_with_a_clear_message(tmp_path):
+    pages = [Image.fromarray(np.full((20, 30), v, np.uint8)) for v in (10, 20, 30)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    with pytest.raises(DataError, match="stack.tif: image holds 3 pages or frames, not one grey, RGB or RGBA 2D image; save the page"):
+        io.read_image_2d(path)
+    with pytest.raises(DataError, match="stack.tif: image holds 3 pages"):
+        uploads.read_upload("stack.tif", path.read_bytes())
+
+
+# ------------------------------------------------------------------ nothing overwritten that the user did not ask for
+
+def test_predict_refuses_to_replace_an_existing_prediction_unless_overwrite(tmp_path, capsys):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "photo.png"
+    mine.write_bytes(b"the user's own file")
+    args = ["predict", "--checkpoint", "dsb2018_2d", str(photo), "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "photo.png already exists; pass --overwrite" in err
+    assert mine.read_bytes() == b"the user's own file"
+    assert main([*args, "--overwrite"]) == 0
+    assert np.asarray(Image.open(mine)).shape == (40, 48)
+    (tmp_path / "file").write_text("x")
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(photo), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../../../x", "a/b", "..", ".hidden", "a\\b", "", "x" * 80])
+def test_export_name_must_be_a_plain_model_name(tmp_path, name, capsys):
+    assert main(["export", str(tmp_path), "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "not a plain model name" in err
+
+
+def test_export_refuses_to_replace_a_shipped_model_unless_overwrite(tmp_path, capsys):
+    from unetseg.export import export_run
+    from unetseg.infer import PRETRAINED_DIR
+
+    before = (PRETRAINED_DIR / "hippocampus_2d" / "model.pt").read_bytes()
+    assert main(["export", str(tmp_path / "no_run"), "--name", "hippocampus_2d"]) == 2
+    err = capsys.readouterr().err
+    assert "hippocampus_2d already holds a model; pass --overwrite" in err
+    assert (PRETRAINED_DIR / "hippocampus_2d" / "model.pt").read_bytes() == before
+    # with --overwrite the guard lets it through (here the run folder is missing, so loading best.pt fails next)
+    dest = tmp_path / "models"
+    (dest / "m").mkdir(parents=True)
+    (dest / "m" / "model.pt").write_bytes(b"old")
+    with pytest.raises(UnetsegError, match="already holds a model"):
+        export_run(tmp_path / "no_run", "m", dest=dest)
+    with pytest.raises(UnetsegError, match="checkpoint"):
+        export_run(tmp_path / "no_run", "m", dest=dest, overwrite=True)
+    assert json.dumps(sorted(p.name for p in (dest / "m").iterdir())) == '["model.pt"]'
