@@ -13,6 +13,7 @@ model, so moving a slider or the opacity only re-draws the picture.
 
 from __future__ import annotations
 
+import html
 import io
 import logging
 from dataclasses import dataclass
@@ -307,8 +308,12 @@ def png(picture: np.ndarray) -> bytes:
 
 
 def legend_html(class_names: tuple[str, ...]) -> str:
+    """The colour legend as HTML. Class names come from a checkpoint (any file a user names): escaped."""
     swatch = '<span style="display:inline-block;width:0.9em;height:0.9em;background:{};margin:0 0.3em 0 1em"></span>{}'
-    return "Legend:" + "".join(swatch.format(color, name) for name, color in display.legend(class_names))
+    return "Legend:" + "".join(
+        swatch.format(html.escape(color, quote=True), html.escape(name, quote=True))
+        for name, color in display.legend(class_names)
+    )
 
 
 # ---------------------------------------------------------------- page
@@ -456,13 +461,16 @@ def sizes(labels: np.ndarray, seg: Segmenter, source: Input) -> None:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def download_file(key: str, model_key: str, num_classes: int, _labels: np.ndarray,
+def download_file(key: str, model_key: str, num_classes: int, file_name: str, _labels: np.ndarray,
                   _meta: ImageMeta) -> tuple[str, bytes, str]:
+    """The prediction as a file, cached by every input: upload digest, model, classes and the upload's file name
+    (the name becomes the download's name; keyed without it, another user's upload of the same bytes would be
+    offered a file named after this one)."""
     return uploads.prediction_download(_labels, _meta, num_classes)
 
 
 def download(key: str, model_key: str, num_classes: int, labels: np.ndarray, meta: ImageMeta) -> None:
-    name, data, mime = download_file(key, model_key, num_classes, labels, meta)
+    name, data, mime = download_file(key, model_key, num_classes, meta.path.name, labels, meta)
     st.download_button(f"Download the predicted mask ({name})", data, file_name=name, mime=mime, key="download")
 
 

@@ -410,6 +410,43 @@ def test_bad_ground_truth_is_reported_and_the_prediction_still_shows(app, data_r
     assert captions(app)[0].startswith("hippocampus_2d:")
 
 
+# ---------------------------------------------------------------- hostile checkpoints and cross-user caches
+
+
+def test_class_names_from_a_checkpoint_are_escaped_in_the_legend(app, data_root, tmp_path):
+    require_shipped("hippocampus_2d")
+    import torch
+
+    from unetseg.infer import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint("hippocampus_2d")
+    payload["class_names"] = ["background", '<img src=x onerror="alert(1)">', "</span><b>bold</b>"]
+    hostile = save_checkpoint(payload, tmp_path / "hostile.pt")
+    assert torch.load(hostile, weights_only=True)["class_names"][1].startswith("<img")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.sidebar.text_input(key="checkpoint_path").set_value(str(hostile)).run()
+    app.selectbox(key="model").set_value(str(hostile)).run()
+    ok(app)
+    legend = next(m.value for m in app.markdown if m.value.startswith("Legend"))
+    assert "<img" not in legend and "<b>" not in legend and "</span><b>" not in legend
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in legend and "&lt;/span&gt;&lt;b&gt;bold" in legend
+
+
+def test_download_is_named_after_this_upload_not_an_earlier_one_with_the_same_bytes(app, data_root):
+    require_shipped("hippocampus_2d")
+    image_path, _ = hippocampus_files(data_root)
+    data = image_path.read_bytes()
+    upload(app, "image_upload", "smith_john_MRN123456.nii.gz", data)
+    ok(app)
+    assert app.download_button(key="download").label.endswith("(smith_john_MRN123456_prediction.nii.gz)")
+    second = AppTest.from_file(str(APP), default_timeout=180)  # another browser tab: same server caches
+    second.run()
+    upload(second, "image_upload", "anonymous.nii.gz", data)
+    ok(second)
+    assert second.download_button(key="download").label.endswith("(anonymous_prediction.nii.gz)")
+
+
 # ---------------------------------------------------------------- layering
 
 
