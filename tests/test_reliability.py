@@ -215,3 +215,76 @@ def test_export_refuses_to_replace_a_shipped_model_unless_overwrite(tmp_path, ca
     with pytest.raises(UnetsegError, match="checkpoint"):
         export_run(tmp_path / "no_run", "m", dest=dest, overwrite=True)
     assert json.dumps(sorted(p.name for p in (dest / "m").iterdir())) == '["model.pt"]'
+
+
+# ------------------------------------------------------------------ train: run folders, logs, finite losses
+
+def test_train_refuses_an_out_folder_holding_the_user_s_files(tmp_path, data_root, capsys):
+    from .conftest import tiny_config
+    from unetseg.train import fit
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("my own settings\n")
+    with pytest.raises(UnetsegError, match=r"holds files that are not a unetseg run \(config.yaml\)"):
+        fit(tiny_config(), out, data_root=data_root, progress=False)
+    assert main(["train", "--out", str(out), "--epochs", "1", "--data-root", str(data_root), "--quiet"]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == "my own settings\n"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UnetsegError, match="is a file, not a folder"):
+        fit(tiny_config(), tmp_path / "afile", data_root=data_root, progress=False)
+
+
+def test_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, data_root):
+    from .conftest import tiny_config
+    from unetseg.train import fit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "command.txt"):
+        (run / name).write_text("from the killed run\n")
+    (run / "split.json").write_text('{"train": [], "val": []}')
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "step": 3, "train_loss": 9.0, "lr": 0.1, "samples_per_s": 1, "elapsed_s": 1}\n')
+    (run / ".last.pt.k1ll3d").write_bytes(b"half a checkpoint")
+    with pytest.raises(UnetsegError, match="nothing to resume .*start it again without --resume"):
+        fit(tiny_config(), run, data_root=data_root, progress=False, resume=True)
+    fit(tiny_config(), run, data_root=data_root, progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0] and rows[0]["train_loss"] != 9.0  # fresh rows, nothing appended
+    assert not list(run.glob(".last.pt.*")) and (run / "last.pt").is_file()
+    assert "from the killed run" not in (run / "config.yaml").read_text()
+
+
+def test_partial_last_metrics_line_and_stale_temp_files_do_not_stop_resume(tmp_path, data_root):
+    from .conftest import tiny_config
+    from unetseg.train import fit
+
+    cfg = tiny_config(["train.epochs=2", "train.steps_per_epoch=1"])
+    run = tmp_path / "run"
+    fit(cfg, run, data_root=data_root, progress=False, stop_after_epoch=0)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "step": 2, "train_lo')  # the disk filled up mid-line
+    (run / ".last.pt.abc123").write_bytes(b"x")
+    (run / ".best.pt.def456").write_bytes(b"x")
+    fit(cfg, run, data_root=data_root, progress=False, resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert not list(run.glob(".*.pt.*"))
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n{broken\n{"epoch": 1}\n')
+    from unetseg.train import _read_run_log
+
+    with pytest.raises(UnetsegError, match="metrics.jsonl: line 2 is not valid JSON"):
+        _read_run_log(run / "metrics.jsonl")
+
+
+def test_non_finite_loss_stops_training_with_one_line_naming_the_setting(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--set", "train.lr=.inf", "--set", "data.max_cases=8", "--set", "train.steps_per_epoch=3",
+               "--set", "train.batch_size=8", "--set", "model.channels=[4, 8, 16]", "--set", "data.patch_size=[48, 64]",
+               "--epochs", "2", "--out", str(out), "--data-root", str(data_root), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "training loss became nan" in err and "lower train.lr (now inf)" in err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()

@@ -38,7 +38,7 @@ from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkpoint, resolve_device, save_checkpoint
 from unetseg.losses import make_loss
 from unetseg.model import UNet
-from unetseg.plots import plot_training_curves, read_jsonl
+from unetseg.plots import plot_training_curves
 
 
 @dataclass
@@ -144,11 +144,84 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_run_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of a run's JSON-lines log; a partial last line (a write cut short by a kill or a full disk) is dropped.
+
+    A broken line before the last one raises :class:`UnetsegError` naming the file and line.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UnetsegError(f"{path}: line {number} is not valid JSON; delete that line (or the run folder) and resume") from None
+    return rows
+
+
 def _truncate_jsonl(path: Path, keep: Any) -> None:
-    """Keep only the lines for which ``keep(row)`` is true (used on resume)."""
+    """Keep only the lines for which ``keep(row)`` is true (used on resume); a partial last line goes too."""
     if path.is_file():
-        rows = [r for r in read_jsonl(path) if keep(r)]
+        rows = [r for r in _read_run_log(path) if keep(r)]
         _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# What fit writes into a run folder (a folder holding only these, but no last.pt, is a run killed before its first
+# checkpoint: it is restarted from scratch); temporary files of killed saves start with a dot.
+RUN_FILES = frozenset({"config.yaml", "command.txt", "split.json", "metrics.jsonl", "gradients.jsonl", "curves.png"})
+RUN_LOGS = ("metrics.jsonl", "gradients.jsonl", "command.txt", "curves.png")
+TEMP_PREFIXES = (".last.pt.", ".best.pt.", ".metrics.jsonl.", ".gradients.jsonl.")
+
+
+def check_out_dir(out: Path, resume: bool) -> bool:
+    """Refuse an ``--out`` folder that a run must not write into; True when it holds a killed run to restart.
+
+    A new run needs a missing or empty folder, or one holding only an earlier
+    run's files without a checkpoint (killed before its first ``last.pt``).
+    A folder with a checkpoint needs ``resume``; a folder with anything else
+    (e.g. the user's own ``config.yaml``) is refused, so nothing of theirs is
+    overwritten.
+    """
+    if out.exists() and not out.is_dir():
+        raise UnetsegError(f"--out {out} is a file, not a folder; give a folder for the run")
+    last_path = out / "last.pt"
+    if resume:
+        if not last_path.is_file():
+            raise UnetsegError(
+                f"{out}: nothing to resume (no last.pt: the run stopped before its first checkpoint); "
+                f"start it again without --resume, with --out {out}"
+            )
+        return False
+    if last_path.exists():
+        raise UnetsegError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    names = {p.name for p in out.iterdir() if not p.name.startswith(TEMP_PREFIXES)} if out.is_dir() else set()
+    if not names:
+        return False
+    if "split.json" in names and names <= RUN_FILES:
+        return True
+    others = sorted(names - RUN_FILES) or sorted(names)
+    raise UnetsegError(
+        f"--out {out} holds files that are not a unetseg run ({', '.join(others[:5])}); "
+        "choose a new or empty folder so nothing in it is overwritten"
+    )
+
+
+def clean_out_dir(out: Path, restart: bool) -> None:
+    """Remove temporary files of killed saves; for a restarted run also the old logs, so nothing is appended to them."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name.startswith(TEMP_PREFIXES) and p.is_file():
+            p.unlink()
+    if restart:
+        for name in RUN_LOGS:
+            (out / name).unlink(missing_ok=True)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -222,17 +295,15 @@ def fit(
         device = torch.device("cuda", di.local_rank)
         torch.cuda.set_device(device)
     last_path = out / "last.pt"
-    if resume and not last_path.is_file():
-        raise UnetsegError(f"{out}: nothing to resume (no last.pt); start a new run without --resume")
-    if not resume and last_path.exists():
-        raise UnetsegError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    restart = check_out_dir(out, resume)
 
     torch.manual_seed(cfg.train.seed)
     info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_out_dir(out, restart)
+        (out / "split.json").write_text(json.dumps(split, indent=1))  # first: marks the folder as a run's
         save_config(cfg, out / "config.yaml")
-        (out / "split.json").write_text(json.dumps(split, indent=1))
         if command is not None:
             with (out / "command.txt").open("a") as f:
                 f.write(" ".join(command) + "\n")
@@ -263,7 +334,7 @@ def fit(
     loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch)
     segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=tta_flips(cfg))
     use_amp = device.type == "cuda"
-    history = read_jsonl(out / "metrics.jsonl") if resume else []
+    history = _read_run_log(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -296,6 +367,12 @@ def fit(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(x)
             loss = loss_fn(logits.float(), y[:, None])
+            if not torch.isfinite(loss.detach()):
+                raise UnetsegError(
+                    f"training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step_in_epoch + 1}: "
+                    f"lower train.lr (now {cfg.train.lr}) or check the data for NaN or infinite values; "
+                    f"no checkpoint of this epoch was saved in {out}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             global_step = epoch * batches_per_epoch + step_in_epoch
