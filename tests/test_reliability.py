@@ -288,3 +288,54 @@ def test_non_finite_loss_stops_training_with_one_line_naming_the_setting(tmp_pat
     assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
     assert "training loss became nan" in err and "lower train.lr (now inf)" in err
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+# ------------------------------------------------------------------ finite inputs, finite outputs
+
+@pytest.mark.parametrize("method", ["zscore", "percentile"])
+def test_one_non_finite_voxel_is_replaced_not_wiping_the_channel(method):
+    from unetseg.data.preprocess import normalize_intensity
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (1, 9, 10, 11)).astype(np.float32)
+    image[0, 3:6, 4:7, 5:8] = 123.0  # the voxel's nearest neighbours all hold 123: what it becomes
+    clean = normalize_intensity(image, method)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = image.copy()
+        broken[0, 4, 5, 6] = bad
+        with pytest.warns(UserWarning, match="channel 0: 1 of 990 values are NaN or infinite; replaced by the nearest"):
+            out = normalize_intensity(broken, method)
+        assert np.isfinite(out).all() and out.std() > 0.1
+        np.testing.assert_allclose(out, clean, atol=1e-6)
+    with pytest.warns(UserWarning):
+        assert not normalize_intensity(np.full((1, 3, 3), np.nan, np.float32), method).any()
+
+
+def test_prediction_of_a_volume_with_a_nan_voxel_matches_the_clean_one(data_root):
+    from unetseg.infer import Segmenter
+
+    scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
+    image, _ = io.read_image(scan)
+    seg = Segmenter.from_checkpoint("hippocampus_2d")
+    clean = seg.predict(image, channel_axis=0)
+    assert (clean > 0).sum() > 100
+    broken = image.copy()
+    broken[0, 0, 0, 0] = np.nan
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        labels = seg.predict(broken, channel_axis=0)
+    assert (labels != clean).mean() < 0.001  # before: an all-background prediction
+
+
+def test_dice_of_an_empty_truth_with_a_non_empty_prediction_is_zero():
+    from unetseg.evaluate import summarize
+    from unetseg.losses import case_metrics
+
+    truth = np.zeros((8, 8), np.int64)
+    painted = np.ones((8, 8), np.int64)
+    m = case_metrics(painted, truth, 3)
+    assert m["dice"][0] == 0.0 and np.isnan(m["dice"][1])  # class 1 is a false positive; class 2 absent from both
+    truth[2:4, 2:4] = 2
+    assert case_metrics(truth, truth, 3)["dice"].tolist()[1] == 1.0
+    rows = [{"case_id": "a", "dice_x": 1.0, "dice_y": np.nan, "hd95_x": 1.0, "hd95_y": np.nan},
+            {"case_id": "b", "dice_x": float(m["dice"][0]), "dice_y": np.nan, "hd95_x": np.nan, "hd95_y": np.nan}]
+    assert summarize(rows, ("background", "x", "y"))["classes"]["x"]["dice_mean"] == pytest.approx(0.5)

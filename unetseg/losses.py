@@ -36,15 +36,21 @@ def case_metrics(
         spacing: voxel size per axis (mm) for HD95; pixels when None.
 
     Returns:
-        ``{"dice": (K-1,), "hd95": (K-1,)}``. Dice is NaN where a class is absent
-        from both; HD95 is NaN where it is absent from either (MONAI's convention
-        would give inf), so means over cases can skip those with ``nanmean``.
+        ``{"dice": (K-1,), "hd95": (K-1,)}``. Dice is NaN only where a class is
+        absent from both (nothing to score; means over cases skip it with
+        ``nanmean``); where the ground truth has no foreground of a class but
+        the prediction has, Dice is 0 (every predicted voxel is a false
+        positive), so painting everything never scores on empty cases. HD95 is
+        NaN where a class is absent from either (MONAI's convention would give inf).
     """
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction shape {prediction.shape} != truth shape {truth.shape}")
     pred = one_hot(torch.as_tensor(prediction, dtype=torch.long)[None, None], num_classes)
     true = one_hot(torch.as_tensor(truth, dtype=torch.long)[None, None], num_classes)
     dice = compute_dice(pred, true, include_background=False, ignore_empty=True)[0].numpy()
+    for k in range(1, num_classes):
+        if not true[0, k].any() and pred[0, k].any():
+            dice[k - 1] = 0.0  # MONAI's ignore_empty gives NaN here, which a nanmean would skip
     hd95 = np.full(num_classes - 1, np.nan)
     for k in range(1, num_classes):
         if pred[0, k].any() and true[0, k].any():

@@ -5,6 +5,7 @@ Arrays are channel-first images ``(C, *S)`` or label maps ``(*S)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,12 +22,16 @@ def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> 
     - ``"percentile"``: clip to the 0.5th-99.5th percentiles, then rescale to
       ``[0, 1]`` (robust to a few very bright voxels; keeps intensities
       non-negative so gamma augmentation applies).
-    A constant channel becomes all zeros.
+    A constant channel becomes all zeros. Non-finite values (NaN, inf) are
+    first replaced by the nearest finite value of their channel, with a
+    warning (see :func:`replace_non_finite`), so one bad voxel cannot wipe
+    the channel.
     """
     if method not in ("zscore", "percentile"):
         raise ValueError(f"normalization must be 'zscore' or 'percentile', got {method!r}")
     out = np.empty(image.shape, dtype=np.float32)
     for c, channel in enumerate(image.astype(np.float32)):
+        channel = replace_non_finite(channel, f"channel {c}")
         if method == "percentile":
             lo, hi = (float(v) for v in np.percentile(channel, [0.5, 99.5]))
             out[c] = np.clip((channel - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
@@ -34,6 +39,30 @@ def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> 
         std = float(channel.std())
         out[c] = (channel - channel.mean()) / std if std > 0 else 0.0
     return out
+
+
+def replace_non_finite(channel: np.ndarray, what: str = "image") -> np.ndarray:
+    """``channel`` with each NaN or infinite value set to the nearest finite value (Euclidean, in voxels).
+
+    Emits a :class:`UserWarning` saying how many values were replaced. A
+    channel without any finite value becomes all zeros. Returns the input
+    itself when it is all finite.
+    """
+    finite = np.isfinite(channel)
+    if finite.all():
+        return channel
+    bad = int(channel.size - finite.sum())
+    warnings.warn(
+        f"{what}: {bad} of {channel.size} values are NaN or infinite; replaced by the nearest finite value",
+        UserWarning,
+        stacklevel=3,
+    )
+    if not finite.any():
+        return np.zeros_like(channel)
+    from scipy.ndimage import distance_transform_edt
+
+    nearest = distance_transform_edt(~finite, return_distances=False, return_indices=True)
+    return channel[tuple(nearest)]
 
 
 def pad_to_shape(array: np.ndarray, shape: Sequence[int], value: float = 0.0) -> np.ndarray:
