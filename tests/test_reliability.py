@@ -342,3 +342,20 @@ def test_dice_of_an_empty_truth_with_a_non_empty_prediction_is_zero():
     rows = [{"case_id": "a", "dice_x": 1.0, "dice_y": np.nan, "hd95_x": 1.0, "hd95_y": np.nan},
             {"case_id": "b", "dice_x": float(m["dice"][0]), "dice_y": np.nan, "hd95_x": np.nan, "hd95_y": np.nan}]
     assert summarize(rows, ("background", "x", "y"))["classes"]["x"]["dice_mean"] == pytest.approx(0.5)
+
+
+def test_reliability_doc_names_only_tests_that_exist_and_the_real_defaults():
+    import re
+    from pathlib import Path
+
+    from unetseg import uploads as up
+    from unetseg.data import dicom
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+)`", doc))
+    defined = {m for p in (repo / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", p.read_text(), re.M)}
+    assert len(named) > 15 and named <= defined, sorted(named - defined)
+    assert f"{io.DEFAULT_MAX_PIXELS:,}" in doc and io.MAX_PIXELS_ENV in doc
+    assert f"{dicom.INFLATED_BYTES_PER_PIXEL} bytes x pixel budget" in doc and str(dicom.MAX_ZIP_MEMBERS) in doc
+    assert f"{up.DEFAULT_MAX_UPLOAD_MB:g} MB" in doc and up.MAX_UPLOAD_ENV in doc
