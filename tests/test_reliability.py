@@ -157,9 +157,6 @@ def test_cmyk_and_palette_images_are_converted_to_rgb(tmp_path):
     assert image.shape == (3, 8, 10)
     np.testing.assert_array_equal(image[:, 2, 3], [200, 30, 10])
     assert image[:, 0, 0].tolist() == [0, 0, 0]
-    Image.new("LA", (5, 4), (77, 128)).save(tmp_path / "grey_alpha.png")
-    image, _ = io.read_image_2d(tmp_path / "grey_alpha.png")
-    assert image.shape == (1, 4, 5) and (image == 77).all()  # refused before as a 2-channel image
 
 
 def test_multi_page_tiff_is_refused_with_a_clear_message(tmp_path):

@@ -172,7 +172,7 @@ def check_label_values(labels: np.ndarray, num_classes: int | None, path: str | 
 def read_image_2d(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     """Read a 2D image (PNG, JPEG, TIFF, BMP) as ``(C, H, W)`` float32.
 
-    Grey images give ``C=1`` (grey+alpha drops alpha); RGB ``C=3``; RGBA drops alpha (``C=3``). CMYK,
+    Grey images give ``C=1``; RGB ``C=3``; RGBA drops alpha (``C=3``). CMYK,
     YCbCr, LAB, HSV and palette images are converted to RGB. Multi-page files
     and other channel counts raise, as does a size over :func:`max_pixels`
     (checked from the header, before decoding).
@@ -212,7 +212,7 @@ def read_pixels_2d(path: str | Path, what: str = "image") -> np.ndarray:
                 _check_2d_header(path, (img.height, img.width), int(getattr(img, "n_frames", 1)), what)
                 if img.mode in _TO_RGB_MODES:
                     converted = np.asarray(img.convert("RGB"))
-                elif img.mode in ("1", "LA"):  # bilevel; grey with alpha (alpha dropped, as for RGBA)
+                elif img.mode == "1":
                     converted = np.asarray(img.convert("L"))
     except Image.DecompressionBombError:
         raise DataError(path, f"{what} is over the {limit:,} pixel budget; downsample it, or raise the budget "
