@@ -12,7 +12,8 @@ the rule ``unetseg train`` warns with. Networks: ``default`` is the shipped
 variants of the same names (``skip``, ``depth3_skip``, ...), those where the
 study saw collapses. Losses: ``per_sample`` is MONAI's DiceCE with
 ``batch=False`` (the default before this study), ``batch`` with
-``batch=True`` (the default after). Only the loss differs between the two.
+``batch=True`` (the default after), ``batch_nobg`` also leaves the background
+class out of the Dice term (nnU-Net's choice). Only the loss differs.
 
 Resumable: each finished run is a line of ``<out>/runs.jsonl``; a rerun skips
 those. ``--table`` writes ``<out>/table.md`` from that file alone.
@@ -35,14 +36,15 @@ from unetseg.config import Config, apply_overrides
 from unetseg.plots import read_jsonl
 from unetseg.train import collapsed_classes, fit
 
-LOSSES = {"per_sample": "train.dice_batch=false", "batch": "train.dice_batch=true"}
+LOSSES = {"per_sample": ["train.dice_batch=false"], "batch": ["train.dice_batch=true"],
+          "batch_nobg": ["train.dice_batch=true", "train.dice_background=false"]}
 STEPS_PER_EPOCH = 100
 
 
 def run_config(network: str, loss: str, seed: int) -> Config:
     """The resolved config of one run: study recipe, network, loss, seed; validation every 100 steps."""
     spec = load_study("hippocampus_2d")
-    budget = [LOSSES[loss], f"train.seed={seed}", "train.val_every=1", "train.grad_log_every=0"]
+    budget = [*LOSSES[loss], f"train.seed={seed}", "train.val_every=1", "train.grad_log_every=0"]
     if network == "default":
         cfg = apply_overrides(base_config(spec), budget)
     else:

@@ -12,16 +12,18 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 
-def make_loss(lambda_ce: float = 1.0, batch_dice: bool = True) -> DiceCELoss:
+def make_loss(lambda_ce: float = 1.0, batch_dice: bool = True, background: bool = True) -> DiceCELoss:
     """MONAI Dice + cross-entropy on logits ``(B, K, *S)`` and labels ``(B, 1, *S)``.
 
     ``batch_dice`` sums each class's soft Dice terms over the whole batch (as
     nnU-Net does for 2D). Per sample (``False``), a class absent from a slice
     scores a perfect Dice term there when it is never predicted: with anterior
     absent from about 60 % of hippocampus slices, "never predict it" becomes a
-    stable trap in which some runs stay for good.
+    stable trap in which some runs stay for good. ``background=False`` leaves
+    the background class out of the Dice term (cross-entropy still covers it).
     """
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=lambda_ce, batch=batch_dice)
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=lambda_ce, batch=batch_dice,
+                      include_background=background)
 
 
 def case_metrics(

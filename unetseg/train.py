@@ -331,7 +331,7 @@ def fit(
             _truncate_jsonl(out / "metrics.jsonl", lambda r: r["epoch"] < start_epoch)
             _truncate_jsonl(out / "gradients.jsonl", lambda r: r["epoch"] < start_epoch)
     net = DistributedDataParallel(model) if di.world_size > 1 else model
-    loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch)
+    loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch, cfg.train.dice_background)
     segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=tta_flips(cfg))
     use_amp = device.type == "cuda"
     history = _read_run_log(out / "metrics.jsonl") if resume else []
