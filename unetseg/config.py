@@ -29,6 +29,7 @@ class ModelConfig:
     residual: bool = False  # short residual skips inside each conv block
     norm: str = "batch"  # "batch", "instance" or "group"
     dropout: float = 0.0  # dropout between the two convolutions of a block
+    act: str = "relu"  # "relu" or "leaky_relu" (slope 0.01)
 
 
 @dataclass

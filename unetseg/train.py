@@ -77,6 +77,7 @@ def model_args(cfg: Config, info: DatasetInfo) -> dict[str, Any]:
         "residual": m.residual,
         "norm": m.norm,
         "dropout": m.dropout,
+        "act": m.act,
     }
 
 

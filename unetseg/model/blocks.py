@@ -6,12 +6,25 @@ types. Tensors are channel-first: ``(batch, channels, *spatial)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NormName = Literal["batch", "instance", "group"]
+ActName = Literal["relu", "leaky_relu"]
+
+
+def activation(act: ActName) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.relu``, or leaky ReLU with slope 0.01 for negative inputs (nnU-Net's activation)."""
+    if act == "relu":
+        return torch.relu
+    if act == "leaky_relu":
+        return partial(F.leaky_relu, negative_slope=0.01)
+    raise ValueError(f"act must be 'relu' or 'leaky_relu', got {act!r}")
 
 
 def conv_layer(spatial_dims: int) -> type[nn.Module]:
@@ -51,7 +64,7 @@ def norm_layer(norm: NormName, spatial_dims: int, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by normalisation and ReLU.
+    """Two 3x3 convolutions, each followed by normalisation and ReLU (or leaky ReLU, ``act``).
 
     With ``residual=True`` the block is a short (ResNet-style) skip:
     ``relu(shortcut(x) + branch(x))``, where ``branch`` is conv-norm-relu-conv-norm
@@ -70,9 +83,11 @@ class ConvBlock(nn.Module):
         norm: NormName = "batch",
         dropout: float = 0.0,
         residual: bool = False,
+        act: ActName = "relu",
     ) -> None:
         super().__init__()
         conv = conv_layer(spatial_dims)
+        self.act = activation(act)
         self.residual = residual
         self.lesion_residual = False
         self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
@@ -89,12 +104,12 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.residual and self.lesion_residual:
-            return torch.relu(self.shortcut(x))
-        y = torch.relu(self.norm1(self.conv1(x)))
+            return self.act(self.shortcut(x))
+        y = self.act(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(self.dropout(y)))
         if self.residual:
             y = y + self.shortcut(x)
-        return torch.relu(y)
+        return self.act(y)
 
 
 class UpBlock(nn.Module):
@@ -111,7 +126,7 @@ class UpBlock(nn.Module):
         out_channels: channels after the block.
         merge: ``"concat"`` (U-Net, DenseNet-style) or ``"add"`` (ResNet-style;
             requires ``skip_channels`` equal to ``out_channels``).
-        norm, dropout, residual: as for :class:`ConvBlock`.
+        norm, dropout, residual, act: as for :class:`ConvBlock`.
 
     Shapes: ``x (B, in_channels, *S)``, ``skip (B, skip_channels, *2S)`` or ``None``
     -> ``(B, out_channels, *2S)``.
@@ -127,6 +142,7 @@ class UpBlock(nn.Module):
         norm: NormName = "batch",
         dropout: float = 0.0,
         residual: bool = False,
+        act: ActName = "relu",
     ) -> None:
         super().__init__()
         if merge not in ("concat", "add"):
@@ -140,7 +156,7 @@ class UpBlock(nn.Module):
         self.lesion_skip = False
         self.up = transposed_conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=2, stride=2)
         block_in = out_channels + skip_channels if merge == "concat" else out_channels
-        self.block = ConvBlock(spatial_dims, block_in, out_channels, norm, dropout, residual)
+        self.block = ConvBlock(spatial_dims, block_in, out_channels, norm, dropout, residual, act)
 
     @property
     def has_skip(self) -> bool:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.model.blocks import ConvBlock, NormName, UpBlock, conv_layer, max_pool_layer
+from unetseg.model.blocks import ActName, ConvBlock, NormName, UpBlock, conv_layer, max_pool_layer
 
 
 def resolve_skips(skips: bool | Sequence[bool], num_levels: int) -> tuple[bool, ...]:
@@ -60,6 +60,8 @@ class UNet(nn.Module):
         pad_to_multiple: pad inputs whose size is not a multiple of
             ``2 ** (len(channels) - 1)`` and crop the output back; with ``False``
             such inputs raise ``ValueError`` naming the required multiple.
+        act: ``"relu"`` (the default, and what checkpoints without ``act`` used)
+            or ``"leaky_relu"`` (slope 0.01, nnU-Net's choice).
 
     Shapes: ``forward(x)``: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
@@ -76,6 +78,7 @@ class UNet(nn.Module):
         norm: NormName = "batch",
         dropout: float = 0.0,
         pad_to_multiple: bool = True,
+        act: ActName = "relu",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -89,7 +92,7 @@ class UNet(nn.Module):
 
         widths = (in_channels, *self.channels)
         self.encoder = nn.ModuleList(
-            ConvBlock(spatial_dims, widths[i], widths[i + 1], norm, dropout, residual)
+            ConvBlock(spatial_dims, widths[i], widths[i + 1], norm, dropout, residual, act)
             for i in range(len(self.channels))
         )
         self.pool = max_pool_layer(spatial_dims)(kernel_size=2, stride=2)
@@ -104,6 +107,7 @@ class UNet(nn.Module):
                 norm=norm,
                 dropout=dropout,
                 residual=residual,
+                act=act,
             )
             for i in range(len(self.channels) - 1)
         )
