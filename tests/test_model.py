@@ -131,3 +131,16 @@ def test_gradients_reach_first_layer_with_and_without_skips():
         model = UNet(2, 1, 3, channels=(4, 8, 16), skips=skips)
         model(torch.randn(2, 1, 16, 16)).sum().backward()
         assert model.encoder[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_leaky_relu_passes_gradient_where_relu_is_off_and_relu_stays_the_constructor_default():
+    torch.manual_seed(0)
+    relu, leaky = UNet(channels=(4, 8)), UNet(channels=(4, 8), act="leaky_relu")
+    leaky.load_state_dict(relu.state_dict())  # same weights: activation has no parameters
+    x = torch.randn(2, 1, 16, 16)
+    assert not torch.allclose(relu(x), leaky(x))
+    block = leaky.encoder[0]
+    y = block.act(torch.tensor([-1.0, 2.0]))
+    assert y.tolist() == pytest.approx([-0.01, 2.0])
+    with pytest.raises(ValueError, match="act"):
+        UNet(act="gelu")

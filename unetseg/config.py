@@ -160,10 +160,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
         check_section(section, values, source)
         setattr(cfg, section, cls(**values))
-    from unetseg.model.unet import resolve_skips  # the network's own rule, checked before any training
+    from unetseg.model.blocks import activation  # the network's own rules, checked before any training
+    from unetseg.model.unet import resolve_skips
 
     try:
         resolve_skips(cfg.model.skips, len(cfg.model.channels) - 1)
+        activation(cfg.model.act)
     except ValueError as exc:
         raise UnetsegError(f"{source}: model.{exc}") from None
     from unetseg.data.transforms import resolve_flip_axes
