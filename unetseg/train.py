@@ -405,7 +405,8 @@ def fit(
             collapsed = collapsed_classes([*history, row], info.class_names)
             if collapsed:
                 row["warning"] = (f"validation Dice of {', '.join(collapsed)} below {COLLAPSE_DICE} for two validations in a row: "
-                                  "the network has stopped predicting it (try another train.seed or a lower train.lr)")
+                                  "the network has stopped predicting it; model.act=leaky_relu with train.dice_background=false "
+                                  "got most such runs going (docs/collapse.md), or try another train.seed")
         row["elapsed_s"] = time.perf_counter() - t_start
         improved = row.get("val_mean_dice", -1.0) > best or not val_cases
         if improved:
