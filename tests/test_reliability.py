@@ -45,12 +45,15 @@ def nifti_bomb(shape=(1000, 1000, 1000)) -> bytes:
 
 
 def peak_rss_mb(code: str) -> tuple[float, str]:
-    """Run ``code`` in a fresh Python; returns its peak resident memory (MB) and what it printed."""
-    script = f"import resource\n{code}\nprint('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    """Run ``code`` in a fresh Python that has imported unetseg already; returns how far its peak resident
+    memory (MB) rose above that baseline (the imports alone take 600 MB or so, varying by machine) and what it printed."""
+    script = ("import resource\nimport unetseg.cli, unetseg.data.io, unetseg.uploads\n"
+              "print('base', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+              f"{code}\nprint('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    peak = next(line for line in result.stdout.splitlines() if line.startswith("peak"))
-    return int(peak.split()[1]) / 1024, result.stdout
+    value = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith(("base", "peak"))}
+    return (value["peak"] - value["base"]) / 1024, result.stdout
 
 
 # ------------------------------------------------------------------ decompression bombs: refused before decoding
@@ -64,7 +67,7 @@ def test_png_bomb_is_refused_from_its_header_with_bounded_memory(tmp_path):
             f"try:\n    read_image_2d({str(bomb)!r})\nexcept Exception as exc:\n    print('refused', exc)")
     peak, printed = peak_rss_mb(code)
     assert "refused" in printed and "pixel budget" in printed
-    assert peak < 600, f"peak {peak:.0f} MB: the bomb was decoded"
+    assert peak < 100, f"peak rose {peak:.0f} MB: the bomb was decoded (169 MB and more)"
 
 
 def test_nifti_bomb_is_refused_from_its_header_by_the_cli_api_and_viewer(tmp_path, capsys):
@@ -81,7 +84,7 @@ def test_nifti_bomb_is_refused_from_its_header_by_the_cli_api_and_viewer(tmp_pat
     peak, printed = peak_rss_mb(
         f"from unetseg.data.io import read_image\ntry:\n    read_image({str(path)!r})\nexcept Exception as exc:\n    print('refused')"
     )
-    assert "refused" in printed and peak < 600
+    assert "refused" in printed and peak < 100
 
 
 def test_pixel_budget_from_the_cli_the_environment_and_the_default(tmp_path, monkeypatch, capsys, data_root):
