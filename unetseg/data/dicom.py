@@ -31,13 +31,14 @@ MAX_ZIP_MEMBERS = 5000
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 # A deflated DICOM may inflate to at most this many bytes per pixel of the budget (16-bit pixels plus headers).
 INFLATED_BYTES_PER_PIXEL = 4
+DEFLATE_PIECE_BYTES = 1024
 
 
 def _check_inflated_size(data: bytes, source: str | Path) -> None:
     """Refuse a deflated-transfer-syntax file that inflates past the budget, before pydicom inflates it.
 
-    The inflated bytes are counted in 1 MB pieces and thrown away, so the check
-    itself never holds more than one piece.
+    The body is inflated 1 KB of input at a time and the output counted and thrown
+    away, so the check itself never holds more than about 1 MB.
     """
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
@@ -50,11 +51,16 @@ def _check_inflated_size(data: bytes, source: str | Path) -> None:
     if syntax != DEFLATED_SYNTAX:
         return
     limit = INFLATED_BYTES_PER_PIXEL * max_pixels()
+    body = stream.read()
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
     try:
-        total = len(inflater.decompress(stream.read(), 1 << 20))
-        while inflater.unconsumed_tail and total <= limit:
-            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+        # Bounded input pieces, not max_length: the loop ends with the input whatever zlib build runs it,
+        # and deflate's ratio (at most ~1032:1) keeps each piece's output near 1 MB.
+        for start in range(0, len(body), DEFLATE_PIECE_BYTES):
+            total += len(inflater.decompress(body[start:start + DEFLATE_PIECE_BYTES]))
+            if total > limit or inflater.eof:
+                break
     except zlib.error:
         raise DataError(source, "deflated DICOM data is corrupt; check the file is complete") from None
     if total > limit:
