@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ from unetseg.infer import Segmenter, model_card, resolve_checkpoint, shipped_mod
 
 log = logging.getLogger("unetseg.viewer")
 
-VOLUME_MODEL, IMAGE_MODEL = "hippocampus_2d", "dsb2018_2d"
 NO_SAMPLE = "(none)"
 WHAT = {"nifti": "volume", "image2d": "2D image"}
+NOSKIP = "_noskip"  # a shipped model ``x`` and its ablation twin ``x_noskip`` differ only in the long skips
 
 
 # ---------------------------------------------------------------- cached work (all of it via unetseg)
@@ -130,44 +131,78 @@ def sidebar_models() -> dict[str, str]:
 
 
 def suits(card: dict[str, Any], kind: str) -> bool:
-    """Whether a model (its card) was made for this kind of input; unknown training data suit anything."""
+    """Whether a model (its card) can serve this kind of input: made for it, or of unknown training data
+    (then anything but a 3D network on a 2D image)."""
+    if kind == "image2d" and card.get("spatial_dims") == 3:
+        return False
     return card.get("input_kind") in (None, kind)
 
 
+def validation_dice(card: dict[str, Any]) -> float:
+    """The mean Dice in a model's ``metrics.json`` (its validation split, no TTA), or -inf when not recorded."""
+    dice = (card.get("metrics") or {}).get("mean_dice")
+    return float(dice) if isinstance(dice, (int, float)) and math.isfinite(dice) else -math.inf
+
+
+def best_model(cards: dict[str, dict[str, Any]], kind: str) -> str | None:
+    """Of the models made for a ``kind`` of input, the one with the highest validation Dice; None if none is.
+
+    Models without recorded metrics rank last; ties go to the first listed.
+    """
+    made_for = [ref for ref, card in cards.items() if card.get("input_kind") == kind and suits(card, kind)]
+    return max(made_for, key=lambda ref: validation_dice(cards[ref]), default=None)
+
+
 def default_model(refs: dict[str, str], kind: str) -> str:
-    """The model for a ``kind`` of input: the shipped default, else the first made for it, else the first."""
-    preferred = VOLUME_MODEL if kind == "nifti" else IMAGE_MODEL
-    if preferred in refs:
-        return preferred
+    """The model for a ``kind`` of input: the best shipped one made for it, else the first that suits, else the first.
+
+    Checkpoints typed into the sidebar are never picked by default, only by hand.
+    """
+    shipped = set(shipped_models())
+    best = best_model({ref: cached_card(key) for ref, key in refs.items() if ref in shipped}, kind)
+    if best is not None:
+        return best
     return next((ref for ref, key in refs.items() if suits(cached_card(key), kind)), next(iter(refs)))
 
 
-def counterpart(ref: str, refs: dict[str, str]) -> str:
-    """The no-skip twin of a model (or the skip twin of a no-skip one), else another model."""
-    twin = ref[: -len("_noskip")] if ref.endswith("_noskip") else f"{ref}_noskip"
-    if twin in refs:
-        return twin
-    return next((r for r in refs if r != ref), ref)
+def twin_of(ref: str) -> str:
+    """The name of a model's ablation twin: ``x`` <-> ``x_noskip``."""
+    return ref[: -len(NOSKIP)] if ref.endswith(NOSKIP) else f"{ref}{NOSKIP}"
+
+
+def no_twin_note(ref: str, shipped: bool) -> str:
+    what = "skip" if ref.endswith(NOSKIP) else "no-skip"
+    which = f" (no {twin_of(ref)})" if shipped else ""
+    return f"{ref} has no {what} twin shipped{which}; choose the second model below."
 
 
 def pick_models(refs: dict[str, str], kind: str, input_key: str) -> tuple[str, str | None]:
-    """Model picker (and a second one in compare mode); a new input selects a model suited to it."""
+    """Model picker (and a second one in compare mode); a new input selects a model suited to it.
+
+    In compare mode the second model is the first one's twin (``x`` <-> ``x_noskip``), set afresh whenever
+    the first model or the input changes; a model without a twin says so and gets the best other model
+    for the input, which the user may change.
+    """
     if st.session_state.get("_models_for") != input_key:  # a new input: keep the choice only if it suits
         st.session_state["_models_for"] = input_key
         current = st.session_state.get("model")
         if current not in refs or not suits(cached_card(refs[current]), kind):
             st.session_state["model"] = default_model(refs, kind)
-        st.session_state.pop("model_b", None)
+        st.session_state.pop("_pair_for", None)
     if st.session_state.get("model") not in refs:
         st.session_state["model"] = default_model(refs, kind)
     options = list(refs)
     first = st.sidebar.selectbox("Model", options, key="model", format_func=lambda r: model_label(r, refs))
-    compare = st.sidebar.checkbox("Compare two models", key="compare")
-    second = None
-    if compare:
-        if st.session_state.get("model_b") not in refs:
-            st.session_state["model_b"] = counterpart(first, refs)
-        second = st.sidebar.selectbox("Second model", options, key="model_b", format_func=lambda r: model_label(r, refs))
+    if not st.sidebar.checkbox("Compare two models", key="compare"):
+        return first, None
+    twin = twin_of(first)
+    if st.session_state.get("_pair_for") != first or st.session_state.get("model_b") not in refs:
+        st.session_state["_pair_for"] = first
+        others = {ref: key for ref, key in refs.items() if ref != first} or refs
+        st.session_state["model_b"] = twin if twin in refs else default_model(others, kind)
+    if twin not in refs:
+        st.sidebar.info(no_twin_note(first, first in shipped_models()))
+    second = st.sidebar.selectbox("Second model", options, key="model_b", format_func=lambda r: model_label(r, refs))
     return first, second
 
 

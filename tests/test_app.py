@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import gzip
+import importlib.util
 import io as pyio
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,13 +25,14 @@ from unetseg import display
 from unetseg.data import io
 from unetseg.data.datasets import dataset_info, list_cases, load_cases
 from unetseg.evaluate import evaluate_cases, summarize
-from unetseg.infer import PRETRAINED_DIR, Segmenter, shipped_models
+from unetseg.infer import PRETRAINED_DIR, Segmenter, model_card, shipped_models
 
 from .conftest import REPO
 
 APP = REPO / "apps" / "viewer.py"
 CASE = "hippocampus_003"
 DSB_CASE = "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552"  # 256 x 256
+VOLUME_MODEL = "hippocampus_3d"  # the viewer's default for volumes: the best validation Dice of the volume models
 
 
 def require_shipped(*names: str) -> None:
@@ -87,6 +90,18 @@ def ok(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def load_viewer():
+    """``apps/viewer.py`` as a module (``main`` does not run), for its plain functions."""
+    spec = importlib.util.spec_from_file_location("viewer_under_test", APP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
 def captions(at: AppTest) -> list[str]:
     return [c for image in at.image for c in image.captions]
 
@@ -107,17 +122,17 @@ def predicted(model: str, path: Path) -> np.ndarray:
 
 
 def test_nifti_upload_shows_overlay_legend_sizes_and_download(app, data_root, model_calls):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     ok(app)
-    assert app.selectbox(key="model").value == "hippocampus_2d"  # picked for a volume
+    assert app.selectbox(key="model").value == VOLUME_MODEL  # picked for a volume
     shape = nib.load(image_path).shape
-    assert captions(app)[0] == f"hippocampus_2d: axial slice {shape[2] // 2}"
+    assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice {shape[2] // 2}"
     assert app.slider(key="slice").max == shape[2] - 1
     legend = next(m.value for m in app.markdown if m.value.startswith("Legend"))
     assert "anterior" in legend and "posterior" in legend and display.legend(("b", "a", "p"))[0][1] in legend
-    labels = predicted("hippocampus_2d", image_path)
+    labels = predicted(VOLUME_MODEL, image_path)
     sizes = table_with(app, "volume (mm³)")
     counts = np.bincount(labels.ravel(), minlength=3)
     voxel = display.voxel_volume(nib.load(image_path).affine)
@@ -127,17 +142,72 @@ def test_nifti_upload_shows_overlay_legend_sizes_and_download(app, data_root, mo
     assert model_calls == ["predict"]
 
 
+def test_default_model_is_the_best_validation_dice_made_for_the_input():
+    viewer = load_viewer()
+
+    def card(kind, dims, dice):
+        return {"input_kind": kind, "spatial_dims": dims, "metrics": None if dice is None else {"mean_dice": dice}}
+
+    cards = {"vol_2d": card("nifti", 2, 0.868), "vol_3d": card("nifti", 3, 0.887), "vol_new": card("nifti", 3, None),
+             "img": card("image2d", 2, 0.906), "img_noskip": card("image2d", 2, 0.895), "any": card(None, 2, 0.99)}
+    assert viewer.best_model(cards, "nifti") == "vol_3d"
+    assert viewer.best_model(cards, "image2d") == "img"
+    assert viewer.best_model({"a": card("nifti", 2, None), "b": card("nifti", 3, None)}, "nifti") == "a"  # first listed
+    assert viewer.best_model({"a": card("nifti", 3, float("nan")), "b": card("nifti", 2, 0.5)}, "nifti") == "b"
+    assert viewer.best_model({"a": card("image2d", 3, 0.9), "b": card(None, 2, 0.9)}, "image2d") is None
+    shipped = {name: model_card(name) for name in shipped_models()}
+    for kind in ("nifti", "image2d"):  # the shipped models' own metrics.json decide
+        made_for = {n: c["metrics"]["mean_dice"] for n, c in shipped.items() if c["input_kind"] == kind}
+        assert viewer.best_model(shipped, kind) == max(made_for, key=made_for.get)
+    require_shipped(VOLUME_MODEL, "dsb2018_2d")
+    assert viewer.best_model(shipped, "nifti") == VOLUME_MODEL
+    assert viewer.best_model(shipped, "image2d") == "dsb2018_2d"
+    assert [viewer.twin_of(n) for n in ("hippocampus_2d", "hippocampus_2d_noskip")] == [
+        "hippocampus_2d_noskip", "hippocampus_2d"]
+
+
+def test_a_volume_gets_the_3d_model_by_default_and_a_mask_of_its_shape(app, data_root, monkeypatch):
+    require_shipped(VOLUME_MODEL)
+    image_path, _ = hippocampus_files(data_root)
+    volume = nib.load(image_path).get_fdata()[1:34, 2:49, 3:32].astype(np.float32)  # odd sizes: 33 x 47 x 29
+    affine = np.diag([-1.2, 1.0, 1.5, 1.0])  # mirrored x, anisotropic voxels
+    shapes = []
+    predict = Segmenter.predict
+
+    def recording_predict(self, *args, **kwargs):
+        labels = predict(self, *args, **kwargs)
+        shapes.append((self.spatial_dims, labels.shape))
+        return labels
+
+    monkeypatch.setattr(Segmenter, "predict", recording_predict)
+    upload(app, "image_upload", "odd.nii.gz", gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
+    ok(app)
+    assert app.selectbox(key="model").value == VOLUME_MODEL
+    assert shapes == [(3, volume.shape)]  # the 3D network, one mask voxel per input voxel
+    assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice {volume.shape[2] // 2}"
+    assert app.slider(key="slice").max == volume.shape[2] - 1
+    labels = Segmenter.from_checkpoint(VOLUME_MODEL).predict_proba(volume).argmax(axis=0)
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert counts[1:].min() > 0  # it finds both hippocampus parts in the cropped case
+    sizes = table_with(app, "volume (mm³)")
+    assert sizes["voxels"].tolist() == counts[1:].tolist()
+    assert sizes["volume (mm³)"].tolist() == pytest.approx((counts[1:] * 1.2 * 1.5).tolist())
+    app.radio(key="plane").set_value("sagittal").run()
+    ok(app)
+    assert captions(app)[0] == f"{VOLUME_MODEL}: sagittal slice {volume.shape[0] // 2}"
+
+
 def test_slider_plane_window_and_opacity_never_rerun_the_model(app, data_root, model_calls):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     first = app.image[0].value
     app.slider(key="slice").set_value(5).run()
     ok(app)
-    assert captions(app)[0] == "hippocampus_2d: axial slice 5" and app.image[0].value != first
+    assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice 5" and app.image[0].value != first
     app.radio(key="plane").set_value("coronal").run()
     shape = nib.load(image_path).shape
-    assert captions(app)[0] == f"hippocampus_2d: coronal slice {shape[1] // 2}"
+    assert captions(app)[0] == f"{VOLUME_MODEL}: coronal slice {shape[1] // 2}"
     assert app.slider(key="slice").max == shape[1] - 1
     before = app.image[0].value
     app.slider(key="opacity").set_value(0.9).run()
@@ -150,7 +220,7 @@ def test_slider_plane_window_and_opacity_never_rerun_the_model(app, data_root, m
 
 
 def test_switching_models_predicts_once_per_model_and_caches(app, data_root, model_calls):
-    require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
+    require_shipped(VOLUME_MODEL, "hippocampus_2d_noskip")
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     app.selectbox(key="model").set_value("hippocampus_2d_noskip").run()
@@ -159,8 +229,8 @@ def test_switching_models_predicts_once_per_model_and_caches(app, data_root, mod
     sizes = table_with(app, "voxels")
     labels = predicted("hippocampus_2d_noskip", image_path)
     assert sizes["voxels"].tolist() == np.bincount(labels.ravel(), minlength=3)[1:].tolist()
-    app.selectbox(key="model").set_value("hippocampus_2d").run()
-    assert captions(app)[0].startswith("hippocampus_2d:")
+    app.selectbox(key="model").set_value(VOLUME_MODEL).run()
+    assert captions(app)[0].startswith(f"{VOLUME_MODEL}:")
     assert model_calls == ["predict", "predict"]  # switching back is served from the cache
 
 
@@ -168,9 +238,11 @@ def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement
     require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.selectbox(key="model").set_value("hippocampus_2d").run()
     app.checkbox(key="compare").check().run()
     ok(app)
     assert app.selectbox(key="model_b").value == "hippocampus_2d_noskip"  # default: the no-skip twin
+    assert not app.info  # it has a twin: nothing to say
     shown = captions(app)
     assert shown[0].startswith("hippocampus_2d:") and shown[1].startswith("hippocampus_2d_noskip:")
     a, b = predicted("hippocampus_2d", image_path), predicted("hippocampus_2d_noskip", image_path)
@@ -179,7 +251,32 @@ def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement
     assert shown[2] == f"disagreement (magenta): {here} here, {int((a != b).sum())} in all ({float((a != b).mean()):.2%})"
     app.slider(key="slice").set_value(0).run()
     assert captions(app)[2].startswith(f"disagreement (magenta): {int((a[:, :, 0] != b[:, :, 0]).sum())} here")
-    assert model_calls == ["predict", "predict"]
+    assert model_calls == ["predict"] * 3  # the default model on upload, then each model of the pair once
+
+
+def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root, model_calls):
+    require_shipped(VOLUME_MODEL, "hippocampus_2d", "hippocampus_2d_noskip")
+    assert f"{VOLUME_MODEL}_noskip" not in shipped_models(), "the 3D no-skip twin ships now: pick a model without one"
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    app.checkbox(key="compare").check().run()
+    ok(app)
+    assert [i.value for i in app.info] == [
+        f"{VOLUME_MODEL} has no no-skip twin shipped (no {VOLUME_MODEL}_noskip); choose the second model below."]
+    assert app.selectbox(key="model_b").value == "hippocampus_2d"  # the next best volume model
+    shown = captions(app)
+    assert shown[0].startswith(f"{VOLUME_MODEL}:") and shown[1].startswith("hippocampus_2d:")
+    assert shown[2].startswith("disagreement (magenta): ")
+    app.selectbox(key="model_b").set_value("hippocampus_2d_noskip").run()  # the user's choice
+    ok(app)
+    assert captions(app)[1].startswith("hippocampus_2d_noskip:")
+    app.slider(key="slice").set_value(2).run()
+    assert app.selectbox(key="model_b").value == "hippocampus_2d_noskip"  # kept while the first model stays
+    app.selectbox(key="model").set_value("hippocampus_2d_noskip").run()  # a model with a twin: paired again
+    ok(app)
+    assert app.selectbox(key="model_b").value == "hippocampus_2d" and not app.info
+    assert captions(app)[:2] == ["hippocampus_2d_noskip: axial slice 2", "hippocampus_2d: axial slice 2"]
+    assert model_calls == ["predict"] * 3  # one prediction per model
 
 
 def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tuple[Segmenter, dict]:
@@ -191,23 +288,23 @@ def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tupl
 
 
 def test_ground_truth_metrics_equal_unetseg_evaluate_for_the_case(app, data_root):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, label_path = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     upload(app, "label_upload", label_path.name, label_path.read_bytes())
     ok(app)
-    segmenter, row = evaluate_one_case("hippocampus_2d", "hippocampus", CASE, data_root)
+    segmenter, row = evaluate_one_case(VOLUME_MODEL, "hippocampus", CASE, data_root)
     metrics = table_with(app, "Dice")
     assert metrics["class"].tolist() == ["anterior", "posterior"]
     for _, r in metrics.iterrows():
         assert r["Dice"] == row[f"dice_{r['class']}"]  # same computation, so exactly equal
         assert r["HD95 (mm)"] == row[f"hd95_{r['class']}"]
     assert app.metric[0].value == f"{summarize([row], segmenter.class_names)['mean_dice']:.4f}"
-    assert any(c.startswith("errors of hippocampus_2d: red false positive") for c in captions(app))
+    assert any(c.startswith(f"errors of {VOLUME_MODEL}: red false positive") for c in captions(app))
 
 
 def test_uncertainty_layer_shows_flip_tta_disagreement(app, data_root, model_calls):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     app.checkbox(key="uncertainty").check().run()
@@ -215,15 +312,15 @@ def test_uncertainty_layer_shows_flip_tta_disagreement(app, data_root, model_cal
     shown = captions(app)[-1]
     app.slider(key="slice").set_value(3).run()
     assert model_calls == ["predict", "flips"]
-    assert captions(app)[-1].startswith("uncertainty of hippocampus_2d")
+    assert captions(app)[-1].startswith(f"uncertainty of {VOLUME_MODEL}")
     image, _ = io.read_image(image_path)
-    vote = display.vote_disagreement(Segmenter.from_checkpoint("hippocampus_2d").flip_predictions(image, channel_axis=0))
+    vote = display.vote_disagreement(Segmenter.from_checkpoint(VOLUME_MODEL).flip_predictions(image, channel_axis=0))
     assert 0 < (vote > 0).mean() < 0.5
     assert f"flip-TTA members disagree on {float((vote > 0).mean()):.2%} of the volume" in shown
 
 
 def test_sample_case_from_the_data_root_comes_with_its_label(app, data_root):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     app.sidebar.text_input(key="data_root").set_value(str(data_root)).run()
     app.selectbox(key="sample_dataset").set_value("hippocampus").run()
     app.selectbox(key="sample_case").set_value(CASE).run()
@@ -246,7 +343,7 @@ def test_checkpoint_path_in_the_sidebar_joins_the_model_picker(app, data_root, t
 
 
 def test_dicom_series_zip_and_single_slice(app):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     from .test_dicom import dicom_bytes, zip_bytes
 
     rng = np.random.default_rng(0)
@@ -255,16 +352,16 @@ def test_dicom_series_zip_and_single_slice(app):
     upload(app, "image_upload", "series.zip", zip_bytes(files))
     ok(app)
     assert "volume of shape (48, 40, 6)" in app.caption[0].value
-    assert captions(app)[0] == "hippocampus_2d: axial slice 3"
+    assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice 3"
     assert app.download_button(key="download").label.endswith("(series_prediction.nii.gz)")
     upload(app, "image_upload", "IM0.dcm", files["IM0.dcm"])
     ok(app)
     assert "volume of shape (48, 40, 1)" in app.caption[0].value
-    assert captions(app)[0] == "hippocampus_2d: axial slice 0"
+    assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice 0"
     assert any("single slice" in c.value for c in app.caption)
     app.radio(key="plane").set_value("sagittal").run()
     ok(app)
-    assert captions(app)[0] == "hippocampus_2d: sagittal slice 24"
+    assert captions(app)[0] == f"{VOLUME_MODEL}: sagittal slice 24"
 
 
 # ---------------------------------------------------------------- 2D images
@@ -307,7 +404,7 @@ def test_dsb_ground_truth_from_a_zip_of_masks_equals_unetseg_evaluate(app, data_
 
 
 def test_mismatched_models_get_a_warning(app, data_root):
-    require_shipped("hippocampus_2d", "dsb2018_2d")
+    require_shipped(VOLUME_MODEL, "hippocampus_2d", "dsb2018_2d")
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     app.selectbox(key="model").set_value("dsb2018_2d").run()
@@ -321,6 +418,10 @@ def test_mismatched_models_get_a_warning(app, data_root):
     ok(app)
     assert len(app.warning) == 1 and "trained on hippocampus" in app.warning[0].value
     assert captions(app)[0] == "hippocampus_2d: image"  # it still runs: grey conversion
+    app.selectbox(key="model").set_value(VOLUME_MODEL).run()
+    assert not app.error and not app.exception
+    assert len(app.warning) == 1 and "this 3D model segments volumes" in app.warning[0].value
+    assert len(app.image) == 0  # a 3D network cannot run on a 2D image
 
 
 # ---------------------------------------------------------------- bad input
@@ -370,7 +471,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("kind", list(EXPECTED))
 def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_root, monkeypatch):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     name, data = bad_upload(kind, data_root)
     image_path, _ = hippocampus_files(data_root)
     image, _ = io.read_image(image_path)
@@ -390,7 +491,7 @@ def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_roo
     def send_good() -> None:
         upload(app, "image_upload", image_path.name, image_path.read_bytes())
         ok(app)
-        assert captions(app)[0] == f"hippocampus_2d: axial slice {z // 2}"  # with fresh view defaults
+        assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice {z // 2}"  # with fresh view defaults
         assert app.slider(key="width").value == pytest.approx(display.default_window(image)[1])
 
     send_bad()
@@ -400,14 +501,14 @@ def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_roo
 
 
 def test_bad_ground_truth_is_reported_and_the_prediction_still_shows(app, data_root):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, _ = hippocampus_files(data_root)
     _, other_label = hippocampus_files(data_root, "hippocampus_001")  # another case: another shape
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     upload(app, "label_upload", other_label.name, other_label.read_bytes())
     assert not app.exception and len(app.error) == 1
     assert "Ground truth not used" in app.error[0].value and "does not match the image shape" in app.error[0].value
-    assert captions(app)[0].startswith("hippocampus_2d:")
+    assert captions(app)[0].startswith(f"{VOLUME_MODEL}:")
 
 
 # ---------------------------------------------------------------- hostile checkpoints and cross-user caches
@@ -434,7 +535,7 @@ def test_class_names_from_a_checkpoint_are_escaped_in_the_legend(app, data_root,
 
 
 def test_download_is_named_after_this_upload_not_an_earlier_one_with_the_same_bytes(app, data_root):
-    require_shipped("hippocampus_2d")
+    require_shipped(VOLUME_MODEL)
     image_path, _ = hippocampus_files(data_root)
     data = image_path.read_bytes()
     upload(app, "image_upload", "smith_john_MRN123456.nii.gz", data)
