@@ -17,6 +17,7 @@ import html
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ log = logging.getLogger("unetseg.viewer")
 NO_SAMPLE = "(none)"
 WHAT = {"nifti": "volume", "image2d": "2D image"}
 NOSKIP = "_noskip"  # a shipped model ``x`` and its ablation twin ``x_noskip`` differ only in the long skips
+# Temporary files that ``unetseg.uploads`` reads uploads through: their paths must never reach the page.
+TEMP_PATH = re.compile(r"[^\s\"'()]*unetseg-(?:upload|download)-[^\s\"'()]*")
 
 
 # ---------------------------------------------------------------- cached work (all of it via unetseg)
@@ -116,18 +119,38 @@ def model_label(ref: str, keys: dict[str, str]) -> str:
 
 
 def sidebar_models() -> dict[str, str]:
-    """The models on offer: shipped ones and a checkpoint path from the sidebar; ``{ref: model_key}``."""
+    """The models on offer: shipped ones and a checkpoint path from the sidebar; ``{ref: model_key}``.
+
+    A checkpoint that cannot be used, for whatever reason, is one error line under the box and is left out;
+    the rest of the page (and the upload) carries on.
+    """
     refs = {name: model_key(name) for name in shipped_models()}
     path = st.sidebar.text_input("Checkpoint path (optional)", key="checkpoint_path",
                                  help="a .pt file or a run folder from `unetseg train`").strip()
     if path:
         try:
             key = model_key(path)
-            cached_card(key)  # loads the checkpoint once: a bad file is reported here
+            cached_card(key)
+            load_segmenter(key)  # builds the network (cached): a checkpoint that cannot run is reported here, once
             refs[path] = key
-        except UnetsegError as exc:
-            st.sidebar.error(str(exc))
+        except Exception as exc:  # a file the user names can be broken in any way; none of them may stop the page
+            log.warning("checkpoint %s not used", path, exc_info=True)
+            st.sidebar.error(checkpoint_problem(path, exc))
     return refs
+
+
+def checkpoint_problem(path: str, exc: Exception) -> str:
+    """One line naming the checkpoint, what is wrong with it and what to do."""
+    fix = "give a .pt file or run folder written by `unetseg train` or `unetseg export`, or clear the box"
+    if not isinstance(exc, UnetsegError):  # a failure the loaders do not know yet
+        return public(f"Checkpoint not used: {path}: not a usable unetseg checkpoint ({type(exc).__name__}); {fix}")
+    message = str(exc)  # the loaders' "<path>: <problem>[; <fix>]"
+    return public(f"Checkpoint not used: {message}" if "; " in message else f"Checkpoint not used: {message}; {fix}")
+
+
+def public(message: str, name: str = "the uploaded file") -> str:
+    """``message`` on one line, with the server's temporary upload paths replaced by the upload's ``name``."""
+    return " ".join(TEMP_PATH.sub(name, message).split())
 
 
 def suits(card: dict[str, Any], kind: str) -> bool:
@@ -209,14 +232,23 @@ def pick_models(refs: dict[str, str], kind: str, input_key: str) -> tuple[str, s
 # ---------------------------------------------------------------- inputs
 
 
-def choose_input(sample_refs: dict[str, list]) -> tuple[str, str, bytes, Any] | None:
-    """The image to show: an upload, else a sample case. Returns ``(key, name, bytes, sample ref or None)``."""
+def uploaders() -> tuple[Any, Any]:
+    """The image and ground-truth upload widgets, drawn before anything that may fail (a widget not drawn in a
+    run loses its file)."""
     upload = st.file_uploader(
         "Scan or image: NIfTI (.nii, .nii.gz), DICOM (.dcm, or a .zip of one series), PNG, JPG, TIF",
         key="image_upload",
         help=f"Up to {uploads.max_upload_bytes() / 1e6:g} MB (set {uploads.MAX_UPLOAD_ENV} to change). "
         "Files are read in memory and never saved in the working directory.",
     )
+    label_upload = st.file_uploader(
+        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs", key="label_upload"
+    )
+    return upload, label_upload
+
+
+def choose_input(upload, sample_refs: dict[str, list]) -> tuple[str, str, bytes, Any] | None:
+    """The image to show: an upload, else a sample case. Returns ``(key, name, bytes, sample ref or None)``."""
     if upload is not None:
         return upload_digest(upload), upload.name, upload.getvalue(), None
     dataset = st.session_state.get("sample_dataset")
@@ -360,19 +392,18 @@ def main() -> None:
     try:
         page()
     except UnetsegError as exc:  # user-caused: one line, no traceback
-        st.error(str(exc))
+        st.error(public(str(exc)))
     except Exception as exc:  # a bug: still no traceback in the page; the server log has it
         log.exception("viewer failed")
-        st.error(f"Something went wrong ({type(exc).__name__}: {exc}). The app keeps running; try another file or model.")
+        st.error(public(f"Something went wrong ({type(exc).__name__}: {exc}). "
+                        "The app keeps running; try another file or model."))
 
 
 def page() -> None:
+    upload, label_upload = uploaders()
     refs = sidebar_models()
     sample_refs = sidebar_samples()
-    chosen = choose_input(sample_refs)
-    label_upload = st.file_uploader(
-        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs", key="label_upload"
-    )
+    chosen = choose_input(upload, sample_refs)
     if not refs:
         st.error("No models found: no shipped models are installed; give a checkpoint path in the sidebar.")
         return
@@ -384,7 +415,11 @@ def page() -> None:
         uploads.check_bytes(name, data)  # before the cache: the size limit holds for files read earlier too
         image, meta = decode_upload(key, name, data)
     except DataError as exc:
-        st.error(str(exc))
+        st.error(public(str(exc), name))
+        return
+    problem = orientation_problem(meta, uploads.upload_kind(name, data) == "dicom") if image.ndim == 4 else None
+    if problem:
+        st.error(f"{name}: {problem}")
         return
     source = Input(key, name, image, meta, sample)
     first, second = pick_models(refs, meta.kind, key)
@@ -427,6 +462,26 @@ def page() -> None:
     sizes(labels, seg, source)
     download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
+
+
+def orientation_problem(meta: ImageMeta, dicom: bool) -> str | None:
+    """Why a volume's affine or voxel sizes cannot place it in space (and so cannot be shown or saved), else None.
+
+    The readers accept a NIfTI sform/qform holding NaN and an all-zero DICOM ImageOrientationPatient; this
+    check belongs in them (``unetseg.data.io``, ``unetseg.data.dicom``) and goes once they refuse such files.
+    """
+    affine, spacing = np.asarray(meta.affine, dtype=float), np.asarray(meta.spacing, dtype=float)
+    if dicom:
+        fields, fix = "ImageOrientationPatient, ImagePositionPatient or PixelSpacing", "fix those tags or re-export the series"
+        degenerate = "ImageOrientationPatient and PixelSpacing give no three independent axes (an all-zero orientation?)"
+    else:
+        fields, fix = "the header's affine (sform/qform) or voxel sizes (pixdim)", "fix the header or re-export the file"
+        degenerate = "the header's affine (sform/qform) has a zero or repeated axis"
+    if not (np.all(np.isfinite(affine)) and np.all(np.isfinite(spacing))):
+        return f"unusable orientation: {fields} hold NaN or infinite values; {fix}"
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3 or np.any(spacing <= 0):
+        return f"unusable orientation: {degenerate}; {fix}"
+    return None
 
 
 def model_runs_on(seg: Segmenter, ref: str, kind: str) -> bool:
@@ -473,7 +528,7 @@ def ground_truth(label_upload, sample, image_shape, num_classes) -> np.ndarray |
         if sample is not None and sample.label is not None:
             return read_sample_label(str(sample.label), tuple(image_shape), num_classes)
     except DataError as exc:
-        st.error(f"Ground truth not used: {exc}")
+        st.error(public(f"Ground truth not used: {exc}", label_upload.name if label_upload is not None else "the label"))
     return None
 
 

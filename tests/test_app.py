@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import io as pyio
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -88,6 +89,12 @@ def upload(at: AppTest, key: str, name: str, data: bytes) -> AppTest:
 def ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def assert_public(message: str) -> None:
+    """One line that never shows where the server keeps an upload's temporary file."""
+    assert "\n" not in message, message
+    assert "unetseg-upload" not in message and tempfile.gettempdir() not in message, message
 
 
 def load_viewer():
@@ -438,6 +445,29 @@ def _png(pixels: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def _nifti_with_nan(field: str) -> bytes:
+    """A NIfTI whose sform row x (``srow_x``) or voxel width (``pixdim``) is NaN.
+
+    nibabel refuses to build such an image, so the header of a good one is edited.
+    """
+    good = nib.Nifti1Image(np.arange(8 * 9 * 10, dtype=np.float32).reshape(8, 9, 10), np.eye(4)).to_bytes()
+    header = nib.Nifti1Header.from_fileobj(pyio.BytesIO(good))
+    if field == "srow_x":
+        header["srow_x"] = [np.nan, 0.0, 0.0, 0.0]
+    else:
+        header["pixdim"][1] = np.nan
+    header["sform_code"] = 1
+    return gzip.compress(header.binaryblock + good[len(header.binaryblock):])
+
+
+def _dicom_zero_orientation() -> bytes:
+    """A zip of a four-slice DICOM series whose ImageOrientationPatient is all zero."""
+    from .test_dicom import dicom_bytes, zip_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 800, (40, 48))
+    return zip_bytes({f"IM{k}.dcm": dicom_bytes(pixels, (0.0, 0.0, 2.5 * k), orientation=(0,) * 6) for k in range(4)})
+
+
 def bad_upload(kind: str, data_root: Path) -> tuple[str, bytes]:
     image_path, _ = hippocampus_files(data_root)
     if kind == "wrong type":
@@ -447,6 +477,15 @@ def bad_upload(kind: str, data_root: Path) -> tuple[str, bytes]:
     if kind == "truncated":
         data = image_path.read_bytes()
         return image_path.name, data[: len(data) // 2]
+    if kind == "truncated .nii":
+        data = gzip.decompress(image_path.read_bytes())
+        return "scan.nii", data[: len(data) // 2]
+    if kind == "NaN affine":
+        return "nan_affine.nii.gz", _nifti_with_nan("srow_x")
+    if kind == "NaN voxel size":
+        return "nan_pixdim.nii.gz", _nifti_with_nan("pixdim")
+    if kind == "zero DICOM orientation":
+        return "series.zip", _dicom_zero_orientation()
     if kind == "corrupt":
         return "cells.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
     if kind == "4D volume":
@@ -462,6 +501,10 @@ EXPECTED = {
     "wrong type": "unsupported file type",
     "empty": "file is empty",
     "truncated": "not a readable NIfTI file",
+    "truncated .nii": "not a readable NIfTI file",
+    "NaN affine": "affine",
+    "NaN voxel size": "NaN",
+    "zero DICOM orientation": "ImageOrientationPatient",
     "corrupt": "not a readable image",
     "4D volume": "expected a 3D volume",
     "wrong channel count": "expected a grey, RGB or RGBA 2D image",
@@ -486,6 +529,8 @@ def test_bad_input_shows_one_error_and_the_app_keeps_working(kind, app, data_roo
         assert len(app.error) == 1
         message = app.error[0].value
         assert message.startswith(f"{name}: ") and EXPECTED[kind] in message and "Traceback" not in message
+        assert "Something went wrong" not in message
+        assert_public(message)
         assert len(app.image) == 0
 
     def send_good() -> None:
@@ -511,7 +556,59 @@ def test_bad_ground_truth_is_reported_and_the_prediction_still_shows(app, data_r
     assert captions(app)[0].startswith(f"{VOLUME_MODEL}:")
 
 
+def test_unreadable_ground_truth_names_the_upload_not_a_temporary_file(app, data_root):
+    require_shipped(VOLUME_MODEL)
+    image_path, label_path = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    data = gzip.decompress(label_path.read_bytes())
+    upload(app, "label_upload", "truth.nii", data[: len(data) // 2])
+    assert not app.exception and len(app.error) == 1
+    message = app.error[0].value
+    assert message.startswith("Ground truth not used: truth.nii: not a readable NIfTI file") and "from truth.nii" in message
+    assert_public(message)
+    assert captions(app)[0].startswith(f"{VOLUME_MODEL}:")
+
+
 # ---------------------------------------------------------------- hostile checkpoints and cross-user caches
+
+
+def broken_checkpoint(kind: str, folder: Path) -> Path:
+    import torch
+
+    from unetseg.infer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+
+    path = folder / f"{kind.replace(' ', '_')}.pt"
+    if kind == "missing":
+        return path
+    if kind == "not a checkpoint":
+        path.write_bytes(b"these are not the weights you are looking for")
+        return path
+    if kind == "no model arguments":
+        torch.save({"format": CHECKPOINT_FORMAT, "class_names": ["background", "x"]}, path)
+        return path
+    payload = load_checkpoint("hippocampus_2d")
+    payload["model_args"] = {**payload["model_args"], "channels": [8, 16, 32, 64]}  # the weights no longer fit
+    return save_checkpoint(payload, path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a checkpoint", "no model arguments", "weights that do not fit"])
+def test_a_broken_checkpoint_path_is_one_error_and_the_page_and_upload_stay(kind, app, data_root, tmp_path):
+    require_shipped(VOLUME_MODEL)
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    before = captions(app)
+    path = broken_checkpoint(kind, tmp_path)
+    app.sidebar.text_input(key="checkpoint_path").set_value(str(path)).run()
+    assert not app.exception
+    assert len(app.error) == 1 and len(app.sidebar.error) == 1  # one line, under the box
+    message = app.sidebar.error[0].value
+    assert message.startswith("Checkpoint not used: ") and str(path) in message and "\n" not in message
+    assert "; " in message.split(str(path), 1)[1]  # what is wrong, then what to do
+    assert str(path) not in app.selectbox(key="model").options
+    assert captions(app) == before  # the upload and its overlay are still there
+    assert app.download_button(key="download").label.endswith(f"({CASE}_prediction.nii.gz)")
+    app.sidebar.text_input(key="checkpoint_path").set_value("").run()
+    ok(app)
 
 
 def test_class_names_from_a_checkpoint_are_escaped_in_the_legend(app, data_root, tmp_path):
