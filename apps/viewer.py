@@ -417,10 +417,6 @@ def page() -> None:
     except DataError as exc:
         st.error(public(str(exc), name))
         return
-    problem = orientation_problem(meta, uploads.upload_kind(name, data) == "dicom") if image.ndim == 4 else None
-    if problem:
-        st.error(f"{name}: {problem}")
-        return
     source = Input(key, name, image, meta, sample)
     first, second = pick_models(refs, meta.kind, key)
     opacity = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
@@ -462,26 +458,6 @@ def page() -> None:
     sizes(labels, seg, source)
     download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
-
-
-def orientation_problem(meta: ImageMeta, dicom: bool) -> str | None:
-    """Why a volume's affine or voxel sizes cannot place it in space (and so cannot be shown or saved), else None.
-
-    The readers accept a NIfTI sform/qform holding NaN and an all-zero DICOM ImageOrientationPatient; this
-    check belongs in them (``unetseg.data.io``, ``unetseg.data.dicom``) and goes once they refuse such files.
-    """
-    affine, spacing = np.asarray(meta.affine, dtype=float), np.asarray(meta.spacing, dtype=float)
-    if dicom:
-        fields, fix = "ImageOrientationPatient, ImagePositionPatient or PixelSpacing", "fix those tags or re-export the series"
-        degenerate = "ImageOrientationPatient and PixelSpacing give no three independent axes (an all-zero orientation?)"
-    else:
-        fields, fix = "the header's affine (sform/qform) or voxel sizes (pixdim)", "fix the header or re-export the file"
-        degenerate = "the header's affine (sform/qform) has a zero or repeated axis"
-    if not (np.all(np.isfinite(affine)) and np.all(np.isfinite(spacing))):
-        return f"unusable orientation: {fields} hold NaN or infinite values; {fix}"
-    if np.linalg.matrix_rank(affine[:3, :3]) < 3 or np.any(spacing <= 0):
-        return f"unusable orientation: {degenerate}; {fix}"
-    return None
 
 
 def model_runs_on(seg: Segmenter, ref: str, kind: str) -> bool:

@@ -34,7 +34,7 @@ import torch
 from unetseg.ablation.study import load_study
 from unetseg.ablation.variants import base_config, build_variants, variant_config
 from unetseg.config import Config, apply_overrides
-from unetseg.plots import read_jsonl
+from unetseg.runlog import read_jsonl
 from unetseg.train import collapsed_classes, fit
 
 # "new" is the shipped hippocampus_2d config as it is; "old" puts back the recipe before the fix.

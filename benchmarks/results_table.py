@@ -14,6 +14,11 @@ import json
 from unetseg.infer import PRETRAINED_DIR, shipped_models
 
 
+def number(value: float | None, digits: int) -> str:
+    """A figure with ``digits`` decimals; "n/a" for an undefined one (null in strict JSON)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def main() -> None:
     print("| model | val cases | mean Dice | per-class Dice | per-class HD95 | epochs | train wall time | time to Dice >= 0.85 |"
           " Dice with flip TTA (flips) | s/case plain / TTA |")
@@ -21,8 +26,8 @@ def main() -> None:
     for name in shipped_models():
         m = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
         t = m["training"]
-        dice = ", ".join(f"{k} {v['dice_mean']:.3f}" for k, v in m["classes"].items())
-        hd = ", ".join(f"{k} {v['hd95_mean']:.2f}" for k, v in m["classes"].items())
+        dice = ", ".join(f"{k} {number(v['dice_mean'], 3)}" for k, v in m["classes"].items())
+        hd = ", ".join(f"{k} {number(v['hd95_mean'], 2)}" for k, v in m["classes"].items())
         reach = t.get("wall_time_to_val_dice_ge_0.85_s")
         reach_txt = "not reached" if reach is None else f"{reach / 60:.1f} min (epoch {t['first_epoch_val_dice_ge_0.85'] + 1})"
         tta = m.get("with_tta")

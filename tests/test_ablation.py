@@ -25,7 +25,7 @@ from unetseg.ablation.variants import base_config, build_variants, variant_confi
 from unetseg.cli import main
 from unetseg.errors import UnetsegError
 from unetseg.model import UNet
-from unetseg.plots import read_jsonl
+from unetseg.runlog import read_jsonl
 from unetseg.train import fit
 
 from .conftest import REPO

@@ -503,7 +503,7 @@ EXPECTED = {
     "truncated": "not a readable NIfTI file",
     "truncated .nii": "not a readable NIfTI file",
     "NaN affine": "affine",
-    "NaN voxel size": "NaN",
+    "NaN voxel size": "pixdim",
     "zero DICOM orientation": "ImageOrientationPatient",
     "corrupt": "not a readable image",
     "4D volume": "expected a 3D volume",

@@ -2,7 +2,7 @@
 
 Uploads a real hippocampus case and its label through the page's own upload
 widgets, checks that the overlay image loads and that the Dice values equal
-``unetseg evaluate``'s for the case, turns on compare mode (skip vs no-skip),
+``unetseg evaluate``'s for the case (default model hippocampus_3d), turns on compare mode (paired with hippocampus_2d),
 saves the page (to ``$UNETSEG_SCREENSHOT``, e.g. ``docs/app_screenshot.png``, else a temp folder), and checks that a broken file
 shows one error and no traceback, after which the page recovers.
 """
@@ -58,7 +58,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 @pytest.fixture(scope="module")
 def server(data_root, tmp_path_factory):
     """The viewer as users start it, from the repository root, on a free local port."""
-    require_shipped("hippocampus_2d", "hippocampus_2d_noskip")
+    require_shipped("hippocampus_3d", "hippocampus_2d")
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or shutil.which("streamlit")
     assert streamlit, "the streamlit command is not installed in this environment"
     port = free_port()
@@ -98,8 +98,8 @@ def browser():
 
 
 def expected_row(data_root: Path) -> dict:
-    """``unetseg evaluate``'s per-case row for CASE with the default model."""
-    segmenter = Segmenter.from_checkpoint("hippocampus_2d")
+    """``unetseg evaluate``'s per-case row for CASE with the default model for volumes (hippocampus_3d)."""
+    segmenter = Segmenter.from_checkpoint("hippocampus_3d")
     refs, info = list_cases(dataset_info("hippocampus"), data_root)
     cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing["normalization"])
     return evaluate_cases(segmenter, cases, progress=False)[0]
@@ -115,7 +115,7 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     assert inputs.count() == 2
 
     inputs.nth(0).set_input_files(str(image_path))
-    overlay = page.locator('[data-testid="stImage"]').filter(has_text="hippocampus_2d: axial slice").locator("img")
+    overlay = page.locator('[data-testid="stImage"]').filter(has_text="hippocampus_3d: axial slice").locator("img")
     overlay.wait_for(timeout=120_000)  # the input shows first; the overlay replaces it when the model is done
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000)
 
@@ -127,9 +127,9 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     text = table.inner_text()
     for name in ("anterior", "posterior"):
         assert f"{row[f'dice_{name}']:.4f}" in text, (name, text)
-    page.get_by_text("Compare two models").click()  # skip vs no-skip, for the screenshot too
+    page.get_by_text("Compare two models").click()  # hippocampus_3d has no no-skip twin: paired with the next best
     page.get_by_text("disagreement (magenta)").wait_for(timeout=60_000)
-    assert page.get_by_text("hippocampus_2d_noskip: axial slice").count() >= 1
+    assert page.get_by_text("hippocampus_2d: axial slice").count() >= 1
     page.wait_for_timeout(1000)  # let the last images paint
     shot = REPO / SCREENSHOT_TARGET if SCREENSHOT_TARGET else tmp_path / "app_screenshot.png"
     page.screenshot(path=str(shot), full_page=True)

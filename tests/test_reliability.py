@@ -276,21 +276,155 @@ def test_partial_last_metrics_line_and_stale_temp_files_do_not_stop_resume(tmp_p
     assert [r["epoch"] for r in rows] == [0, 1]
     assert not list(run.glob(".*.pt.*"))
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{broken\n{"epoch": 1}\n')
-    from unetseg.train import _read_run_log
+    from unetseg.runlog import read_jsonl
 
     with pytest.raises(UnetsegError, match="metrics.jsonl: line 2 is not valid JSON"):
-        _read_run_log(run / "metrics.jsonl")
+        read_jsonl(run / "metrics.jsonl")
 
 
 def test_non_finite_loss_stops_training_with_one_line_naming_the_setting(tmp_path, data_root, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--set", "train.lr=.inf", "--set", "data.max_cases=8", "--set", "train.steps_per_epoch=3",
+    rc = main(["train", "--set", "train.lr=1e30", "--set", "data.max_cases=8", "--set", "train.steps_per_epoch=3",
                "--set", "train.batch_size=8", "--set", "model.channels=[4, 8, 16]", "--set", "data.patch_size=[48, 64]",
                "--epochs", "2", "--out", str(out), "--data-root", str(data_root), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
-    assert "training loss became nan" in err and "lower train.lr (now inf)" in err
+    assert "training loss became nan" in err and "lower train.lr (now 1e+30)" in err
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+# ------------------------------------------------------------------ one line for every user error
+
+BAD_SETTINGS = [
+    ("model.norm=foo", "model.norm='foo' must be one of 'batch', 'instance', 'group'"),
+    ("model.merge=foo", "model.merge='foo' must be one of 'concat', 'add'"),
+    ("model.channels=[]", "model.channels=[] needs at least 2 levels"),
+    ("model.channels=[8]", "model.channels=[8] needs at least 2 levels"),
+    ("model.channels=[8, 0]", "model.channels=[8, 0] needs at least 2 levels of at least 1 feature map"),
+    ("model.dropout=2", "model.dropout=2 must be below 1"),
+    ("model.spatial_dims=4", "model.spatial_dims=4 must be one of 2, 3"),
+    ("data.normalization=foo", "data.normalization='foo' must be one of 'percentile', 'zscore'"),
+    ("data.slice_axis=5", "data.slice_axis=5 must be one of 0, 1, 2"),
+    ("data.patch_size=[3]", "data.patch_size=[3] needs 2 sizes (model.spatial_dims), each at least 8"),
+    ("data.patch_size=[4, 64]", "data.patch_size=[4, 64] needs 2 sizes"),
+    ("data.val_fraction=5", "data.val_fraction=5 must be below 1"),
+    ("data.dataset=foo", "data.dataset='foo' must be one of"),
+    ("data.fold=3", "data.fold=3 must be below data.num_folds=3"),
+    ("train.lr=.nan", "train.lr=nan must be a finite number"),
+    ("train.lr=.inf", "train.lr=inf must be a finite number"),
+    ("train.device=tpu", "train.device='tpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("train.schedule=foo", "train.schedule='foo' must be one of 'cosine', 'poly'"),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_every_bad_setting_is_one_line_before_any_training(setting, message, tmp_path, capsys):
+    extra = ["--set", "data.num_folds=3"] if setting.startswith("data.fold") else []
+    out = tmp_path / "run"
+    assert main(["train", "--set", setting, *extra, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and message in err, err
+    assert not out.exists()  # refused before the run folder or the data were touched
+
+
+def test_a_config_file_with_no_levels_is_one_line_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  channels: []\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{config}: model.channels=[] needs at least 2 levels" in err
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, data_root, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    rc = main(["train", "--out", str(blocker / "run"), "--data-root", str(data_root), "--set", "data.max_cases=4",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert str(blocker / "run") in err and "Not a directory" in err and blocker.read_text() == "mine"
+
+
+def damaged(tmp_path, name: str, change) -> str:
+    """The shipped hippocampus_2d checkpoint with ``change(payload)`` applied, saved as ``name``."""
+    import torch
+
+    from unetseg.infer import resolve_checkpoint
+
+    payload = torch.load(resolve_checkpoint("hippocampus_2d"), weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("no_weights.pt", lambda p: p.pop("state_dict"), "damaged checkpoint: entry 'state_dict' is missing"),
+    ("no_names.pt", lambda p: p.pop("class_names"), "entry 'class_names' is missing"),
+    ("bad_args.pt", lambda p: p["model_args"].update(widths=3), "do not fit the network"),
+    ("shapes.pt", lambda p: p["state_dict"].update({"encoder.0.conv1.weight": np.zeros((3, 3), np.float32)}),
+     "size mismatch for encoder.0.conv1.weight"),
+    ("other_net.pt", lambda p: p.update(state_dict={"fc.weight": np.zeros((2, 2), np.float32)}), "Missing key(s)"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, data_root, capsys, name, change, message):
+    import torch
+
+    def to_torch(payload):
+        change(payload)
+        payload["state_dict"] = {k: torch.as_tensor(v) for k, v in payload.get("state_dict", {}).items()} \
+            if "state_dict" in payload else None
+        if payload["state_dict"] is None:
+            payload.pop("state_dict")
+
+    path = damaged(tmp_path, name, to_torch)
+    scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
+    assert main(["predict", "--checkpoint", path, str(scan), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and path in err and message in err, err
+
+
+def test_a_nifti_with_a_nan_affine_is_one_line(tmp_path, capsys):
+    header = nib.Nifti1Header()
+    header.set_data_shape((8, 9, 10))
+    header.set_data_dtype(np.float32)
+    header["srow_x"], header["srow_y"], header["srow_z"] = [np.nan, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]
+    header["sform_code"], header["qform_code"], header["vox_offset"] = 1, 0, 352
+    path = tmp_path / "nan_affine.nii"
+    path.write_bytes(header.binaryblock + b"\x00" * 4 + np.ones((8, 9, 10), np.float32).tobytes(order="F"))
+    with pytest.raises(DataError, match="nan_affine.nii: the header's orientation .* is not finite or is singular"):
+        io.read_image(path)
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "not finite or is singular" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["training"][0].pop("image"), "'training' entry 0 needs an 'image' path"),
+    (lambda d: d.__setitem__("labels", {"a": "background", "b": "x"}), "'labels' keys must be class indices"),
+    (lambda d: d.__setitem__("labels", {"0": "background", "2": "x"}), "keys must be the class indices 0..1, got [0, 2]"),
+    (lambda d: d.__setitem__("training", ["x", 3]), "'training' entry 1 needs an 'image' path"),
+])
+def test_a_broken_dataset_json_is_one_line_naming_it(tmp_path, data_root, change, message):
+    from unetseg.data.datasets import list_msd_cases
+
+    original = data_root / "Task04_Hippocampus" / "dataset.json"
+    manifest = json.loads(original.read_text())
+    change(manifest)
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"dataset.json: .*{__import__('re').escape(message)}"):
+        list_msd_cases(tmp_path)
+
+
+def test_json_outputs_are_strict_null_for_undefined_values(tmp_path):
+    from unetseg.runlog import append_jsonl, dumps, read_jsonl, write_json
+
+    value = {"hd95": float("nan"), "far": np.float32(np.inf), "list": [np.float64(-np.inf), np.int64(2)], "ok": 0.5}
+    assert dumps(value) == '{"hd95": null, "far": null, "list": [null, 2], "ok": 0.5}'
+    append_jsonl(tmp_path / "log.jsonl", value)
+    write_json(tmp_path / "summary.json", value)
+    for path in (tmp_path / "log.jsonl", tmp_path / "summary.json"):
+        json.loads(path.read_text().splitlines()[0] if path.suffix == ".jsonl" else path.read_text(),
+                   parse_constant=lambda c: pytest.fail(f"{path.name} holds {c}"))
+    assert read_jsonl(tmp_path / "log.jsonl")[0]["hd95"] is None
 
 
 # ------------------------------------------------------------------ finite inputs, finite outputs
@@ -359,3 +493,24 @@ def test_reliability_doc_names_only_tests_that_exist_and_the_real_defaults():
     assert f"{io.DEFAULT_MAX_PIXELS:,}" in doc and io.MAX_PIXELS_ENV in doc
     assert f"{dicom.INFLATED_BYTES_PER_PIXEL} bytes x pixel budget" in doc and str(dicom.MAX_ZIP_MEMBERS) in doc
     assert f"{up.DEFAULT_MAX_UPLOAD_MB:g} MB" in doc and up.MAX_UPLOAD_ENV in doc
+
+
+def test_exponent_numbers_without_a_dot_are_read_as_numbers(tmp_path):
+    from unetseg.config import apply_overrides, config_from_dict, load_config
+
+    cfg = apply_overrides(load_config("hippocampus_2d"), ["train.lr=1e-3", "train.weight_decay=3E-5"])
+    assert (cfg.train.lr, cfg.train.weight_decay) == (0.001, 3e-05)  # YAML 1.1 alone reads both as text
+    assert config_from_dict({"train": {"lr": "5e-4"}}).train.lr == 0.0005
+    with pytest.raises(UnetsegError, match="train.seed='1e3' is not of type int"):
+        apply_overrides(cfg, ["train.seed=1e3"])
+
+
+def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, capsys):
+    """An image larger than the model's window (dsb2018_2d: 512 x 512) is segmented window by window with a bar."""
+    image = tmp_path / "large.png"
+    Image.fromarray((np.random.default_rng(0).random((600, 700, 3)) * 255).astype(np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(tmp_path / "a")]) == 0
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any("it/s]" in b or "s/it]" in b for b in bars if not b.startswith("predicting"))  # the windows' bar
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "it]" not in capsys.readouterr().err

@@ -119,6 +119,8 @@ def test_collapsed_class_is_warned_in_progress_output_and_metrics(tmp_path, data
     assert "warning" not in rows[0]  # one validation is not yet a pattern
     assert all("posterior" in r["warning"] and "anterior" not in r["warning"] for r in rows[1:])
     assert capsys.readouterr().err.count("warning: epoch") == 2
+    assert all(r["val_hd95_posterior"] is None for r in rows)  # undefined HD95: strict JSON null, not NaN
+    assert "NaN" not in (run / "metrics.jsonl").read_text()
 
 
 def test_collapsed_classes_rule():

@@ -200,6 +200,7 @@ def run_predict(args: argparse.Namespace) -> None:
     from unetseg.infer import Segmenter, check_prediction_paths
 
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    segmenter.progress = not args.quiet  # a bar over the windows of an image too big for one pass
     sources = collect_inputs(args.inputs)
     # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
     check_prediction_paths(sources, args.out, overwrite=args.overwrite)
@@ -297,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {report}")
     except UnetsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that cannot be made, a read-only or full disk: the system's reason, one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check the path exists, is writable and the disk has room",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; a training run continues with --resume RUN_DIR", file=sys.stderr)

@@ -7,6 +7,8 @@ overrides change fields; the resolved config is written into every run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,27 @@ NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_work
                 "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold"}}
 
 
+# Fields that take one of a few words; the model's act, skips and flip axes are checked by their own code.
+CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "model": {"spatial_dims": (2, 3), "merge": ("concat", "add"), "norm": ("batch", "instance", "group")},
+    "data": {"normalization": ("percentile", "zscore"), "slice_axis": (0, 1, 2)},
+    "train": {"schedule": ("cosine", "poly")},
+}
+# Fractions that must lie in [0, 1).
+BELOW_ONE = {"model": {"dropout"}, "data": {"val_fraction"}}
+
+
+# YAML 1.1 reads "1e-3" (no dot) as text; for a float field it is the number the user meant.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_number(value: Any, annotation: str) -> Any:
+    """``"1e-3"`` -> ``0.001`` for a float field; every other value unchanged."""
+    if "float" in annotation and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _is_type(value: Any, name: str) -> bool:
     """``isinstance`` for a type named in an annotation; a bool is not an int or a float here."""
     return isinstance(value, _TYPES[name]) and (name == "bool" or not isinstance(value, bool))
@@ -139,11 +162,54 @@ def check_section(section: str, values: Any, source: str) -> None:
         where = f"{source}: {section}.{f.name}={value!r}"
         if not _matches(value, str(f.type)):
             raise UnetsegError(f"{where} is not of type {f.type}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if f.name in POSITIVE.get(section, ()) and value <= 0:
+        choices = CHOICES.get(section, {}).get(f.name)
+        if choices is not None and value not in choices:
+            raise UnetsegError(f"{where} must be one of {', '.join(map(repr, choices))}")
+        numbers = value if isinstance(value, list) else [value]
+        for number in (v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)):
+            if not math.isfinite(number):
+                raise UnetsegError(f"{where} must be a finite number")
+            if f.name in POSITIVE.get(section, ()) and number <= 0:
                 raise UnetsegError(f"{where} must be greater than 0")
-            if f.name in NON_NEGATIVE.get(section, ()) and value < 0:
+            if f.name in NON_NEGATIVE.get(section, ()) and number < 0:
                 raise UnetsegError(f"{where} must not be negative")
+            if f.name in BELOW_ONE.get(section, ()) and number >= 1:
+                raise UnetsegError(f"{where} must be below 1")
+
+
+def check_consistency(cfg: Config, source: str) -> None:
+    """Rules that tie fields together or belong to other modules, checked before any data is read or trained on.
+
+    Raises :class:`UnetsegError` naming the setting and what it must be.
+    """
+    from unetseg.data.datasets import DATASETS
+    from unetseg.data.transforms import resolve_flip_axes
+    from unetseg.model.blocks import activation  # the network's own rules
+    from unetseg.model.unet import resolve_skips
+
+    m, d = cfg.model, cfg.data
+    if len(m.channels) < 2 or min(m.channels) < 1:
+        raise UnetsegError(f"{source}: model.channels={m.channels} needs at least 2 levels of at least 1 feature map")
+    try:
+        resolve_skips(m.skips, len(m.channels) - 1)
+        activation(m.act)
+    except ValueError as exc:
+        raise UnetsegError(f"{source}: model.{exc}") from None
+    if d.dataset not in DATASETS:
+        raise UnetsegError(f"{source}: data.dataset={d.dataset!r} must be one of {', '.join(map(repr, DATASETS))}")
+    smallest = 2 ** (len(m.channels) - 1)  # one pixel at the coarsest level
+    if len(d.patch_size) != m.spatial_dims or min(d.patch_size) < smallest:
+        raise UnetsegError(f"{source}: data.patch_size={d.patch_size} needs {m.spatial_dims} sizes (model.spatial_dims), "
+                           f"each at least {smallest} for a {len(m.channels)}-level network")
+    if d.num_folds > 1 and d.fold >= d.num_folds:
+        raise UnetsegError(f"{source}: data.fold={d.fold} must be below data.num_folds={d.num_folds}")
+    device = cfg.train.device
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UnetsegError(f"{source}: train.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    try:
+        resolve_flip_axes(cfg.augment, m.spatial_dims)
+    except ValueError as exc:
+        raise UnetsegError(f"{source}: {exc}") from None
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
@@ -158,22 +224,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         bad = set(values) - names
         if bad:
             raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
+        values = {k: _exponent_number(v, str(cls.__dataclass_fields__[k].type)) for k, v in values.items()}
         check_section(section, values, source)
         setattr(cfg, section, cls(**values))
-    from unetseg.model.blocks import activation  # the network's own rules, checked before any training
-    from unetseg.model.unet import resolve_skips
-
-    try:
-        resolve_skips(cfg.model.skips, len(cfg.model.channels) - 1)
-        activation(cfg.model.act)
-    except ValueError as exc:
-        raise UnetsegError(f"{source}: model.{exc}") from None
-    from unetseg.data.transforms import resolve_flip_axes
-
-    try:
-        resolve_flip_axes(cfg.augment, cfg.model.spatial_dims)
-    except ValueError as exc:
-        raise UnetsegError(f"{source}: {exc}") from None
+    check_consistency(cfg, source)
     return cfg
 
 

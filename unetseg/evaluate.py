@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from unetseg.data.datasets import Case, dataset_info, list_cases, load_cases
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter, load_checkpoint
 from unetseg.losses import case_metrics
+from unetseg.runlog import write_json
 
 
 def evaluate_cases(
@@ -79,7 +79,7 @@ def write_evaluation(rows: Sequence[dict[str, Any]], summary: dict[str, Any], ou
         writer.writeheader()
         writer.writerows(rows)
     summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_json(summary_path, summary)
     return csv_path, summary_path
 
 

@@ -9,7 +9,6 @@ and ``curves.png``.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate
 from unetseg.infer import PRETRAINED_DIR, load_checkpoint, save_checkpoint
-from unetseg.plots import read_jsonl
+from unetseg.runlog import read_jsonl, write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 
@@ -85,7 +84,7 @@ def export_run(
     shutil.copyfile(run_dir / "curves.png", target / "curves.png")
     summary = {**record_evaluation(target, data_root), "checkpoint": f"{name} (from {run_dir}/best.pt)",
                "training": training_record(run_dir)}
-    (target / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json(target / "metrics.json", summary)
     return target
 
 

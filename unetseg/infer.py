@@ -79,7 +79,30 @@ def load_checkpoint(name_or_path: str | Path) -> dict[str, Any]:
         raise DataError(path, f"not a loadable unetseg checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(path, f"not a unetseg checkpoint (expected format {CHECKPOINT_FORMAT})")
+    check_payload(payload, path)
     return payload
+
+
+# What every checkpoint holds, with the type it must have.
+REQUIRED_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "model_args": dict, "state_dict": dict, "preprocessing": dict, "class_names": (list, tuple),
+}
+
+
+def check_payload(payload: dict[str, Any], source: str | Path) -> None:
+    """Raise :class:`DataError` (one line naming ``source``) unless the checkpoint's entries are all there and its
+    weights fit the network its ``model_args`` describe (a strict load into a fresh network, on the CPU)."""
+    for key, kind in REQUIRED_ENTRIES.items():
+        if not isinstance(payload.get(key), kind):
+            raise DataError(source, f"damaged checkpoint: entry {key!r} is missing or not a {getattr(kind, '__name__', 'list')}; "
+                                    "re-export it from its run folder")
+    try:
+        build_model(payload["model_args"]).load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = lines[1] if lines[0].startswith("Error(s) in loading") and len(lines) > 1 else lines[0]
+        raise DataError(source, f"the weights do not fit the network the checkpoint describes ({detail[:200]}); "
+                                "it was saved by other code or damaged") from None
 
 
 def checkpoint_tta_flips(payload: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -143,6 +166,9 @@ class Segmenter:
             spatial axes to mirror (``()`` = unflipped, listed first). Use only
             flips the model was trained with (checkpoints store them); None:
             every combination of the network's spatial axes.
+        progress: show a progress bar over the windows when an image is
+            large enough to be segmented in windows (sliding window), so a
+            big image never runs for minutes without a sign of life.
 
     Example::
 
@@ -159,7 +185,9 @@ class Segmenter:
         batch_size: int = 64,
         dataset: str | None = None,
         tta_flips: Sequence[Sequence[int]] | None = None,
+        progress: bool = False,
     ) -> None:
+        self.progress = progress
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dataset = dataset
         flips = flip_combinations(range(model.spatial_dims)) if tta_flips is None else [tuple(f) for f in tta_flips]
@@ -220,7 +248,8 @@ class Segmenter:
         batch = batch.to(self.device)
         if len(roi) == batch.ndim - 2 and any(s > r for s, r in zip(batch.shape[2:], roi)):
             logits = sliding_window_inference(
-                batch, roi_size=roi, sw_batch_size=self.batch_size, predictor=self.model, overlap=0.25, mode="gaussian"
+                batch, roi_size=roi, sw_batch_size=self.batch_size, predictor=self.model, overlap=0.25, mode="gaussian",
+                progress=self.progress,
             )
         else:
             logits = self.model(batch)

@@ -12,7 +12,6 @@ share of the cases; metrics are gathered across ranks and rank 0 alone writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -39,6 +38,7 @@ from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkp
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import plot_training_curves
+from unetseg.runlog import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 @dataclass
@@ -110,7 +110,10 @@ def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[s
     validated = [r for r in history if "val_mean_dice" in r][-patience:]
     if len(validated) < patience:
         return []
-    return [k for k in class_names[1:] if all(r.get(f"val_dice_{k}", 1.0) < COLLAPSE_DICE for r in validated)]
+    def low(value: float | None) -> bool:  # None (strict JSON's undefined): the class was absent, not missed
+        return value is not None and value < COLLAPSE_DICE
+
+    return [k for k in class_names[1:] if all(low(r.get(f"val_dice_{k}", 1.0)) for r in validated)]
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -139,38 +142,10 @@ def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_run_log(path: Path) -> list[dict[str, Any]]:
-    """Rows of a run's JSON-lines log; a partial last line (a write cut short by a kill or a full disk) is dropped.
-
-    A broken line before the last one raises :class:`UnetsegError` naming the file and line.
-    """
-    if not path.is_file():
-        return []
-    lines = path.read_text(errors="replace").splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UnetsegError(f"{path}: line {number} is not valid JSON; delete that line (or the run folder) and resume") from None
-    return rows
-
-
 def _truncate_jsonl(path: Path, keep: Any) -> None:
     """Keep only the lines for which ``keep(row)`` is true (used on resume); a partial last line goes too."""
     if path.is_file():
-        rows = [r for r in _read_run_log(path) if keep(r)]
-        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(path, [r for r in read_jsonl(path) if keep(r)])
 
 
 # What fit writes into a run folder (a folder holding only these, but no last.pt, is a run killed before its first
@@ -223,11 +198,6 @@ def clean_out_dir(out: Path, restart: bool) -> None:
     if restart:
         for name in RUN_LOGS:
             (out / name).unlink(missing_ok=True)
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _gather_rows(rows: list[dict[str, Any]], di: DistInfo) -> list[dict[str, Any]]:
@@ -303,7 +273,7 @@ def fit(
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
         clean_out_dir(out, restart)
-        (out / "split.json").write_text(json.dumps(split, indent=1))  # first: marks the folder as a run's
+        write_json(out / "split.json", split, indent=1)  # first: marks the folder as a run's
         save_config(cfg, out / "config.yaml")
         if command is not None:
             with (out / "command.txt").open("a") as f:
@@ -335,7 +305,7 @@ def fit(
     loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch, cfg.train.dice_background)
     segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=tta_flips(cfg))
     use_amp = device.type == "cuda"
-    history = _read_run_log(out / "metrics.jsonl") if resume else []
+    history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -378,7 +348,7 @@ def fit(
             loss.backward()
             global_step = epoch * batches_per_epoch + step_in_epoch
             if cfg.train.grad_log_every and global_step % cfg.train.grad_log_every == 0 and di.is_main:
-                _append_jsonl(out / "gradients.jsonl", {"epoch": epoch, "step": global_step, "layers": gradient_norms(model)})
+                append_jsonl(out / "gradients.jsonl", {"epoch": epoch, "step": global_step, "layers": gradient_norms(model)})
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
@@ -413,7 +383,7 @@ def fit(
             best, best_epoch = row["val_mean_dice"], epoch
         history.append(row)
         if di.is_main:
-            _append_jsonl(out / "metrics.jsonl", row)
+            append_jsonl(out / "metrics.jsonl", row)
             payload = {
                 "format": CHECKPOINT_FORMAT,
                 "unetseg_version": __version__,

@@ -128,17 +128,19 @@ def read_upload(name: str, data: bytes, max_bytes: int | None = None) -> tuple[n
                 else:
                     image, meta = io.read_image_2d(path)
             except DataError as exc:
-                raise DataError(name, _problem(exc)) from None
+                raise DataError(name, _problem(exc, name)) from None
     if not np.all(np.isfinite(image)):
         raise DataError(name, "image holds NaN or infinite values; fix or re-export the file")
     return image, _renamed(meta, name)
 
 
-def _problem(exc: DataError) -> str:
-    """The message of a DataError without its leading ``path: `` (a temporary path means nothing to users)."""
+def _problem(exc: DataError, name: str) -> str:
+    """The message of a DataError about a temporary copy, on one line, with every mention of the temporary path
+    (a reader's own text may quote it) replaced by the upload's file ``name``; the leading ``path: `` goes."""
     text = str(exc)
     prefix = f"{exc.path}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    return " ".join(text.replace(str(exc.path), Path(name).name).split())
 
 
 def label_from_pixels(pixels: np.ndarray, num_classes: int, source: str | Path) -> np.ndarray:
@@ -178,7 +180,7 @@ def read_label_path(path: str | Path, image_shape: tuple[int, ...], num_classes:
             pixels = io.read_pixels_2d(path, what="label image")
             labels = label_from_pixels(pixels, num_classes, shown)
     except DataError as exc:
-        raise DataError(shown, _problem(exc)) from None
+        raise DataError(shown, _problem(exc, shown)) from None
     if labels.shape != tuple(image_shape):
         raise DataError(shown, f"label shape {labels.shape} does not match the image shape {tuple(image_shape)}")
     return labels

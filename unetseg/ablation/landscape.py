@@ -11,7 +11,6 @@ statistics of the trained network).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from unetseg.config import Config
 from unetseg.data.datasets import Case, PatchDataset, training_samples
 from unetseg.infer import Segmenter
 from unetseg.losses import make_loss
+from unetseg.runlog import write_json
 
 Directions = dict[str, torch.Tensor]
 
@@ -162,5 +162,5 @@ def landscape_of_run(
         "sharpness_0.5": sharpness(slices["alphas_1d"], slices["loss_1d"], float(slices["loss_center"]), 0.5),
         "loss_2d_max": float(slices["loss_2d"].max()),
     }
-    out_stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json(out_stem.with_suffix(".json"), summary, indent=1)
     return summary

@@ -7,7 +7,6 @@ block keeps only its shortcut). Nothing is retrained.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from unetseg.data.datasets import Case
 from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import Segmenter
+from unetseg.runlog import write_json
 
 
 def _score(segmenter: Segmenter, cases: Sequence[Case]) -> dict[str, Any]:
@@ -54,5 +54,5 @@ def lesion_study(checkpoint: Path, cases: Sequence[Case], out_path: Path) -> dic
         result["residuals"][name] = _score(segmenter, cases)
     model.lesion_residuals([])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
+    write_json(out_path, result, indent=1)
     return result

@@ -37,7 +37,7 @@ from unetseg.ablation.runs import PER_CASE, run_dir
 from unetseg.ablation.stats import paired_comparison, rate_difference_p
 from unetseg.ablation.study import StudySpec, resolved_study
 from unetseg.ablation.variants import Variant, build_variants, depth_names
-from unetseg.plots import read_jsonl
+from unetseg.runlog import as_float, read_jsonl, write_json
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -74,7 +74,7 @@ def case_scores(per_case: dict[str, Any], key: str) -> dict[str, float]:
         if key == "mean_dice":
             out[row["case_id"]] = _nanmean([row[f"dice_{n}"] for n in names])
         else:
-            out[row["case_id"]] = float(row[key])
+            out[row["case_id"]] = as_float(row[key])
     return out
 
 
@@ -561,7 +561,7 @@ def write_report(report_dir: str | Path) -> Path:
     report_dir = Path(report_dir)
     summary, plots = summarize_study(report_dir)
     figures = draw_figures(report_dir, summary, plots)
-    (report_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    write_json(report_dir / SUMMARY, summary, indent=1)
     path = report_dir / REPORT
     path.write_text(render_markdown(summary, figures))
     return path

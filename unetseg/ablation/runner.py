@@ -50,14 +50,14 @@ from unetseg.ablation.variants import Variant, build_variants, variant_config
 from unetseg.data.datasets import Case, resolve_data_root
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter
+from unetseg.runlog import append_jsonl
 from unetseg.train import fit, prepare_data
 
 LOG = "log.jsonl"
 
 
 def _append_log(study_dir: Path, row: dict[str, Any]) -> None:
-    with (study_dir / LOG).open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(study_dir / LOG, row)
 
 
 def machine_info(jobs: int, threads: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from unetseg.data.datasets import Case
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import Segmenter, load_checkpoint
-from unetseg.plots import read_jsonl
+from unetseg.runlog import read_jsonl, write_json
 
 PER_CASE = "per_case.json"
 FINAL_CHECKPOINT = "last.pt"
@@ -96,7 +96,7 @@ def score_run(run: Path, val_cases: Sequence[Case]) -> dict[str, Any]:
         "summary": summarize(rows, segmenter.class_names),
         "cases": rows,
     }
-    (run / PER_CASE).write_text(json.dumps(payload, indent=1))
+    write_json(run / PER_CASE, payload, indent=1)
     return payload
 
 

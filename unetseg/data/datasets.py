@@ -157,15 +157,34 @@ def list_msd_cases(task_dir: Path, subset: str = "training") -> tuple[list[CaseR
         meta = json.loads(manifest.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(manifest, f"not valid JSON ({exc})") from None
-    labels = meta.get("labels", {})
-    class_names = tuple(str(labels[k]).lower() for k in sorted(labels, key=int)) or ("background", "foreground")
+    if not isinstance(meta, dict):
+        raise DataError(manifest, "expected a JSON object with 'labels' and 'training'; re-extract the archive")
+    class_names = _msd_class_names(meta.get("labels", {}), manifest)
     refs = []
-    for entry in meta.get(subset, []):
-        image_rel = entry["image"] if isinstance(entry, dict) else entry
-        image = task_dir / image_rel
-        label = task_dir / entry["label"] if isinstance(entry, dict) and "label" in entry else None
-        refs.append(CaseRef(case_id=Path(image_rel).name.split(".")[0], image=image, label=label))
+    for i, entry in enumerate(meta.get(subset, [])):
+        image_rel = entry.get("image") if isinstance(entry, dict) else entry
+        label_rel = entry.get("label") if isinstance(entry, dict) else None
+        if not isinstance(image_rel, str) or not (label_rel is None or isinstance(label_rel, str)):
+            raise DataError(manifest, f"'{subset}' entry {i} needs an 'image' path (and a 'label' path, if any) as "
+                                      f"text, got {entry!r}; fix dataset.json or re-extract the archive")
+        label = task_dir / label_rel if label_rel is not None else None
+        refs.append(CaseRef(case_id=Path(image_rel).name.split(".")[0], image=task_dir / image_rel, label=label))
     return sorted(refs, key=lambda r: r.case_id), class_names
+
+
+def _msd_class_names(labels: object, manifest: Path) -> tuple[str, ...]:
+    """``{"0": "background", "1": "Anterior", ...}`` -> names in class order, lower case; classes must be 0..K-1."""
+    if not isinstance(labels, dict):
+        raise DataError(manifest, f"'labels' must map class indices to names, got {labels!r}")
+    if not labels:
+        return ("background", "foreground")
+    try:
+        indices = {int(k): str(v).lower() for k, v in labels.items()}
+    except ValueError:
+        raise DataError(manifest, f"'labels' keys must be class indices 0, 1, ..., got {sorted(labels)}") from None
+    if sorted(indices) != list(range(len(indices))):
+        raise DataError(manifest, f"'labels' keys must be the class indices 0..{len(indices) - 1}, got {sorted(indices)}")
+    return tuple(indices[k] for k in range(len(indices)))
 
 
 def list_dsb_cases(root: Path) -> list[CaseRef]:

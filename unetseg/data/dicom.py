@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unetseg.data.io import MAX_PIXELS_ENV, ImageMeta, check_pixel_budget, max_pixels
+from unetseg.data.io import MAX_PIXELS_ENV, ImageMeta, check_geometry, check_pixel_budget, max_pixels
 from unetseg.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -249,6 +249,8 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
     volume = np.ascontiguousarray(np.transpose(slices, (2, 1, 0)))  # (frames, rows, cols) -> (X=cols, Y=rows, Z)
     affine = _affine(iop, origin, pixel_spacing, step)
     spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
+    check_geometry(source, affine, spacing, "ImageOrientationPatient with ImagePositionPatient (the affine)",
+                   "PixelSpacing and slice spacing", "fix those tags or re-export the series")
     return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing)
 
 

@@ -124,7 +124,20 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
         raise DataError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc}); check it is complete") from None
     header = img.header.copy()
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
-    return data, ImageMeta(path=path, kind="nifti", affine=np.asarray(img.affine), spacing=spacing, header=header)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_geometry(path, affine, spacing, "the header's orientation (sform/qform affine)", "voxel sizes (pixdim)",
+                   "fix the header (e.g. re-save the file from ITK-SNAP or 3D Slicer)")
+    return data, ImageMeta(path=path, kind="nifti", affine=affine, spacing=spacing, header=header)
+
+
+def check_geometry(source: str | Path, affine: np.ndarray, spacing: Sequence[float], orientation: str, sizes: str,
+                   fix: str) -> None:
+    """Raise :class:`DataError` unless the ``(4, 4)`` voxel-to-world ``affine`` is finite and invertible and every
+    voxel size is finite and positive; ``orientation`` and ``sizes`` name where the file keeps them."""
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(source, f"{orientation} is not finite or is singular, so the image has no usable orientation; {fix}")
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise DataError(source, f"{sizes} are not finite and positive ({', '.join(f'{v:g}' for v in spacing)}); {fix}")
 
 
 def read_nifti_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
