@@ -514,3 +514,18 @@ def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, ca
     assert any("it/s]" in b or "s/it]" in b for b in bars if not b.startswith("predicting"))  # the windows' bar
     assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "it]" not in capsys.readouterr().err
+
+
+def test_export_of_a_model_over_the_size_limit_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import shutil
+
+    from unetseg import export
+    from unetseg.infer import PRETRAINED_DIR
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(PRETRAINED_DIR / "hippocampus_2d" / "model.pt", run / "best.pt")
+    monkeypatch.setattr(export, "MAX_SHIPPED_BYTES", 1000)
+    with pytest.raises(UnetsegError, match=r"model is \d+\.\d MB; shipped models must stay under 0 MB"):
+        export.export_run(run, "big", dest=tmp_path / "models")
+    assert not (tmp_path / "models" / "big" / "model.pt").exists()  # before: FileNotFoundError from stat() after unlink
