@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(REPO))  # run as a script: apps/ is then the import root, not the repository
+from apps.browser import CHROMIUM_ARGS, chromium  # noqa: E402
+
 DSB_SOURCE = "08275a5b1c2dfcd739e8c4888a5ee2d29f83eccfa75185404ced1dc0866ea992"  # a real 1024 x 1024 DSB image
 BIG = (1040, 1388)
 
@@ -152,7 +152,7 @@ def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: lis
     out: dict[str, list[float]] = {}
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').nth(1).wait_for(state="attached", timeout=120_000)

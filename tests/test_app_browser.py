@@ -1,4 +1,5 @@
-"""End to end in a real browser: `streamlit run apps/viewer.py` driven by Playwright on Debian's chromium.
+"""End to end in a real browser: `streamlit run apps/viewer.py` driven by Playwright on a system Chromium
+(``apps/browser.py``: ``$UNETSEG_CHROMIUM``, else one on the PATH, else Debian's, installed by the test).
 
 Uploads a real hippocampus case and its label through the page's own upload
 widgets, checks that the overlay image loads and that the Dice values equal
@@ -24,12 +25,11 @@ from unetseg.data.datasets import DATA_ROOT_ENV, dataset_info, list_cases, load_
 from unetseg.evaluate import evaluate_cases
 from unetseg.infer import Segmenter
 
+from apps.browser import CHROMIUM_ARGS, chromium
+
 from .conftest import REPO
 from .test_app import CASE, hippocampus_files, require_shipped
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 # The README's screenshot is refreshed only on request (UNETSEG_SCREENSHOT=docs/app_screenshot.png),
 # so a test run never modifies tracked files.
 SCREENSHOT_TARGET = os.environ.get("UNETSEG_SCREENSHOT")
@@ -87,12 +87,14 @@ def server(data_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found; install Debian's chromium: apt-get update && apt-get install -y chromium")
+    try:
+        executable = chromium()  # $UNETSEG_CHROMIUM, else one on the PATH, else Debian's, installed here
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
@@ -147,3 +149,24 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     page.get_by_text("Mean foreground Dice").wait_for(timeout=60_000)
     assert page.locator('[data-testid="stImage"] img').count() >= 2
     page.close()
+
+
+def test_chromium_is_found_from_the_environment_override_or_the_path(monkeypatch, tmp_path):
+    from apps import browser
+
+    fake = tmp_path / "my-chrome"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(browser.CHROMIUM_ENV, str(fake))
+    assert browser.chromium(install=False) == str(fake)
+    monkeypatch.setenv(browser.CHROMIUM_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="UNETSEG_CHROMIUM=.*missing.* is not an executable"):
+        browser.find_chromium()
+    monkeypatch.delenv(browser.CHROMIUM_ENV)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "chromium-browser").symlink_to(fake)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert browser.find_chromium() == str(tmp_path / "bin" / "chromium-browser")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match="no Chromium found .* set \\$UNETSEG_CHROMIUM"):
+        browser.chromium(install=False)
