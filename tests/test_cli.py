@@ -255,7 +255,7 @@ def test_download_without_internet_fails_fast_with_hint(tmp_path, monkeypatch, c
         download_mod.ARCHIVES, "hippocampus", download_mod.Archive("https://unreachable.invalid/x.tar", "x.tar", archive.md5, archive.extracts_to)
     )
     start = time.perf_counter()
-    rc = main(["download", "hippocampus", "--root", str(tmp_path)])
+    rc = main(["download", "hippocampus", "--data-root", str(tmp_path)])
     assert rc == 2 and time.perf_counter() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data-root" in err[0] and "UNETSEG_DATA_ROOT" in err[0]
@@ -274,3 +274,65 @@ def test_help_explains_every_subcommand():
         assert command in result.stdout
     train_help = run_cli("train", "--help").stdout
     assert "--no-skip" in train_help and "--resume" in train_help and "UNETSEG_DATA_ROOT" in train_help
+
+
+def test_download_takes_data_root_like_every_other_command_and_root_still_works(tmp_path, capsys):
+    (tmp_path / "Task04_Hippocampus" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "Task04_Hippocampus" / "dataset.json").write_text("{}")
+    for flag in ("--data-root", "--root"):
+        assert main(["download", "hippocampus", flag, str(tmp_path)]) == 0
+        assert f"data set ready at {tmp_path / 'Task04_Hippocampus'}" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_training_names_the_run_folder_to_resume(tmp_path, monkeypatch, capsys):
+    import unetseg.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unetseg.train, "fit", interrupted)
+    assert main(["train", "--out", str(tmp_path / "my_run")]) == 130
+    captured = capsys.readouterr()
+    assert f"run folder: {tmp_path / 'my_run'}" in captured.out  # said before training starts
+    assert f"interrupted; continue the run with: unetseg train --resume {tmp_path / 'my_run'}" in captured.err
+
+
+def test_resume_says_what_it_resumes(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # the shared fixture stays as it is
+    assert main(["train", "--resume", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert f"resuming {run}" in captured.out
+    assert "it already finished its" in captured.err and "best validation Dice so far" in captured.err
+
+
+def test_predict_on_a_folder_of_case_folders_says_subfolders_are_not_searched(data_root, tmp_path, capsys):
+    folder = data_root / "dsb2018_stage1_train"
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "subfolders are not searched" in err and "*/images/*.png" in err
+
+
+def test_evaluate_writes_beside_the_checkpoint_by_default_not_into_the_working_directory(tmp_path):
+    from unetseg.cli import default_evaluation_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    assert default_evaluation_dir(str(run)) == run / "evaluation"
+    assert default_evaluation_dir(str(run / "best.pt")) == run / "evaluation"
+    assert str(default_evaluation_dir("hippocampus_3d")) == "evaluation/hippocampus_3d"
+
+
+def test_models_lists_data_set_input_skips_classes_and_dice(capsys):
+    import json as _json
+
+    from unetseg.infer import PRETRAINED_DIR, shipped_models
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in shipped_models():
+        row = next(line for line in lines if line.startswith(name + " "))
+        dice = _json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())["mean_dice"]
+        assert f"{dice:.4f}" in row and ("3D net" in row) == name.endswith("_3d")
+        assert (" off " in row) == name.endswith("_noskip")

@@ -78,7 +78,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="val: the checkpoint's validation cases; all: every labelled case (default: %(default)s)")
-    p.add_argument("--out", default="evaluation", help="output folder (default: %(default)s)")
+    p.add_argument("--out", help="output folder (default: evaluation/ inside the checkpoint's run folder; "
+                   "for a shipped model, evaluation/<name> in the working directory)")
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -88,8 +89,9 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         description="Download and extract the original public archive with MONAI's helpers (MD5-checked where published).",
     )
     p.add_argument("dataset", choices=["hippocampus", "dsb2018"])
-    p.add_argument("--root", help="where to extract (default: $UNETSEG_DATA_ROOT, else data/); "
-                   "a data set already there is kept and not downloaded again")
+    p.add_argument("--data-root", "--root", dest="data_root",
+                   help="where to extract, the same folder the other commands read (default: $UNETSEG_DATA_ROOT, "
+                   "else data/); a data set already there is kept and not downloaded again")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -138,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download(sub)
     _add_export(sub)
     _add_ablate(sub)
-    sub.add_parser("models", help="list the trained models shipped with the package")
+    sub.add_parser("models", help="list the trained models shipped with the package",
+                   description="List the shipped models: data set, input kind, long skips, classes and validation Dice "
+                   "(recorded by unetseg export in each model's metrics.json).")
     return parser
 
 
@@ -172,8 +176,13 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
             overrides.append(f"train.device={args.device}")
         cfg = apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
         out = Path(args.out or f"runs/{cfg.name}")
-    run = fit(cfg, out, data_root=args.data_root, resume=bool(args.resume),
-              command=["unetseg", *argv], progress=not args.quiet)
+    if not args.quiet:
+        print(f"{'resuming' if args.resume else 'run folder:'} {out}", flush=True)
+    try:
+        run = fit(cfg, out, data_root=args.data_root, resume=bool(args.resume),
+                  command=["unetseg", *argv], progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; continue the run with: unetseg train --resume {out}") from None
     print(f"run folder: {run}")
 
 
@@ -186,7 +195,10 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES))
             if not found:
-                raise UnetsegError(f"{item}: no NIfTI or image files in this folder")
+                deeper = next((p for p in item.rglob("*") if p.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES)), None)
+                hint = (f"; subfolders are not searched: pass the files themselves, e.g. {item}/*/images/*.png "
+                        f"(found {deeper.relative_to(item)})" if deeper else "")
+                raise UnetsegError(f"{item}: no NIfTI or image files directly in this folder{hint}")
             files.extend(found)
         elif item.is_file():
             files.append(item)
@@ -241,10 +253,21 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
 def run_evaluate(args: argparse.Namespace) -> None:
     from unetseg.evaluate import evaluate, format_summary
 
-    summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, args.out, args.tta, args.device,
+    out = Path(args.out) if args.out else default_evaluation_dir(args.checkpoint)
+    summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, out, args.tta, args.device,
                        progress=not args.quiet)
     print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'per_case.csv'} and {Path(args.out) / 'summary.json'}")
+    print(f"wrote {out / 'per_case.csv'} and {out / 'summary.json'}")
+
+
+def default_evaluation_dir(checkpoint: str) -> Path:
+    """``RUN/evaluation`` for a run folder or a checkpoint file inside one; ``evaluation/<name>`` for a shipped model."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path / "evaluation"
+    if path.is_file():
+        return path.parent / "evaluation"
+    return Path("evaluation") / path.name
 
 
 def run_download(args: argparse.Namespace) -> None:
@@ -252,7 +275,7 @@ def run_download(args: argparse.Namespace) -> None:
 
     from unetseg.data.datasets import resolve_data_root
 
-    print(f"data set ready at {download(args.dataset, resolve_data_root(args.root))}")
+    print(f"data set ready at {download(args.dataset, resolve_data_root(args.data_root))}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -266,12 +289,26 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_models() -> None:
-    from unetseg.infer import PRETRAINED_DIR, shipped_models
+    """One line per shipped model from its config.yaml and metrics.json (no torch import: instant)."""
+    import yaml
 
-    for name in shipped_models():
-        metrics = PRETRAINED_DIR / name / "metrics.json"
-        dice = json.loads(metrics.read_text()).get("mean_dice") if metrics.is_file() else None
-        print(f"{name:<24} validation mean Dice {dice:.4f}" if dice is not None else name)
+    folder = Path(__file__).parent / "pretrained"
+    names = sorted(p.name for p in folder.iterdir() if (p / "model.pt").is_file()) if folder.is_dir() else []
+    print(f"{'model':<24} {'data set':<12} {'input':<16} {'long skips':<10} {'foreground classes':<30} validation Dice (with TTA)")
+    for name in names:
+        cfg = yaml.safe_load((folder / name / "config.yaml").read_text()) if (folder / name / "config.yaml").is_file() else {}
+        metrics = json.loads((folder / name / "metrics.json").read_text()) if (folder / name / "metrics.json").is_file() else {}
+        model, data = cfg.get("model", {}), cfg.get("data", {})
+        dims = model.get("spatial_dims", 2)
+        kind = "volume, 3D net" if dims == 3 else ("volume, 2D net" if data.get("dataset") == "hippocampus" else "2D image")
+        skips = model.get("skips", True)
+        skips = ("on" if skips else "off") if isinstance(skips, bool) else "".join("1" if s else "0" for s in skips)
+        classes = ", ".join(metrics.get("classes", {})) or "?"
+        dice = metrics.get("mean_dice")
+        tta = (metrics.get("with_tta") or {}).get("mean_dice")
+        score = "not recorded" if dice is None else f"{dice:.4f}" + (f" ({tta:.4f})" if tta is not None else "")
+        print(f"{name:<24} {data.get('dataset', '?'):<12} {kind:<16} {skips:<10} {classes:<30} {score}")
+    print("Use a name with --checkpoint (predict, evaluate) or pick it in the viewer.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,8 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}; check the path exists, is writable and the disk has room",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; a training run continues with --resume RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -301,9 +301,16 @@ def fit(
         if di.is_main:
             _truncate_jsonl(out / "metrics.jsonl", lambda r: r["epoch"] < start_epoch)
             _truncate_jsonl(out / "gradients.jsonl", lambda r: r["epoch"] < start_epoch)
+        if progress and di.is_main:
+            where = (f"at epoch {start_epoch + 1} of {cfg.train.epochs}" if start_epoch < cfg.train.epochs else
+                     f"- it already finished its {cfg.train.epochs} epochs, nothing to train (to train longer, start a "
+                     "new run with more epochs)")
+            print(f"resuming {cfg.name} {where} (best validation Dice so far {best:.4f}, epoch {best_epoch + 1})",
+                  file=sys.stderr, flush=True)
     net = DistributedDataParallel(model) if di.world_size > 1 else model
     loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch, cfg.train.dice_background)
-    segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=tta_flips(cfg))
+    trained_flips = tta_flips(cfg)  # the mirrorings augmentation uses: what flip TTA may average
+    segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=trained_flips)
     use_amp = device.type == "cuda"
     history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
@@ -391,7 +398,7 @@ def fit(
                 "state_dict": model.state_dict(),
                 "preprocessing": preprocessing_settings(cfg, info),
                 "class_names": list(info.class_names),
-                "tta_flips": tta_flips(cfg),
+                "tta_flips": trained_flips,
                 "dataset": cfg.data.dataset,
                 "split": split,
                 "epoch": epoch,

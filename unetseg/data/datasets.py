@@ -140,7 +140,7 @@ def dataset_dir(info: DatasetInfo, root: str | Path | None) -> Path:
     raise DataError(
         base / info.folder,
         f"data set not found; pass --data-root DIR (or set {DATA_ROOT_ENV}) to the folder holding "
-        f"{info.folder}, or run `unetseg download {info.name} --root DIR`",
+        f"{info.folder}, or run `unetseg download {info.name} --data-root DIR`",
     )
 
 
