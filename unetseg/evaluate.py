@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from unetseg.data.datasets import Case, dataset_info, list_cases, load_cases
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter, load_checkpoint
+from unetseg.instances import average_precision, split_instances
 from unetseg.losses import case_metrics
 from unetseg.runlog import write_json
 
@@ -24,15 +25,27 @@ def evaluate_cases(
     """Predict each labelled case (whole volume or image) and score it.
 
     Returns one row per case: ``case_id``, then ``dice_<class>`` and
-    ``hd95_<class>`` for each foreground class (HD95 in mm for NIfTI, pixels for 2D).
+    ``hd95_<class>`` for each foreground class (HD95 in mm for NIfTI, pixels for 2D);
+    for cases loaded with object labels (DSB nuclei, ``Case.instances``) and a
+    one-class model also :func:`score_instances`' columns.
     """
     rows = []
     for case in tqdm(cases, desc="evaluating", unit="case", leave=False, disable=not progress):
         prediction = segmenter.predict(case.image, tta=tta, normalized=True)
         row: dict[str, Any] = {"case_id": case.case_id}
         row.update(score_case(prediction, case.label, segmenter.class_names, case.meta.spacing))
+        if case.instances is not None and segmenter.num_classes == 2:
+            row.update(score_instances(prediction == 1, case.instances))
         rows.append(row)
     return rows
+
+
+def score_instances(foreground: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The DSB2018 challenge score of one image (``ap_iou_50_95``, see :mod:`unetseg.instances`) and the nucleus
+    counts (``objects_true``, ``objects_predicted``), the prediction split into objects by :func:`split_instances`."""
+    predicted = split_instances(foreground)
+    return {"ap_iou_50_95": average_precision(truth, predicted), "objects_true": int(len(np.unique(truth)) - 1),
+            "objects_predicted": int(len(np.unique(predicted)) - 1)}
 
 
 def score_case(
@@ -66,7 +79,13 @@ def summarize(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dic
             entry[f"{metric}_cases"] = int(finite.size)
         classes[name] = entry
     mean_dice = float(np.nanmean([c["dice_mean"] for c in classes.values()])) if classes else float("nan")
-    return {"num_cases": len(rows), "classes": classes, "mean_dice": mean_dice}
+    summary: dict[str, Any] = {"num_cases": len(rows), "classes": classes, "mean_dice": mean_dice}
+    if rows and "ap_iou_50_95" in rows[0]:
+        ap = np.array([r["ap_iou_50_95"] for r in rows], dtype=float)
+        error = np.array([r["objects_predicted"] - r["objects_true"] for r in rows], dtype=float)
+        summary["instances"] = {"ap_iou_50_95_mean": float(ap.mean()), "ap_iou_50_95_std": float(ap.std()),
+                                "count_error_mean": float(error.mean()), "count_abs_error_mean": float(np.abs(error).mean())}
+    return summary
 
 
 def write_evaluation(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -90,6 +109,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {name:<12} Dice {c['dice_mean']:.4f} +- {c['dice_std']:.4f}   HD95 {c['hd95_mean']:.3f} +- {c['hd95_std']:.3f}"
         )
+    if "instances" in summary:
+        i = summary["instances"]
+        lines.append(f"  objects      DSB2018 score (mean AP, IoU 0.50-0.95) {i['ap_iou_50_95_mean']:.4f} +- "
+                     f"{i['ap_iou_50_95_std']:.4f}   count error {i['count_error_mean']:+.1f} (mean |error| "
+                     f"{i['count_abs_error_mean']:.1f}) per image")
     return "\n".join(lines)
 
 
@@ -143,7 +167,7 @@ def evaluate(
             raise UnetsegError(
                 f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
             )
-    cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress)
+    cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress, instances=True)
     start = time.perf_counter()
     rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)
     seconds = time.perf_counter() - start

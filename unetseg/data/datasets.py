@@ -95,12 +95,14 @@ class Case:
         image: ``(C, *S)`` float32, normalised.
         label: ``(*S)`` int64 class indices, or None.
         meta: source metadata (affine, header, spacing).
+        instances: ``(*S)`` int32 object labels (DSB nuclei), when loaded with ``instances=True``.
     """
 
     case_id: str
     image: np.ndarray
     label: np.ndarray | None
     meta: io.ImageMeta
+    instances: np.ndarray | None = None
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -238,29 +240,39 @@ def to_channels(image: np.ndarray, channels: int, path: str | Path = "image") ->
     raise DataError(path, f"has {have} channels; the model takes {channels}")
 
 
-def read_dsb_mask(folder: Path) -> np.ndarray:
-    """Union of the instance masks in a DSB ``masks/`` folder: ``(H, W)`` int64 in {0, 1}."""
+def read_dsb_instances(folder: Path) -> np.ndarray:
+    """The nuclei of a DSB ``masks/`` folder (one PNG each, sorted by name) as ``(H, W)`` int32 labels 1..N
+    (0 = background; where two masks overlap, the later one's label is kept)."""
     files = sorted(folder.glob("*.png"))
     if not files:
         raise DataError(folder, "no mask PNGs; each DSB case needs at least one masks/*.png")
-    union = io.read_mask_2d(files[0])
-    for f in files[1:]:
+    instances = np.zeros(io.read_mask_2d(files[0]).shape, np.int32)
+    for k, f in enumerate(files, start=1):
         m = io.read_mask_2d(f)
-        if m.shape != union.shape:
-            raise DataError(f, f"mask shape {m.shape} differs from {union.shape} of the other masks")
-        union |= m
-    return union.astype(np.int64)
+        if m.shape != instances.shape:
+            raise DataError(f, f"mask shape {m.shape} differs from {instances.shape} of the other masks")
+        instances[m] = k
+    return instances
 
 
-def load_case(ref: CaseRef, info: DatasetInfo, normalization: Normalization) -> Case:
-    """Read, convert and normalise one case; image and label shapes are checked to match."""
+def read_dsb_mask(folder: Path) -> np.ndarray:
+    """Union of the instance masks in a DSB ``masks/`` folder: ``(H, W)`` int64 in {0, 1}."""
+    return (read_dsb_instances(folder) > 0).astype(np.int64)
+
+
+def load_case(ref: CaseRef, info: DatasetInfo, normalization: Normalization, instances: bool = False) -> Case:
+    """Read, convert and normalise one case; image and label shapes are checked to match.
+
+    With ``instances``, a DSB case's nuclei are kept as object labels too (for instance scores).
+    """
     image, meta = io.read_image(ref.image)
     if meta.kind == "image2d":
         image = to_channels(image, info.in_channels, ref.image)
-    label = None
+    label = objects = None
     if ref.label is not None:
         if ref.label.is_dir():
-            label = read_dsb_mask(ref.label)
+            objects = read_dsb_instances(ref.label)
+            label = (objects > 0).astype(np.int64)
         elif io.file_kind(ref.label) == "nifti":
             label, _ = io.read_nifti_label(ref.label, info.num_classes)
         else:
@@ -269,15 +281,16 @@ def load_case(ref: CaseRef, info: DatasetInfo, normalization: Normalization) -> 
             raise DataError(
                 ref.label, f"label shape {label.shape} does not match image shape {image.shape[1:]} of {ref.image}"
             )
-    return Case(ref.case_id, normalize_intensity(image, normalization), label, meta)
+    return Case(ref.case_id, normalize_intensity(image, normalization), label, meta, objects if instances else None)
 
 
 def load_cases(
-    refs: Sequence[CaseRef], info: DatasetInfo, normalization: Normalization, progress: bool = True
+    refs: Sequence[CaseRef], info: DatasetInfo, normalization: Normalization, progress: bool = True,
+    instances: bool = False,
 ) -> list[Case]:
-    """Load many cases into memory, with a progress bar unless ``progress=False``."""
+    """Load many cases into memory, with a progress bar unless ``progress=False`` (see :func:`load_case`)."""
     bar = tqdm(refs, desc="loading", unit="case", leave=False, disable=not progress)
-    return [load_case(r, info, normalization) for r in bar]
+    return [load_case(r, info, normalization, instances) for r in bar]
 
 
 def split_cases(
