@@ -83,7 +83,7 @@ def test_evaluate_scores_on_the_checkpoint_s_own_data_set_by_default(tiny_dsb_ru
     assert "loading" not in shown and "evaluating" not in shown  # --quiet: no loading or scoring bars
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "dsb2018" and summary["num_cases"] == len(json.loads((tiny_dsb_run / "split.json").read_text())["val"])
-    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--dataset", "hippocampus", "--out", str(out)]) == 2
+    assert main(["evaluate", "--checkpoint", str(tiny_dsb_run), "--dataset", "hippocampus", "--out", str(tmp_path / "eval2")]) == 2
     assert "predicts ['background', 'nucleus'] but hippocampus has" in capsys.readouterr().err
 
 

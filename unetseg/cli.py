@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="val: the checkpoint's validation cases; all: every labelled case (default: %(default)s)")
     p.add_argument("--out", help="output folder (default: evaluation/ inside the checkpoint's run folder; "
                    "for a shipped model, evaluation/<name> in the working directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace per_case.csv / summary.json already in --out "
+                   "(default: refuse)")
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -221,30 +224,69 @@ def run_predict(args: argparse.Namespace) -> None:
 
 
 def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> None:
-    """Predict each file into ``args.out``; an unreadable file is reported and the batch goes on."""
+    """Predict each file into ``args.out``; an unreadable file is reported and the batch goes on.
+
+    Files are read and predictions written by a small thread pool while the
+    network runs, so the forward passes do not wait for the disk: the next
+    ``read_ahead`` files are read ahead (which bounds the memory held),
+    and the ``input -> prediction`` lines come in input order once written.
+    At the end (unless ``--quiet``) the throughput, in images/s or volumes/s.
+    """
+    import time
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    from unetseg.data.io import file_kind
+    from unetseg.data.io import file_kind, read_image
     from unetseg.errors import DataError
     from unetseg.infer import write_prediction
 
+    read_ahead = 2
     warned: set[str] = set()
     failed: list[Path] = []
-    for path in tqdm(sources, desc="predicting", unit="file", disable=args.quiet):
-        kind = file_kind(path)
-        warning = segmenter.mismatch_warning(kind)
-        if warning and kind not in warned:
-            warned.add(kind)
-            tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
-        try:
-            labels, meta = segmenter.predict_file(path, tta=args.tta, largest_component=args.largest_component)
-        except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
-            if len(sources) == 1:
-                raise
-            failed.append(path)
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-            continue
-        tqdm.write(f"{path} -> {write_prediction(labels, meta, args.out, segmenter.num_classes)}")
+    done: list[str] = []  # the kind of each file written
+    writes: deque[tuple[Path, str, Future]] = deque()
+
+    def report_writes(wait: bool) -> None:
+        while writes and (wait or writes[0][2].done()):
+            path, kind, future = writes.popleft()
+            tqdm.write(f"{path} -> {future.result()}")  # a failed write raises here: the batch stops, as before
+            done.append(kind)
+
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unetseg-io")
+    try:
+        reads = {i: pool.submit(read_image, sources[i]) for i in range(min(read_ahead, len(sources)))}
+        for i, path in enumerate(tqdm(sources, desc="predicting", unit="file", disable=args.quiet)):
+            if i + read_ahead < len(sources):
+                reads[i + read_ahead] = pool.submit(read_image, sources[i + read_ahead])
+            report_writes(wait=False)
+            kind = file_kind(path)
+            warning = segmenter.mismatch_warning(kind)
+            if warning and kind not in warned:
+                warned.add(kind)
+                tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
+            try:
+                image, meta = reads.pop(i).result()
+                segmenter.check_compatible(meta.kind, path)
+                labels = segmenter.predict(image, tta=args.tta, largest_component=args.largest_component,
+                                           channel_axis=0)
+            except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
+                if len(sources) == 1:
+                    raise
+                failed.append(path)
+                tqdm.write(f"error: {exc}", file=sys.stderr)
+                continue
+            written = pool.submit(write_prediction, labels, meta, args.out, segmenter.num_classes)
+            writes.append((path, meta.kind, written))
+        report_writes(wait=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if done and not args.quiet:
+        seconds = time.perf_counter() - start
+        unit = {"image2d": "images", "nifti": "volumes"}.get(done[0], "files") if len(set(done)) == 1 else "files"
+        print(f"segmented {len(done)} {unit} in {seconds:.1f} s: {len(done) / seconds:.2f} {unit}/s")
     if failed:
         raise UnetsegError(f"{len(failed)} of {len(sources)} files could not be segmented (see the errors above): "
                            + ", ".join(map(str, failed)))
@@ -254,6 +296,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from unetseg.evaluate import evaluate, format_summary
 
     out = Path(args.out) if args.out else default_evaluation_dir(args.checkpoint)
+    earlier = [out / name for name in ("per_case.csv", "summary.json") if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise UnetsegError(f"{earlier[0]} already exists (an earlier evaluation); pass --overwrite to replace it or "
+                           "choose another --out")
     summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, out, args.tta, args.device,
                        progress=not args.quiet)
     print(format_summary(summary))
@@ -288,25 +334,36 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"shipped model written to {target}")
 
 
+def _read_mapping(path: Path, parse) -> dict:
+    """A JSON/YAML file's mapping; {} when it is missing, unreadable or not a mapping (a listing must not stop)."""
+    try:
+        value = parse(path.read_text()) if path.is_file() else {}
+    except Exception:  # noqa: BLE001 - damaged metadata shows as "?" / "not recorded", never a traceback
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def run_models() -> None:
     """One line per shipped model from its config.yaml and metrics.json (no torch import: instant)."""
     import yaml
 
     folder = Path(__file__).parent / "pretrained"
-    names = sorted(p.name for p in folder.iterdir() if (p / "model.pt").is_file()) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir() if (p / "model.pt").is_file() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
     print(f"{'model':<24} {'data set':<12} {'input':<16} {'long skips':<10} {'foreground classes':<30} validation Dice (with TTA)")
     for name in names:
-        cfg = yaml.safe_load((folder / name / "config.yaml").read_text()) if (folder / name / "config.yaml").is_file() else {}
-        metrics = json.loads((folder / name / "metrics.json").read_text()) if (folder / name / "metrics.json").is_file() else {}
-        model, data = cfg.get("model", {}), cfg.get("data", {})
+        cfg, metrics = _read_mapping(folder / name / "config.yaml", yaml.safe_load), _read_mapping(folder / name / "metrics.json", json.loads)
+        model, data = (v if isinstance(v, dict) else {} for v in (cfg.get("model"), cfg.get("data")))
         dims = model.get("spatial_dims", 2)
         kind = "volume, 3D net" if dims == 3 else ("volume, 2D net" if data.get("dataset") == "hippocampus" else "2D image")
         skips = model.get("skips", True)
         skips = ("on" if skips else "off") if isinstance(skips, bool) else "".join("1" if s else "0" for s in skips)
-        classes = ", ".join(metrics.get("classes", {})) or "?"
+        classes = ", ".join(metrics.get("classes", {}) if isinstance(metrics.get("classes"), dict) else []) or "?"
         dice = metrics.get("mean_dice")
-        tta = (metrics.get("with_tta") or {}).get("mean_dice")
-        score = "not recorded" if dice is None else f"{dice:.4f}" + (f" ({tta:.4f})" if tta is not None else "")
+        tta = metrics.get("with_tta").get("mean_dice") if isinstance(metrics.get("with_tta"), dict) else None
+        number = (int, float)
+        score = f"{dice:.4f}" + (f" ({tta:.4f})" if isinstance(tta, number) else "") if isinstance(dice, number) \
+            else "not recorded"
         print(f"{name:<24} {data.get('dataset', '?'):<12} {kind:<16} {skips:<10} {classes:<30} {score}")
     print("Use a name with --checkpoint (predict, evaluate) or pick it in the viewer.")
 
@@ -336,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnetsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that stopped (`unetseg models | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a folder that cannot be made, a read-only or full disk: the system's reason, one line
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}; check the path exists, is writable and the disk has room",

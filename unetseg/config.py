@@ -110,8 +110,9 @@ _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "st
 POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases"},
             "data": {"max_cases"}}
 NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",
-                          "dice_ce_lambda_ce"},
-                "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold"}}
+                          "dice_ce_lambda_ce", "seed"},
+                "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold", "split_seed"}}
+SEEDS = {"train": {"seed"}, "data": {"split_seed"}}  # NumPy's generators take seeds below 2**32
 
 
 # Fields that take one of a few words; the model's act, skips and flip axes are checked by their own code.
@@ -175,6 +176,8 @@ def check_section(section: str, values: Any, source: str) -> None:
                 raise UnetsegError(f"{where} must not be negative")
             if f.name in BELOW_ONE.get(section, ()) and number >= 1:
                 raise UnetsegError(f"{where} must be below 1")
+            if f.name in SEEDS.get(section, ()) and number >= 2**32:
+                raise UnetsegError(f"{where} must be below 2**32")
 
 
 def check_consistency(cfg: Config, source: str) -> None:
@@ -197,7 +200,7 @@ def check_consistency(cfg: Config, source: str) -> None:
         raise UnetsegError(f"{source}: model.{exc}") from None
     if d.dataset not in DATASETS:
         raise UnetsegError(f"{source}: data.dataset={d.dataset!r} must be one of {', '.join(map(repr, DATASETS))}")
-    smallest = 2 ** (len(m.channels) - 1)  # one pixel at the coarsest level
+    smallest = 2 ** len(m.channels)  # two pixels at the coarsest level: normalisation needs more than one value
     if len(d.patch_size) != m.spatial_dims or min(d.patch_size) < smallest:
         raise UnetsegError(f"{source}: data.patch_size={d.patch_size} needs {m.spatial_dims} sizes (model.spatial_dims), "
                            f"each at least {smallest} for a {len(m.channels)}-level network")
@@ -220,6 +223,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     cfg = Config(name=str(raw.get("name", "run")))
     for section, cls in SECTIONS.items():
         values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise UnetsegError(f"{source}: '{section}' must be a mapping of fields, got {values!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         bad = set(values) - names
         if bad:
@@ -244,9 +249,14 @@ def read_named_yaml(name_or_path: str, folder: Path, what: str = "config") -> tu
         names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
         raise UnetsegError(f"{what} {name_or_path!r} not found; give a YAML path or one of: {names}")
     try:
-        return yaml.safe_load(path.read_text()) or {}, path
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UnetsegError(f"{path}: not a UTF-8 text file; save the {what} as plain UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        raise UnetsegError(f"{path}: not valid YAML ({exc})") from None
+        raise UnetsegError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise UnetsegError(f"{path}: expected a YAML mapping (section: fields), got {type(raw).__name__}")
+    return raw, path
 
 
 def load_config(name_or_path: str) -> Config:

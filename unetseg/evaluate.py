@@ -147,12 +147,14 @@ def evaluate(
     dataset = dataset or trained_on
     if dataset is None:
         raise UnetsegError(f"{checkpoint}: the checkpoint does not say which data set it was trained on; pass --dataset")
-    info = dataset_info(dataset)
+    refs, info = list_cases(dataset_info(dataset), data_root)  # class names as the data's own manifest lists them
     if tuple(info.class_names) != segmenter.class_names:
         raise UnetsegError(
             f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
         )
-    refs, info = list_cases(info, data_root)
+    if not refs:  # list_cases keeps labelled cases only
+        raise UnetsegError(f"no labelled {dataset} cases under the data root; evaluate needs images with their masks "
+                           "or label maps")
     if split == "val":
         if trained_on and dataset != trained_on:
             raise UnetsegError(

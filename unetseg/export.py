@@ -21,6 +21,7 @@ from unetseg.infer import PRETRAINED_DIR, load_checkpoint, save_checkpoint
 from unetseg.runlog import read_jsonl, write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
+RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  # what a finished run folder holds
 
 
 def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
@@ -72,21 +73,36 @@ def export_run(
         raise UnetsegError(f"{target} already holds a model; pass --overwrite to replace it or choose another --name")
     if target.exists() and not target.is_dir():
         raise UnetsegError(f"{target} is a file, not a model folder; remove it or choose another --name")
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise UnetsegError(f"{run_dir}: not a finished unetseg run ({', '.join(missing)} missing); train it to the end "
+                           "(or --resume it) and export again")
+    training = training_record(run_dir)  # before any file is written: a run without validation rows stops here
     payload = load_checkpoint(run_dir / "best.pt")
-    target.mkdir(parents=True, exist_ok=True)
-    keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "tta_flips", "dataset", "split", "epoch", "config")
-    model_path = save_checkpoint({k: payload[k] for k in keep if k in payload}, target / "model.pt")
-    size = model_path.stat().st_size
-    if size > MAX_SHIPPED_BYTES:
-        model_path.unlink()
-        raise UnetsegError(f"{run_dir}: model is {size / 2**20:.1f} MB; shipped models must stay under "
-                           f"{MAX_SHIPPED_BYTES / 2**20:.0f} MB (fewer channels, or keep it as a run folder)")
-    shutil.copyfile(run_dir / "config.yaml", target / "config.yaml")
-    shutil.copyfile(run_dir / "metrics.jsonl", target / "training_metrics.jsonl")
-    shutil.copyfile(run_dir / "curves.png", target / "curves.png")
-    summary = {**record_evaluation(target, data_root), "checkpoint": f"{name} (from {run_dir}/best.pt)",
-               "training": training_record(run_dir)}
-    write_json(target / "metrics.json", summary)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is built in a hidden folder beside the target and moved into place at the end, so a failure
+    # leaves no half-written model (which `models` and the viewer would offer) and never mixes old and new files.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "tta_flips",
+                "dataset", "split", "epoch", "config")
+        model_path = save_checkpoint({k: payload[k] for k in keep if k in payload}, staging / "model.pt")
+        size = model_path.stat().st_size
+        if size > MAX_SHIPPED_BYTES:
+            raise UnetsegError(f"{run_dir}: model is {size / 2**20:.1f} MB; shipped models must stay under "
+                               f"{MAX_SHIPPED_BYTES / 2**20:.0f} MB (fewer channels, or keep it as a run folder)")
+        shutil.copyfile(run_dir / "config.yaml", staging / "config.yaml")
+        shutil.copyfile(run_dir / "metrics.jsonl", staging / "training_metrics.jsonl")
+        shutil.copyfile(run_dir / "curves.png", staging / "curves.png")
+        summary = {**record_evaluation(staging, data_root), "checkpoint": f"{name} (from {run_dir}/best.pt)",
+                   "training": training}
+        write_json(staging / "metrics.json", summary)
+        if target.exists():  # only with overwrite (checked above)
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 

@@ -142,6 +142,24 @@ def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+RESUME_ENTRIES = ("optimizer", "scheduler", "epoch", "best_metric", "best_epoch")
+
+
+def check_resumable(state: dict[str, Any], args: dict[str, Any], path: Path) -> None:
+    """Raise :class:`UnetsegError` unless ``last.pt`` holds a training state (not an exported or best-only
+    checkpoint) of the network that the run folder's ``config.yaml`` describes (``args``)."""
+    missing = [key for key in RESUME_ENTRIES if key not in state]
+    if missing:
+        raise UnetsegError(f"{path}: holds no training state ({', '.join(missing)} missing; a best.pt or exported "
+                           "model copied over last.pt?); start a new run instead of --resume")
+    saved = {k: state["model_args"].get(k, "relu" if k == "act" else None) for k in args}  # no act: ReLU then
+    changed = sorted(k for k in args if saved[k] != args[k])
+    if changed:
+        raise UnetsegError(f"{path.parent / 'config.yaml'}: describes a different network than {path.name} "
+                           f"({', '.join(f'{k}: {saved[k]} in the checkpoint, {args[k]} in the config' for k in changed)}); "
+                           "restore the run's config.yaml or start a new run")
+
+
 def _truncate_jsonl(path: Path, keep: Any) -> None:
     """Keep only the lines for which ``keep(row)`` is true (used on resume); a partial last line goes too."""
     if path.is_file():
@@ -294,13 +312,14 @@ def fit(
     start_epoch, best, best_epoch = 0, -1.0, -1
     if resume:
         state = load_checkpoint(last_path)
+        check_resumable(state, args, last_path)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
         if di.is_main:
-            _truncate_jsonl(out / "metrics.jsonl", lambda r: r["epoch"] < start_epoch)
-            _truncate_jsonl(out / "gradients.jsonl", lambda r: r["epoch"] < start_epoch)
+            _truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
+            _truncate_jsonl(out / "gradients.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
         if progress and di.is_main:
             where = (f"at epoch {start_epoch + 1} of {cfg.train.epochs}" if start_epoch < cfg.train.epochs else
                      f"- it already finished its {cfg.train.epochs} epochs, nothing to train (to train longer, start a "

@@ -163,7 +163,11 @@ def list_msd_cases(task_dir: Path, subset: str = "training") -> tuple[list[CaseR
         raise DataError(manifest, "expected a JSON object with 'labels' and 'training'; re-extract the archive")
     class_names = _msd_class_names(meta.get("labels", {}), manifest)
     refs = []
-    for i, entry in enumerate(meta.get(subset, [])):
+    entries = meta.get(subset, [])
+    if not isinstance(entries, list):
+        raise DataError(manifest, f"'{subset}' must be a list of cases, got {type(entries).__name__}; "
+                                  "fix dataset.json or re-extract the archive")
+    for i, entry in enumerate(entries):
         image_rel = entry.get("image") if isinstance(entry, dict) else entry
         label_rel = entry.get("label") if isinstance(entry, dict) else None
         if not isinstance(image_rel, str) or not (label_rel is None or isinstance(label_rel, str)):

@@ -1,0 +1,142 @@
+"""Careless and damaged runs, configs, exports and evaluations: one clean line, nothing half-written or replaced.
+
+The catalogue is written up in docs/reliability.md (inputs and files are built here, none committed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from unetseg.cli import main
+from unetseg.errors import UnetsegError
+
+
+def one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("42\n", "expected a YAML mapping (section: fields), got int"),
+    ("- 1\n- 2\n", "expected a YAML mapping (section: fields), got list"),
+    ("model: 5\n", "'model' must be a mapping of fields, got 5"),
+    ("model: [x]\n", "'model' must be a mapping of fields"),
+    ("model: [\n", "not valid YAML ("),
+])
+def test_a_config_that_is_not_a_mapping_of_sections_is_one_line(tmp_path, capsys, text, needle):
+    config = tmp_path / "mine.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = one_error_line(capsys, str(config), needle)
+    assert len(err.strip().splitlines()) == 1  # YAML's own multi-line message is folded into the one line
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_bytes(b"\xff\xfe m\x00o\x00d\x00")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, "not a UTF-8 text file")
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("train.seed=-1", "train.seed=-1 must not be negative"),
+    ("data.split_seed=-1", "data.split_seed=-1 must not be negative"),
+    ("train.seed=1180591620717411303424", "must be below 2**32"),
+    ("data.patch_size=[8, 8]", "each at least 16 for a 4-level network"),  # 1 pixel at the coarsest level: norms fail
+])
+def test_seeds_and_patch_sizes_the_libraries_cannot_take_are_one_line(tmp_path, capsys, setting, needle):
+    assert main(["train", "--set", setting, "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, needle)
+
+
+def test_resume_refuses_a_config_that_no_longer_matches_its_checkpoint(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("channels:\n  - 4\n  - 8\n  - 16", "channels:\n  - 4\n  - 8\n  - 32"))
+    assert (run / "config.yaml").read_text() != config, "the fixture's channels changed; update this test"
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    one_error_line(capsys, "config.yaml: describes a different network than last.pt", "channels: [4, 8, 16] in the checkpoint")
+    (run / "config.yaml").write_text(config)
+    shutil.copyfile(run / "best.pt", run / "last.pt")  # weights only: no optimiser state to resume
+    payload = torch.load(run / "last.pt", weights_only=True)
+    torch.save({k: v for k, v in payload.items() if k not in ("optimizer", "scheduler")}, run / "last.pt")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    one_error_line(capsys, "last.pt: holds no training state (optimizer, scheduler", "start a new run instead of --resume")
+
+
+def test_a_failed_export_leaves_no_half_written_model(tiny_run, tmp_path, monkeypatch):
+    from unetseg import export
+
+    dest = tmp_path / "models"
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "curves.png").unlink()
+    with pytest.raises(UnetsegError, match=r"not a finished unetseg run \(curves.png missing\)"):
+        export.export_run(run, "m", dest=dest)
+    assert not (dest / "m").exists()
+    shutil.copyfile(tiny_run / "curves.png", run / "curves.png")
+    monkeypatch.setattr(export, "MAX_SHIPPED_BYTES", 1000)
+    with pytest.raises(UnetsegError, match=r"model is \d+\.\d MB; shipped models must stay under"):
+        export.export_run(run, "m", dest=dest)
+    assert not (dest / "m").exists() and not list(dest.iterdir())  # the staging folder went too
+
+    def broken_evaluation(*args, **kwargs):
+        raise UnetsegError("evaluation failed")
+
+    (dest / "m").mkdir()
+    (dest / "m" / "model.pt").write_bytes(b"the old model")
+    monkeypatch.setattr(export, "MAX_SHIPPED_BYTES", 10 * 2**20)
+    monkeypatch.setattr(export, "record_evaluation", broken_evaluation)
+    with pytest.raises(UnetsegError, match="evaluation failed"):
+        export.export_run(run, "m", dest=dest, overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["m"] and (dest / "m" / "model.pt").read_bytes() == b"the old model"
+
+
+def test_evaluate_refuses_to_replace_an_earlier_evaluation_unless_overwrite(tiny_run, tmp_path, data_root, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    args = ["evaluate", "--checkpoint", str(tiny_run), "--data-root", str(data_root), "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    one_error_line(capsys, "summary.json already exists", "--overwrite")
+    assert (out / "summary.json").read_text() == "{}"
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["num_cases"] > 0
+
+
+def test_evaluate_with_no_labelled_cases_is_one_line(tmp_path, data_root, capsys):
+    task = tmp_path / "Task04_Hippocampus"
+    task.mkdir()
+    manifest = json.loads((data_root / "Task04_Hippocampus" / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**manifest, "training": []}))
+    assert main(["evaluate", "--checkpoint", "hippocampus_2d", "--split", "all", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 2
+    one_error_line(capsys, "no labelled hippocampus cases under the data root")
+    assert not (tmp_path / "ev").exists()  # before: exit 0 with "0 cases, mean foreground Dice nan"
+
+
+def test_models_lists_a_model_with_damaged_metadata_without_failing(tmp_path, monkeypatch, capsys):
+    import unetseg.cli as cli
+
+    package = tmp_path / "unetseg"
+    for name, metrics, config in [("good", '{"mean_dice": 0.5, "classes": {"x": {}}}', "model: {spatial_dims: 3}\n"),
+                                  ("list_metrics", "[1, 2]", "model: 5\n"), ("bad_json", "{bad", "model: [\n"),
+                                  ("text_dice", '{"mean_dice": "0.9"}', "- 1\n")]:
+        (package / "pretrained" / name).mkdir(parents=True)
+        (package / "pretrained" / name / "model.pt").write_bytes(b"")
+        (package / "pretrained" / name / "metrics.json").write_text(metrics)
+        (package / "pretrained" / name / "config.yaml").write_text(config)
+    (package / "pretrained" / ".staging.abc").mkdir()
+    (package / "pretrained" / ".staging.abc" / "model.pt").write_bytes(b"")
+    monkeypatch.setattr(cli, "__file__", str(package / "cli.py"))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "0.5000" in out and "3D net" in out and out.count("not recorded") == 3 and ".staging" not in out
