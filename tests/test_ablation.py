@@ -382,3 +382,18 @@ def test_figures_quoted_in_the_docs_are_the_committed_study_s(name):
               f"{v['noskip']['mean_dice']['mean']:.3f} ± {v['noskip']['mean_dice']['std']:.3f}",
               f"{s['timing']['wall_seconds'] / 60:.1f} min"):
         assert q in readme, q
+
+
+def test_lesions_are_undone_even_when_scoring_fails():
+    from unetseg.ablation.lesion import lesioned
+    from unetseg.model import UNet
+
+    model = UNet(2, 1, 3, (4, 8, 16), residual=True).eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        intact = model(x)
+        with pytest.raises(RuntimeError, match="scoring failed"):
+            with lesioned(model, skips=model.skip_levels(), residuals=list(model.residual_blocks())[:1]):
+                assert not torch.allclose(model(x), intact)
+                raise RuntimeError("scoring failed")
+        assert torch.equal(model(x), intact)

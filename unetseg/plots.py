@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from unetseg.runlog import read_jsonl
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file (empty list when it does not exist)."""
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any):
+    """``pyplot.subplots`` without pyplot: a :class:`Figure` and its axes, drawn without any GUI backend or global
+    figure registry (importing unetseg never changes the caller's matplotlib backend)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     """Train loss and validation Dice per epoch from a run's ``metrics.jsonl``."""
     rows = read_jsonl(metrics_path)
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax_loss, ax_dice) = subplots(1, 2, figsize=(9, 3.4))
     ax_loss.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], marker="o", ms=3)
     ax_loss.set(xlabel="step", ylabel="train loss (Dice + CE)", title="training loss")
     val = [r for r in rows if "val_mean_dice" in r]
@@ -34,5 +34,4 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return Path(png_path)

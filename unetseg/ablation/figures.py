@@ -12,22 +12,23 @@ from typing import Any
 
 import numpy as np
 
-import unetseg.plots  # noqa: F401  (selects the Agg backend before pyplot is imported)
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from unetseg.plots import subplots
 
 COLORS = {"with": "tab:blue", "without": "tab:red"}
 CLASS_COLORS = np.array([[0, 0, 0], [0.95, 0.3, 0.2], [0.2, 0.6, 1.0], [0.3, 0.9, 0.3]])
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
+def _save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
-def _band(ax: plt.Axes, x: np.ndarray, runs: np.ndarray, color: str, label: str) -> None:
+def _band(ax: Axes, x: np.ndarray, runs: np.ndarray, color: str, label: str) -> None:
     """Mean line and min-max band of ``runs (seeds, points)``."""
     ax.plot(x, np.nanmean(runs, axis=0), color=color, label=f"{label} (n={len(runs)})")
     if len(runs) > 1:
@@ -41,7 +42,7 @@ def plot_training_curves(groups: Sequence[tuple[str, dict[str, list[list[dict]]]
         groups: ``(title, {label: [metrics rows of seed 0, of seed 1, ...]})``; the
             first label is drawn blue (with skips), the second red (without).
     """
-    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
+    fig, axes = subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
     for (title, pair), (ax_loss, ax_dice) in zip(groups, axes):
         for color, (label, seeds) in zip(COLORS.values(), pair.items()):
             steps = np.array([r["step"] for r in seeds[0]])
@@ -59,7 +60,7 @@ def plot_training_curves(groups: Sequence[tuple[str, dict[str, list[list[dict]]]
 
 def plot_variant_dice(names: Sequence[str], per_seed: Sequence[Sequence[float]], path: Path) -> Path:
     """Validation mean Dice of every variant: one dot per seed and the mean (bar)."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.6))
+    fig, ax = subplots(figsize=(max(6, 0.6 * len(names)), 3.6))
     x = np.arange(len(names))
     ax.bar(x, [np.mean(v) for v in per_seed], color="0.8", label="mean over seeds")
     for i, values in enumerate(per_seed):
@@ -79,7 +80,7 @@ def plot_gradient_flow(pairs: Sequence[dict[str, Any]], path: Path) -> Path:
             "late_grad", "early_ratio", "late_ratio": (seeds, layers) arrays}}}``; first
             label blue (with skips), second red.
     """
-    fig, axes = plt.subplots(len(pairs), 4, figsize=(17, 3.4 * len(pairs)), squeeze=False)
+    fig, axes = subplots(len(pairs), 4, figsize=(17, 3.4 * len(pairs)), squeeze=False)
     keys = [("early_grad", "gradient norm, early"), ("late_grad", "gradient norm, late"),
             ("early_ratio", "gradient / weight norm, early"), ("late_ratio", "gradient / weight norm, late")]
     for pair, row in zip(pairs, axes):
@@ -104,7 +105,7 @@ def plot_depth(depths: Sequence[int], with_skip: Sequence[Sequence[float]], with
         with_skip, without_skip: per depth, the per-seed mean Dice values.
         gap: per depth ``(mean, ci_low, ci_high)`` of the per-case difference with - without.
     """
-    fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax, ax_gap) = subplots(1, 2, figsize=(9, 3.4))
     for values, color, label, dx in ((with_skip, COLORS["with"], "long skips", -0.05),
                                       (without_skip, COLORS["without"], "no long skips", 0.05)):
         ax.plot(depths, [np.mean(v) for v in values], "-o", color=color, label=label)
@@ -129,7 +130,7 @@ def plot_lesions(panels: Sequence[tuple[str, list[str], np.ndarray]], path: Path
         panels: ``(title, labels, drops (seeds, paths))``; bars are the mean over seeds, dots the seeds.
     """
     widths = [max(3.2, 0.45 * len(p[1]) + 1.5) for p in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 3.6), squeeze=False,
+    fig, axes = subplots(1, len(panels), figsize=(sum(widths), 3.6), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, (title, labels, drops) in zip(axes[0], panels):
         drops = np.atleast_2d(drops)
@@ -147,7 +148,7 @@ def plot_lesions(panels: Sequence[tuple[str, list[str], np.ndarray]], path: Path
 
 def plot_landscape_1d(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """1D filter-normalised slices ``L(w + a d)``, one line per variant."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     for (label, (alphas, losses)), color in zip(curves.items(), ["tab:blue", "tab:red", "tab:green", "tab:orange"]):
         ax.plot(alphas, losses, color=color, label=label)
     ax.set(xlabel="alpha (filter-normalised direction)", ylabel="loss on fixed training patches", title="1D slice")
@@ -159,7 +160,7 @@ def plot_landscape_1d(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pa
 def plot_landscape_2d(surfaces: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """Contour (top row) and surface (bottom row) plots of 2D slices; one column per variant, shared levels."""
     n = len(surfaces)
-    fig = plt.figure(figsize=(4.6 * n, 8))
+    fig = Figure(figsize=(4.6 * n, 8))
     vmax = max(float(np.percentile(s, 95)) for _, s in surfaces.values())
     vmin = min(float(s.min()) for _, s in surfaces.values())
     levels = np.linspace(vmin, vmax, 15)
@@ -189,7 +190,7 @@ def plot_qualitative(arrays: dict[str, np.ndarray], path: Path) -> Path:
     variants = [str(v) for v in arrays["variants"]]
     case_ids = [str(c) for c in arrays["case_ids"]]
     cols = 2 + len(variants)
-    fig, axes = plt.subplots(len(case_ids), cols, figsize=(2.6 * cols, 2.6 * len(case_ids)), squeeze=False)
+    fig, axes = subplots(len(case_ids), cols, figsize=(2.6 * cols, 2.6 * len(case_ids)), squeeze=False)
     for i, (case_id, row) in enumerate(zip(case_ids, axes)):
         image = arrays[f"image_{i}"].astype(np.float32)
         cmap = "gray" if image.ndim == 2 else None

@@ -7,7 +7,8 @@ block keeps only its shortcut). Nothing is retrained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,21 @@ import numpy as np
 from unetseg.data.datasets import Case
 from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import Segmenter
+from unetseg.model import UNet
 from unetseg.runlog import write_json
+
+
+@contextmanager
+def lesioned(model: UNet, skips: Sequence[int] = (), residuals: Sequence[str] = ()) -> Iterator[UNet]:
+    """``model`` with the given long-skip levels and residual branches switched off inside the block, and
+    everything switched back on when it ends, however it ends (an exception in scoring included)."""
+    model.lesion_skips(list(skips))
+    model.lesion_residuals(list(residuals))
+    try:
+        yield model
+    finally:
+        model.lesion_skips([])
+        model.lesion_residuals([])
 
 
 def _score(segmenter: Segmenter, cases: Sequence[Case]) -> dict[str, Any]:
@@ -40,19 +55,16 @@ def lesion_study(checkpoint: Path, cases: Sequence[Case], out_path: Path) -> dic
     result["intact"] = _score(segmenter, cases)
     result["skips"] = {}
     for level in model.skip_levels():
-        model.lesion_skips([level])
-        result["skips"][str(level)] = _score(segmenter, cases)
+        with lesioned(model, skips=[level]):
+            result["skips"][str(level)] = _score(segmenter, cases)
+    result["all_skips"] = None
     if model.skip_levels():
-        model.lesion_skips(model.skip_levels())
-        result["all_skips"] = _score(segmenter, cases)
-    else:
-        result["all_skips"] = None
-    model.lesion_skips([])
+        with lesioned(model, skips=model.skip_levels()):
+            result["all_skips"] = _score(segmenter, cases)
     result["residuals"] = {}
     for name in model.residual_blocks():
-        model.lesion_residuals([name])
-        result["residuals"][name] = _score(segmenter, cases)
-    model.lesion_residuals([])
+        with lesioned(model, residuals=[name]):
+            result["residuals"][name] = _score(segmenter, cases)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(out_path, result, indent=1)
     return result
