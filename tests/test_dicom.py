@@ -156,3 +156,90 @@ def test_zip_unpacking_over_the_limit_is_refused(series):
     *_, files = series
     with pytest.raises(DataError, match="unpacks to"):
         read_dicom_bytes(zip_bytes(files), "s.zip", max_bytes=1000)
+
+
+def zip_patched(files: dict[str, bytes], flag: int = 0, method: int | None = None) -> bytes:
+    """:func:`zip_bytes` (stored members) with ``flag`` OR-ed into each member's general-purpose flags and its
+    compression method set to ``method``, in the local headers and the central directory: zipfile cannot write
+    encrypted members or methods it does not know, but archives from other tools hold them."""
+    import struct
+
+    raw = bytearray(zip_bytes(files))
+    for signature, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        start = raw.find(signature)
+        while start != -1:
+            struct.pack_into("<H", raw, start + flag_at, struct.unpack_from("<H", raw, start + flag_at)[0] | flag)
+            if method is not None:
+                struct.pack_into("<H", raw, start + method_at, method)
+            start = raw.find(signature, start + 4)
+    return bytes(raw)
+
+
+ZIP_MEMBER_PROBLEMS = [
+    (0x1, None, "zip member IM0000.dcm is encrypted; zip the files without a password"),
+    (0, 99, "zip member IM0000.dcm is encrypted (AES); zip the files without a password"),
+    (0, 98, ("zip member IM0000.dcm is compressed with method 98, which cannot be read; zip the files with standard "
+             "(deflate) compression")),
+]
+
+
+@pytest.mark.parametrize("flag, method, message", ZIP_MEMBER_PROBLEMS, ids=["encrypted", "AES", "PPMd"])
+def test_an_encrypted_or_unreadably_compressed_zip_member_is_one_error(series, flag, method, message):
+    *_, files = series
+    with pytest.raises(DataError) as info:  # RuntimeError and NotImplementedError from zipfile before
+        uploads.read_upload("series.zip", zip_patched(files, flag, method))
+    assert str(info.value) == f"series.zip: {message}"
+
+
+def unplaced(data: bytes, instance: int | str) -> bytes:
+    """A slice without ImagePositionPatient whose InstanceNumber is ``instance`` (text written over a number)."""
+    import pydicom
+
+    ds = pydicom.dcmread(pyio.BytesIO(data))
+    del ds.ImagePositionPatient
+    ds.InstanceNumber = 987654 if isinstance(instance, str) else instance
+    buf = pyio.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue().replace(b"987654", instance.ljust(6).encode()) if isinstance(instance, str) else buf.getvalue()
+
+
+def test_text_in_a_numeric_dicom_tag_is_one_error_naming_the_tag(series):
+    raw, _, _, positions, files = series
+    slope = dicom_bytes(raw[0], positions[0], slope=7.7777).replace(b"7.7777", b"abcdef")
+    with pytest.raises(DataError) as info:  # a ValueError from float() before
+        uploads.read_upload("slope.dcm", slope)
+    assert str(info.value) == "slope.dcm: DICOM tag RescaleSlope holds 'abcdef', not a number; fix the tag or re-export the file"
+    # without positions the slices are stacked by InstanceNumber
+    numbered = {f"IM{k}.dcm": unplaced(files[f"IM{k:04d}.dcm"], number) for k, number in ((2, 30), (0, 10), (1, 20))}
+    volume, _ = read_dicom_bytes(zip_bytes(numbered), "numbered.zip")
+    assert np.array_equal(volume[0], np.transpose(raw[:3] * 2.0 - 100.0, (2, 1, 0)))
+    numbered["IM1.dcm"] = unplaced(files["IM0001.dcm"], "abc")
+    with pytest.raises(DataError) as info:
+        read_dicom_bytes(zip_bytes(numbered), "text.zip")
+    assert str(info.value) == ("text.zip: slice 3 has no ImagePositionPatient and its InstanceNumber 'abc' is not a "
+                               "number, so the slice order is unknown; fix those tags or re-export the series")
+
+
+def test_a_rescale_slope_that_makes_every_pixel_infinite_is_refused(series):
+    raw, *_ = series
+    data = dicom_bytes(raw[0] + 2, (0, 0, 0), slope=3e38)  # 2 x 3e38 is past float32: inf
+    with pytest.raises(DataError, match=f"huge.dcm: {ROWS * COLS} of {ROWS * COLS} values are NaN or infinite, more "
+                       "than half, too many to fill in; check its intensity scaling"):
+        uploads.read_upload("huge.dcm", data)
+
+
+def test_compressed_frames_beyond_number_of_frames_are_not_decoded():
+    """pydicom decodes every encoded frame by default (allow_excess_frames): only the declared ones are read."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(pyio.BytesIO(dicom_bytes(np.zeros((64, 64)), (0, 0, 0), slope=1.0, intercept=0.0)))
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.arange(3 * 64 * 64, dtype=np.uint16).tobytes()
+    ds.compress(RLELossless)
+    ds.NumberOfFrames = 1  # the header declares one of the three encoded frames
+    buf = pyio.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    image, _ = read_dicom_bytes(buf.getvalue(), "rle.dcm")
+    assert image.shape == (1, 64, 64, 1)
+    assert np.array_equal(image[0, :, :, 0], np.arange(64 * 64).reshape(64, 64).T)

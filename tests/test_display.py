@@ -171,3 +171,20 @@ def test_pixel_aspect_and_upscale():
     assert stretched.shape[0] / stretched.shape[1] == pytest.approx(2 * 2 / 3, rel=0.2)
     huge = np.zeros((600, 800))
     assert display.upscale(huge, target=480) is huge
+
+
+@pytest.mark.parametrize("shape", [(1, 10240), (10240, 1), (3, 10240, 3), (1, 481), (2, 100_000), (1, 2**27)])
+def test_upscale_thickens_a_thin_picture_so_the_page_can_shrink_it(shape):
+    """A 1 x 10240 PNG shown at the page width was under one pixel high: Pillow's resize in st.image raised
+    "height and width must be > 0". The short side is now at least 1/target of the long side, the size bounded."""
+    from PIL import Image
+
+    picture = np.broadcast_to(np.uint8(200), shape)  # a 1 x 2**27 view takes no memory
+    out = display.upscale(picture, target=420)
+    short, long = sorted(out.shape[:2])
+    assert short * 420 >= long and short * long <= 420 * 16**2  # bounded: 16 x 6720 at most (max_factor 16)
+    page = 1460  # Streamlit's widest picture: anything wider is resized to it, keeping the aspect
+    height = int(out.shape[0] * page / out.shape[1]) if out.shape[1] > page else out.shape[0]
+    assert height >= 1
+    Image.fromarray(np.ascontiguousarray(out)).resize((min(page, out.shape[1]), height))  # what raised before
+    assert display.upscale(np.zeros((600, 800)), target=480).shape == (600, 800)  # ordinary pictures unchanged

@@ -44,6 +44,23 @@ def nifti_bomb(shape=(1000, 1000, 1000)) -> bytes:
     return header.binaryblock + b"\x00" * 4 + b"\x00" * 80
 
 
+def nifti_patched(*patches: tuple[int, str, tuple]) -> bytes:
+    """A valid 20 x 24 x 16 float32 NIfTI-1 (uncompressed) with header fields then overwritten in place:
+    ``(byte offset, struct format, values)``; nibabel refuses to write such headers itself."""
+    data = np.random.default_rng(0).random((20, 24, 16)).astype(np.float32)
+    raw = bytearray(nib.Nifti1Image(data, np.eye(4)).to_bytes())
+    for offset, fmt, values in patches:
+        struct.pack_into("<" + fmt, raw, offset, *values)
+    return bytes(raw)
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's stderr when it refused an input: exactly one line, ``error: ...``; returns it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 def peak_rss_mb(code: str) -> tuple[float, str]:
     """Run ``code`` in a fresh Python that has imported unetseg already; returns how far its peak resident
     memory (MB) rose above that baseline (the imports alone take 600 MB or so, varying by machine) and what it printed."""
@@ -143,6 +160,40 @@ def test_deflated_dicom_bomb_is_refused_by_the_bytes_it_inflates_to(monkeypatch)
         uploads.read_upload("deflated.dcm", bomb)
     monkeypatch.setenv(io.MAX_PIXELS_ENV, str(2000 * 2000))
     assert uploads.read_upload("deflated.dcm", bomb)[0].shape == (1, 2000, 2000, 1)
+
+
+def excess_dicom(pixel_bytes: int) -> bytes:
+    """A DICOM declaring one 64 x 64 frame of 1-bit pixels (512 bytes) that holds ``pixel_bytes`` of pixel data."""
+    import pydicom
+
+    ds = pydicom.dcmread(pyio.BytesIO(dicom_bytes(np.zeros((64, 64), np.uint16), (0, 0, 0), slope=1.0, intercept=0.0)))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, pixel_bytes, dtype=np.uint8).tobytes()
+    buf = pyio.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_holding_more_pixel_data_than_its_header_declares_is_refused_before_decoding(tmp_path):
+    """The header's 64 x 64 x 1 frame passes the pixel budget; 20 MB of 1-bit data used to decode to 39,062 frames
+    (160 million voxels, 2.3 GB): the data's length is checked against the header before pixel_array."""
+    bomb = excess_dicom(20_000_000)
+    with pytest.raises(DataError) as info:
+        uploads.read_upload("excess.dcm", bomb)
+    assert str(info.value) == ("excess.dcm: DICOM pixel data holds 20,000,000 bytes, more than the 512 its header "
+                               "declares (Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated); fix "
+                               "those tags or re-export the file")
+    path = tmp_path / "excess.dcm"
+    path.write_bytes(bomb)
+    peak, printed = peak_rss_mb(f"from unetseg import uploads\ndata = open({str(path)!r}, 'rb').read()\n"
+                                "try:\n    uploads.read_upload('excess.dcm', data)\nexcept Exception as exc:\n"
+                                "    print('refused', type(exc).__name__)")
+    assert "refused DataError" in printed
+    assert peak < 100, f"peak rose {peak:.0f} MB: the excess frames were decoded"
+    image, _ = uploads.read_upload("exact.dcm", excess_dicom(512))  # the declared length (even: no padding byte)
+    assert image.shape == (1, 64, 64, 1) and set(np.unique(image)) <= {0.0, 1.0}
+    with pytest.raises(DataError, match="holds 514 bytes, more than the 512"):
+        uploads.read_upload("two.dcm", excess_dicom(514))
 
 
 # ------------------------------------------------------------------ colour modes and pages
@@ -397,6 +448,61 @@ def test_a_nifti_with_a_nan_affine_is_one_line(tmp_path, capsys):
     assert err.count("error:") == 1 and "not finite or is singular" in err
 
 
+NIFTI_HEADERS = {  # header fields nibabel refuses, written over a valid file: (offset, format, values), message
+    "datatype 9999": ((70, "hh", (9999, 32)), "HeaderDataError: data code 9999 not recognized"),
+    "datatype 0": ((70, "hh", (0, 0)), "HeaderDataError: data code 0 not supported"),
+    "datatype 1 (bits)": ((70, "hh", (1, 1)), "HeaderDataError: data code 1 not supported"),
+    "datatype 1536 (float128)": ((70, "hh", (1536, 128)), "HeaderDataError: data code 1536 not supported"),
+    "scl_inter inf": ((112, "ff", (1.0, np.inf)), "HeaderDataError: Valid slope but invalid intercept inf"),
+    "vox_offset -100": ((108, "f", (-100.0,)), "HeaderDataError: vox offset -100 too low"),
+    "dim[0] 9": ((40, "8h", (9, 20, 24, 16, 1, 1, 1, 1)), "not a readable NIfTI file (HeaderDataError"),
+    "dim[1] -20": ((40, "8h", (3, -20, 24, 16, 1, 1, 1, 1)), "declares -20 x 24 x 16 pixels: an axis without pixels"),
+    "dim 20 x 0 x 16": ((40, "8h", (3, 20, 0, 16, 1, 1, 1, 1)), "declares 20 x 0 x 16 pixels: an axis without pixels"),
+    "truncated": (None, "not a readable NIfTI file (OSError: Expected 30720 bytes, got 100 bytes from"),
+}
+
+
+@pytest.mark.parametrize("case", list(NIFTI_HEADERS))
+def test_a_nifti_header_nibabel_rejects_is_one_line_in_the_api_and_the_cli(case, tmp_path, capsys):
+    patch, message = NIFTI_HEADERS[case]
+    data = nifti_patched(patch) if patch else nifti_patched()[:352 + 100]  # truncated: 100 bytes of 30720
+    path = tmp_path / "bad.nii"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        io.read_image(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value) and "\n" not in str(info.value)
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)  # and nothing else: nibabel's own log lines muted
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (nib.nifti1.data_type_codes.dtype[128], "voxels are colour (RGB, one value per channel); this network takes a grey"),
+    (nib.nifti1.data_type_codes.dtype[2304], "voxels are colour (RGBA, one value per channel)"),
+    (np.complex64, "voxels are complex numbers (complex64); save the magnitude or the real part"),
+    (np.complex128, "voxels are complex numbers (complex128)"),
+], ids=["RGB24", "RGBA32", "complex64", "complex128"])
+def test_a_nifti_of_colour_or_complex_voxels_is_refused_not_cast(dtype, message, tmp_path):
+    data = np.ones((4, 5, 6), dtype=dtype)
+    path = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(DataError, match=f"odd.nii.gz: {__import__('re').escape(message)}"):
+        io.read_image(path)  # colour used to be a TypeError; complex silently lost its imaginary part
+    with pytest.raises(DataError, match=__import__("re").escape(message)):
+        uploads.read_upload("odd.nii.gz", path.read_bytes())
+
+
+def test_an_image_with_an_axis_of_no_pixels_is_refused_by_every_reader(tmp_path):
+    path = tmp_path / "flat.nii"
+    path.write_bytes(nifti_patched((40, "8h", (3, 20, 0, 16, 1, 1, 1, 1))))
+    with pytest.raises(DataError, match="flat.nii: NIfTI header declares 20 x 0 x 16 pixels: an axis without pixels"):
+        io.read_image(path)  # used to read as (1, 20, 0, 16): an IndexError in the percentile of the viewer's window
+    (tmp_path / "row.png").write_bytes(png_bomb(0, 10))
+    with pytest.raises(DataError, match="row.png: "):
+        io.read_image(tmp_path / "row.png")
+    with pytest.raises(DataError, match="empty.dcm: DICOM image declares 1 x 0 x 7 pixels: an axis without pixels"):
+        uploads.read_upload("empty.dcm", dicom_bytes(np.zeros((0, 7), np.uint16), (0, 0, 0)))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["training"][0].pop("image"), "'training' entry 0 needs an 'image' path"),
     (lambda d: d.__setitem__("labels", {"a": "background", "b": "x"}), "'labels' keys must be class indices"),
@@ -444,8 +550,41 @@ def test_one_non_finite_voxel_is_replaced_not_wiping_the_channel(method):
             out = normalize_intensity(broken, method)
         assert np.isfinite(out).all() and out.std() > 0.1
         np.testing.assert_allclose(out, clean, atol=1e-6)
-    with pytest.warns(UserWarning):
-        assert not normalize_intensity(np.full((1, 3, 3), np.nan, np.float32), method).any()
+    two = np.stack([image[0], np.full(image.shape[1:], np.nan, np.float32)])  # half the values: still repaired
+    with pytest.warns(UserWarning, match="scan.nii: channel 1: 990 of 990 values"):
+        out = normalize_intensity(two, method, source="scan.nii")
+    assert not out[1].any() and np.allclose(out[0], clean[0], atol=1e-6)  # a channel with no finite value: zeros
+    with pytest.raises(DataError, match="image: 9 of 9 values are NaN or infinite, more than half, too many to fill in"):
+        normalize_intensity(np.full((1, 3, 3), np.nan, np.float32), method)  # used to become zeros: a blank mask
+
+
+def test_an_image_mostly_nan_or_infinite_is_refused_naming_the_file(tmp_path, capsys):
+    """An int16 volume with scl_slope 3e38 decodes to infinities; an all-NaN volume holds nothing: both are refused
+    by the readers with one line (they used to be predicted as if blank); a few NaN are repaired with a warning."""
+    slope = nib.Nifti1Image(np.full((10, 11, 12), 100, np.int16), np.eye(4))
+    slope.header.set_slope_inter(3e38, 0)
+    nib.save(slope, tmp_path / "slope.nii")
+    nib.save(nib.Nifti1Image(np.full((10, 11, 12), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    tiff = np.ones((20, 30), np.float32)
+    tiff[:, :16] = np.nan  # 320 of 600
+    Image.fromarray(tiff).save(tmp_path / "nan.tif")
+    for name, count in (("slope.nii", "1,320 of 1,320"), ("nan.nii.gz", "1,320 of 1,320"), ("nan.tif", "320 of 600")):
+        with pytest.raises(DataError, match=f"{name}: {count} values are NaN or infinite, more than half"):
+            io.read_image(tmp_path / name)
+        assert main(["predict", "--checkpoint", "dsb2018_2d" if name.endswith("tif") else "hippocampus_2d",
+                     str(tmp_path / name), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        assert f"{name}: {count} values are NaN" in one_error_line(capsys.readouterr().err)
+    tiff = np.ones((20, 30), np.float32)
+    tiff[:, :14] = np.nan  # 280 of 600: fewer than half, repaired when predicted
+    Image.fromarray(tiff).save(tmp_path / "some.tif")
+    assert np.isnan(io.read_image(tmp_path / "some.tif")[0]).sum() == 280
+
+
+def test_non_finite_limits_in_the_environment_are_one_line_naming_the_variable(monkeypatch):
+    for raw in ("1e400", "inf", "-inf", "nan"):
+        monkeypatch.setenv(io.MAX_PIXELS_ENV, raw)  # 1e400 used to be an OverflowError from int(inf)
+        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_PIXELS='{raw}' is not a finite number of pixels"):
+            io.max_pixels()
 
 
 def test_prediction_of_a_volume_with_a_nan_voxel_matches_the_clean_one(data_root):

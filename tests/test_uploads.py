@@ -101,6 +101,8 @@ BAD = {
     "empty": ("scan.nii.gz", b"", "empty"),
     "empty png": ("cells.png", b"", "empty"),
     "truncated nifti": ("scan.nii.gz", None, "not a readable NIfTI"),
+    "truncated uncompressed nifti": ("scan.nii", None, (  # nibabel's message is two lines
+        "(OSError: Expected 32000 bytes, got 15824 bytes from scan.nii - could the file be damaged?); check it is complete")),
     "corrupt png": ("cells.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "not a readable image"),
     "4D volume": ("fmri.nii.gz", None, "expected a 3D volume"),
     "two channels": ("la.png", None, "grey, RGB or RGBA"),
@@ -109,8 +111,8 @@ BAD = {
 
 
 def bad_bytes(case: str) -> bytes:
-    if case == "truncated nifti":
-        full = nifti_bytes(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
+    if case.startswith("truncated"):
+        full = nifti_bytes(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), compress="uncompressed" not in case)
         return full[: len(full) // 2]
     if case == "4D volume":
         return nifti_bytes(np.zeros((4, 4, 4, 3), dtype=np.float32))
@@ -146,6 +148,10 @@ def test_size_limit_from_argument_and_environment(monkeypatch):
     monkeypatch.setenv(uploads.MAX_UPLOAD_ENV, "lots")
     with pytest.raises(UnetsegError, match="not a number"):
         uploads.max_upload_bytes()
+    for raw in ("inf", "nan", "1e400"):  # an OverflowError or ValueError from int() before
+        monkeypatch.setenv(uploads.MAX_UPLOAD_ENV, raw)
+        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_UPLOAD_MB='{raw}' is not a finite number of megabytes"):
+            uploads.max_upload_bytes()
     monkeypatch.delenv(uploads.MAX_UPLOAD_ENV)
     assert uploads.max_upload_bytes() == int(uploads.DEFAULT_MAX_UPLOAD_MB * 1e6)
 
@@ -248,3 +254,91 @@ def test_list_samples_finds_both_data_sets_and_nothing_in_an_empty_folder(data_r
     name, data = uploads.read_sample(found["hippocampus"][0])
     assert name.endswith(".nii.gz") and data[:2] == b"\x1f\x8b"
     assert uploads.list_samples(tmp_path) == {}
+
+
+@pytest.mark.parametrize("flag, method, message", [
+    (0x1, None, "zip member m0.png is encrypted; zip the files without a password"),
+    (0, 99, "zip member m0.png is encrypted (AES); zip the files without a password"),
+    (0, 98, "zip member m0.png is compressed with method 98, which cannot be read"),
+], ids=["encrypted", "AES", "PPMd"])
+def test_a_mask_zip_with_an_encrypted_or_unreadable_member_is_one_error(flag, method, message, private_tmp):
+    from .test_dicom import zip_patched
+
+    tmp, _ = private_tmp
+    masks = {f"m{i}.png": png_bytes(np.eye(4, dtype=np.uint8) * 255) for i in range(2)}
+    with pytest.raises(DataError) as info:  # RuntimeError and NotImplementedError from zipfile before
+        uploads.read_label_upload("masks.zip", zip_patched(masks, flag, method), (4, 4), 2)
+    assert str(info.value).startswith(f"masks.zip: {message}")
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_mask_zip_with_too_many_members_is_refused_before_unpacking(private_tmp, monkeypatch):
+    from unetseg.data.dicom import MAX_ZIP_MEMBERS
+
+    tmp, _ = private_tmp
+    written = []
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: written.append(self))
+    buf = pyio.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for i in range(MAX_ZIP_MEMBERS + 1):
+            archive.writestr(f"masks/{i}.png", b"")
+    with pytest.raises(DataError, match=f"masks.zip: zip holds {MAX_ZIP_MEMBERS + 1} files; the limit is {MAX_ZIP_MEMBERS}"):
+        uploads.read_label_upload("masks.zip", buf.getvalue(), (4, 4), 2)
+    assert written == [] and list(tmp.iterdir()) == []  # 20,000 blank PNGs used to be unpacked (27 s, 20k files)
+
+
+def coloured_masks() -> dict[str, Image.Image]:
+    """The same drawn square (rows 1-2, columns 2-4 of 4 x 6) stored the ways drawing tools save masks."""
+    region = np.zeros((4, 6), bool)
+    region[1:3, 2:5] = True
+    blue, green = np.zeros((4, 6, 3), np.uint8), np.zeros((4, 6, 3), np.uint8)
+    blue[region, 2], green[region, 1] = 255, 200
+    palette = Image.fromarray(region.astype(np.uint8), "L").convert("P")
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)  # index 1 is blue: red channel 0
+    alpha_only = np.zeros((4, 6, 4), np.uint8)
+    alpha_only[region, 3] = 255  # black, drawn in the alpha channel only
+    on_clear = np.zeros((4, 6, 4), np.uint8)
+    on_clear[..., :3] = 255  # white but transparent background ...
+    on_clear[region] = (0, 0, 0, 255)  # ... and an opaque black drawing
+    red_opaque = np.zeros((4, 6, 4), np.uint8)
+    red_opaque[..., 3] = 255
+    red_opaque[region, 0] = 255
+    grey_alpha = np.zeros((4, 6, 2), np.uint8)
+    grey_alpha[region, 1] = 255
+    return {"blue on black": Image.fromarray(blue), "green on black": Image.fromarray(green), "palette": palette,
+            "alpha only": Image.fromarray(alpha_only), "black on transparent white": Image.fromarray(on_clear),
+            "red on opaque black": Image.fromarray(red_opaque), "grey + alpha": Image.fromarray(grey_alpha, "LA")}
+
+
+@pytest.mark.parametrize("kind", list(coloured_masks()))
+def test_colour_palette_and_alpha_masks_read_as_the_drawn_region(kind, tmp_path):
+    region = np.zeros((4, 6), bool)
+    region[1:3, 2:5] = True
+    mask = coloured_masks()[kind]
+    path = tmp_path / "mask.png"
+    mask.save(path)
+    assert np.array_equal(io.read_mask_2d(path), region), kind  # read as empty (the red channel) before
+    (tmp_path / "masks").mkdir()
+    mask.save(tmp_path / "masks" / "a.png")
+    assert np.array_equal(read_dsb_mask(tmp_path / "masks"), region)  # how evaluate and training read DSB masks
+    labels = uploads.read_label_upload("mask.png", path.read_bytes(), (4, 6), 2)  # the viewer's ground truth
+    assert np.array_equal(labels, region.astype(np.int64))
+
+
+def test_empty_masks_stay_empty_and_colour_is_no_class_index(tmp_path):
+    for name, pixels in (("black.png", np.zeros((4, 6, 3), np.uint8)), ("opaque.png", np.zeros((4, 6, 4), np.uint8))):
+        if pixels.shape[2] == 4:
+            pixels[..., 3] = 255  # an opaque black mask: empty, not all foreground
+        Image.fromarray(pixels).save(tmp_path / name)
+        assert not io.read_mask_2d(tmp_path / name).any()
+    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    palette = Image.fromarray(indices, "L").convert("P")
+    palette.putpalette([0, 0, 0, 0, 0, 255, 0, 255, 0] + [0] * 759)
+    buf = pyio.BytesIO()
+    palette.save(buf, format="PNG")  # a palette label map: its indices are the classes (blue 1, green 2)
+    assert uploads.read_label_upload("l.png", buf.getvalue(), (2, 3), 3).tolist() == indices.tolist()
+    colour = png_bytes(np.stack([indices * 100, indices, indices], -1))
+    with pytest.raises(DataError, match="l.png: a colour label image cannot hold the class indices 0..2; save each"):
+        uploads.read_label_upload("l.png", colour, (2, 3), 3)
+    grey_as_rgb = png_bytes(np.repeat(indices[..., None], 3, axis=2))
+    assert uploads.read_label_upload("l.png", grey_as_rgb, (2, 3), 3).tolist() == indices.tolist()

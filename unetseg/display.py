@@ -258,18 +258,43 @@ def upscale(picture: np.ndarray, target: int = 480, aspect: tuple[float, float] 
     """Nearest-neighbour enlarge ``(H, W[, 3])`` so its longer side is about ``target`` pixels.
 
     ``aspect`` (row height, column width) stretches anisotropic pixels to their
-    physical proportions. Pictures already that large are returned unchanged.
+    physical proportions. Pictures already that large are returned unchanged,
+    unless they are so thin (a 1 x 10240 row) that shown ``target`` pixels long
+    they would be under one pixel thick: Pillow cannot shrink them to the page
+    ("height and width must be > 0"). Their short side is repeated to at least
+    1/``target`` of the long side, after thinning a long side of more than
+    ``target * max_factor`` pixels to every k-th pixel, so the result stays
+    under ``target * max_factor**2`` pixels.
     """
     height, width = picture.shape[:2]
+    if height == 0 or width == 0:
+        return picture
     rows, cols = aspect
     unit = min(rows, cols)
     fy, fx = rows / unit, cols / unit
     scale = max(1.0, target / max(height * fy, width * fx))
     ry = int(min(max_factor, max(1, round(scale * fy))))
     rx = int(min(max_factor, max(1, round(scale * fx))))
+    if min(height * ry, width * rx) * target < max(height * ry, width * rx):
+        return _thicken(picture, target, ry, rx, max_factor)
     if ry == rx == 1:
         return picture
     return np.repeat(np.repeat(picture, ry, axis=0), rx, axis=1)
+
+
+def _thicken(picture: np.ndarray, target: int, ry: int, rx: int, max_factor: int) -> np.ndarray:
+    """A picture whose short side is under 1/``target`` of its long side, thickened for :func:`upscale`."""
+    long_axis = 0 if picture.shape[0] * ry > picture.shape[1] * rx else 1
+    longest = target * max_factor
+    step = -(-picture.shape[long_axis] // longest)  # thin a very long side to at most target * max_factor pixels
+    if step > 1:
+        picture = picture[::step] if long_axis == 0 else picture[:, ::step]
+    factors = [ry, rx]
+    factors[long_axis] = 1 if step > 1 else factors[long_axis]
+    long_side = picture.shape[long_axis] * factors[long_axis]
+    short_axis = 1 - long_axis
+    factors[short_axis] = max(factors[short_axis], -(-long_side // (target * picture.shape[short_axis])))
+    return np.repeat(np.repeat(picture, factors[0], axis=0), factors[1], axis=1)
 
 
 def _check_plane(plane: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io as _io
+import math
 import os
 import re
 import tempfile
@@ -26,7 +27,14 @@ import numpy as np
 
 from unetseg.data import io
 from unetseg.data.datasets import CaseRef, dataset_info, list_cases, read_dsb_mask
-from unetseg.data.dicom import DICOM_SUFFIXES, is_dicom_bytes, is_zip_bytes, read_dicom_bytes
+from unetseg.data.dicom import (
+    DICOM_SUFFIXES,
+    MAX_ZIP_MEMBERS,
+    is_dicom_bytes,
+    is_zip_bytes,
+    read_dicom_bytes,
+    read_zip_member,
+)
 from unetseg.errors import DataError, UnetsegError
 
 MAX_UPLOAD_ENV = "UNETSEG_MAX_UPLOAD_MB"
@@ -42,6 +50,9 @@ def max_upload_bytes() -> int:
         mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
     except ValueError:
         raise UnetsegError(f"{MAX_UPLOAD_ENV}={raw!r} is not a number of megabytes") from None
+    if not math.isfinite(mb):  # inf would overflow int(), nan pass every comparison
+        raise UnetsegError(f"{MAX_UPLOAD_ENV}={raw!r} is not a finite number of megabytes; set it to e.g. "
+                           f"{DEFAULT_MAX_UPLOAD_MB:g}")
     if mb <= 0:
         raise UnetsegError(f"{MAX_UPLOAD_ENV} must be positive, got {raw}")
     return int(mb * 1_000_000)
@@ -144,18 +155,26 @@ def _problem(exc: DataError, name: str) -> str:
 
 
 def label_from_pixels(pixels: np.ndarray, num_classes: int, source: str | Path) -> np.ndarray:
-    """A 2D label image's pixels -> ``(H, W)`` int64 classes.
+    """A 2D label image's pixels (palette images as indices, see :func:`io.read_pixels_2d`) -> ``(H, W)`` int64.
 
-    With two classes any non-zero pixel is foreground (as ``unetseg evaluate``
-    reads mask PNGs); with more, pixel values must be class indices. Colour
-    masks use their first channel.
+    With two classes the drawn region is foreground, by the rule ``unetseg
+    evaluate`` reads mask PNGs with (:func:`io.mask_from_pixels`: any non-zero
+    grey value, palette index or colour channel; alpha for drawings on a
+    transparent background). With more, grey values or palette indices are
+    the class indices (transparent pixels are background); a colour image
+    cannot hold them and is refused.
     """
-    if pixels.ndim == 3:
-        pixels = pixels[..., 0]
-    if pixels.ndim != 2:
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (2, 3, 4)):
         raise DataError(source, f"expected a 2D label image, got shape {pixels.shape}")
     if num_classes == 2:
-        return (pixels > 0).astype(np.int64)
+        return io.mask_from_pixels(pixels, source).astype(np.int64)
+    if pixels.ndim == 3:
+        colour = pixels if pixels.shape[2] == 3 else pixels[..., :-1]
+        if np.any(colour != colour[..., :1]):
+            raise DataError(source, f"a colour label image cannot hold the class indices 0..{num_classes - 1}; "
+                            "save each pixel's class index as a grey or palette PNG")
+        visible = pixels[..., -1] > 0 if pixels.shape[2] in (2, 4) else True
+        pixels = np.where(visible, colour[..., 0], 0)
     labels = pixels.astype(np.int64)
     io.check_label_values(labels, num_classes, source)
     return labels
@@ -177,7 +196,7 @@ def read_label_path(path: str | Path, image_shape: tuple[int, ...], num_classes:
         elif io.file_kind(path) == "nifti":
             labels, _ = io.read_nifti_label(path, num_classes)
         else:
-            pixels = io.read_pixels_2d(path, what="label image")
+            pixels = io.read_pixels_2d(path, what="label image", palette_indices=True)
             labels = label_from_pixels(pixels, num_classes, shown)
     except DataError as exc:
         raise DataError(shown, _problem(exc, shown)) from None
@@ -212,16 +231,26 @@ def read_label_upload(
 
 
 def _extract_masks(data: bytes, name: str, folder: Path, limit: int) -> None:
-    """Write the PNG members of a zip, flattened and renamed, into ``folder``."""
+    """Write the PNG members of a zip, flattened and renamed, into ``folder``.
+
+    Refused before anything is written: more than ``MAX_ZIP_MEMBERS`` files,
+    or PNGs unpacking to more than ``limit`` bytes. An encrypted, corrupt or
+    unreadably compressed member is one :class:`DataError` naming it.
+    """
     try:
-        with zipfile.ZipFile(_io.BytesIO(data)) as archive:
-            members = [m for m in archive.infolist() if not m.is_dir() and m.filename.lower().endswith(".png")]
-            if sum(m.file_size for m in members) > limit:
-                raise DataError(name, f"zip unpacks to more than the {limit / 1e6:g} MB limit")
-            for i, member in enumerate(members):
-                (folder / f"mask_{i:05d}.png").write_bytes(archive.read(member))
+        archive = zipfile.ZipFile(_io.BytesIO(data))
+        files = [m for m in archive.infolist() if not m.is_dir()]
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise DataError(name, f"not a readable zip archive ({type(exc).__name__}); check the file is complete") from None
+    with archive:
+        if len(files) > MAX_ZIP_MEMBERS:
+            raise DataError(name, f"zip holds {len(files)} files; the limit is {MAX_ZIP_MEMBERS}; "
+                            "zip the masks of one image only")
+        members = [m for m in files if m.filename.lower().endswith(".png")]
+        if sum(m.file_size for m in members) > limit:
+            raise DataError(name, f"zip unpacks to more than the {limit / 1e6:g} MB limit")
+        for i, member in enumerate(members):
+            (folder / f"mask_{i:05d}.png").write_bytes(read_zip_member(archive, member, name))
     if not members:
         raise DataError(name, "zip holds no mask PNGs; zip a DSB masks/ folder or upload one mask image")
 

@@ -15,6 +15,7 @@ convention before any reorientation).
 from __future__ import annotations
 
 import io as _io
+import lzma
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -22,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from unetseg.data.io import MAX_PIXELS_ENV, ImageMeta, check_geometry, check_pixel_budget, max_pixels
+from unetseg.data.io import (
+    MAX_PIXELS_ENV,
+    ImageMeta,
+    check_geometry,
+    check_pixel_budget,
+    max_pixels,
+)
+from unetseg.data.preprocess import refuse_mostly_non_finite
 from unetseg.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -32,6 +40,7 @@ DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 # A deflated DICOM may inflate to at most this many bytes per pixel of the budget (16-bit pixels plus headers).
 INFLATED_BYTES_PER_PIXEL = 4
 DEFLATE_PIECE_BYTES = 1024
+AES_METHOD = 99  # WinZip AES encryption, stored as a compression method Python's zipfile cannot read
 
 
 def _check_inflated_size(data: bytes, source: str | Path) -> None:
@@ -70,17 +79,56 @@ def _check_inflated_size(data: bytes, source: str | Path) -> None:
         )
 
 
+def _number(ds, keyword: str, default: float, source: str | Path) -> float:
+    """The numeric tag ``keyword`` of ``ds`` (``default`` when absent or empty), else one :class:`DataError` naming it."""
+    value = getattr(ds, keyword, None)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # text such as 'abcdef', or several values where one belongs
+        raise DataError(source, f"DICOM tag {keyword} holds {str(value)[:40]!r}, not a number; fix the tag or "
+                        "re-export the file") from None
+
+
 def _check_declared_pixels(datasets: Sequence, source: str | Path) -> None:
-    """Rows x columns x frames of every dataset, from the header, against the pixel budget (before any decoding)."""
+    """Rows x columns x frames of every dataset, from the header, against the pixel budget, and the pixel data's
+    length against that header (both before any decoding)."""
     rows = cols = frames = 0
     for ds in datasets:
         try:
             r, c = int(ds.Rows), int(ds.Columns)
-            n = int(getattr(ds, "NumberOfFrames", 1) or 1)
         except (AttributeError, TypeError, ValueError):
             raise DataError(source, "DICOM image has no valid Rows/Columns; check the file is complete") from None
+        n = int(_number(ds, "NumberOfFrames", 1, source) or 1)
         rows, cols, frames = max(rows, r), max(cols, c), frames + n
     check_pixel_budget(source, (frames, rows, cols), "DICOM series" if len(datasets) > 1 else "DICOM image")
+    for ds in datasets:
+        _check_pixel_data_length(ds, source)
+
+
+def _check_pixel_data_length(ds, source: str | Path) -> None:
+    """Refuse uncompressed pixel data longer than the header declares (Rows x Columns x frames x samples x bits,
+    plus the byte that pads it to an even length): a 64 x 64 one-frame 1-bit header over 20 MB of data would
+    otherwise decode to 39,062 frames, past the pixel budget checked from the header."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        encapsulated = syntax is None or syntax.is_encapsulated
+    except ValueError:  # not a transfer syntax pydicom knows: decoding reports it
+        return
+    if encapsulated or "PixelData" not in ds:
+        return  # compressed frames are decoded one by one, never past NumberOfFrames (allow_excess_frames=False)
+    bits = 1.0
+    for keyword, default in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1),
+                             ("BitsAllocated", 16)):
+        bits *= _number(ds, keyword, default, source) or default
+    declared = -(-int(bits) // 8)
+    actual = len(ds.PixelData or b"")
+    if actual > declared + declared % 2:
+        raise DataError(
+            source, f"DICOM pixel data holds {actual:,} bytes, more than the {declared:,} its header declares (Rows x "
+            "Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated); fix those tags or re-export the file"
+        )
 
 
 def is_dicom_bytes(data: bytes) -> bool:
@@ -113,10 +161,13 @@ def _parse(data: bytes, source: str | Path, strict: bool):
 
 def _pixels(ds, source: str | Path) -> np.ndarray:
     """Rescaled pixels ``(frames, rows, cols)`` float32 of one dataset."""
-    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    samples = int(_number(ds, "SamplesPerPixel", 1, source))
     if samples != 1:
         raise DataError(source, f"colour DICOM ({samples} samples per pixel); this viewer takes grey volumes")
+    slope = _number(ds, "RescaleSlope", 1.0, source) or 1.0
+    intercept = _number(ds, "RescaleIntercept", 0.0, source)
     try:
+        ds.pixel_array_options(allow_excess_frames=False)  # never more frames than NumberOfFrames declares
         pixels = np.asarray(ds.pixel_array, dtype=np.float32)
     except Exception as exc:  # truncated data, unsupported compression, missing handlers
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -125,9 +176,8 @@ def _pixels(ds, source: str | Path) -> np.ndarray:
             source, f"cannot decode the DICOM pixel data{hint}: {type(exc).__name__}; the file may be truncated, "
             "or compressed - export it uncompressed"
         ) from None
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    pixels = pixels * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # a RescaleSlope of 3e38 overflows: refused after stacking
+        pixels = pixels * slope + intercept
     return pixels[None] if pixels.ndim == 2 else pixels
 
 
@@ -220,7 +270,7 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
         geometries = [_geometry(ds) for ds in datasets]
         iop, _, pixel_spacing = geometries[0]
         if any(g[1] is None for g in geometries):
-            numbers = [int(getattr(ds, "InstanceNumber", i) or i) for i, ds in enumerate(datasets)]
+            numbers = [_instance_number(ds, i, source) for i, ds in enumerate(datasets)]
             order = np.argsort(numbers, kind="stable")
             positions = None
         else:
@@ -246,12 +296,25 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
         else:
             step = _normal(iop) * _slice_thickness(datasets[0])
             origin = np.zeros(3)
+    refuse_mostly_non_finite(slices, source)  # e.g. a RescaleSlope of 3e38: every pixel infinite
     volume = np.ascontiguousarray(np.transpose(slices, (2, 1, 0)))  # (frames, rows, cols) -> (X=cols, Y=rows, Z)
     affine = _affine(iop, origin, pixel_spacing, step)
     spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
     check_geometry(source, affine, spacing, "ImageOrientationPatient with ImagePositionPatient (the affine)",
                    "PixelSpacing and slice spacing", "fix those tags or re-export the series")
     return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing)
+
+
+def _instance_number(ds, index: int, source: str | Path) -> float:
+    """The InstanceNumber that orders a slice without ImagePositionPatient (its place in the input when absent)."""
+    try:
+        return _number(ds, "InstanceNumber", index, source)
+    except DataError:
+        raise DataError(
+            source, f"slice {index + 1} has no ImagePositionPatient and its InstanceNumber "
+            f"{str(ds.InstanceNumber)[:40]!r} is not a number, so the slice order is unknown; fix those tags or "
+            "re-export the series"
+        ) from None
 
 
 def _check_one_series(datasets: Sequence, source: str | Path) -> None:
@@ -278,16 +341,28 @@ def datasets_from_zip(data: bytes, source: str | Path, max_bytes: int | None = N
     datasets = []
     with archive:
         for member in members:
-            try:
-                raw = archive.read(member)
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as exc:
-                raise DataError(source, f"zip member {member.filename} is corrupt ({type(exc).__name__})") from None
-            ds = _parse(raw, f"{source}:{member.filename}", strict=False)
+            ds = _parse(read_zip_member(archive, member, source), f"{source}:{member.filename}", strict=False)
             if ds is not None:
                 datasets.append(ds)
     if not datasets:
         raise DataError(source, "zip holds no DICOM images; zip the .dcm files of one series")
     return datasets
+
+
+def read_zip_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, source: str | Path) -> bytes:
+    """The bytes of one zip member, or one :class:`DataError` naming it: encrypted (zipfile raises RuntimeError),
+    compressed by a method zipfile cannot read (NotImplementedError: AES, ...), or corrupt."""
+    if member.flag_bits & 0x1 or member.compress_type == AES_METHOD:
+        how = " (AES)" if member.compress_type == AES_METHOD else ""
+        raise DataError(source, f"zip member {member.filename} is encrypted{how}; zip the files without a password")
+    try:
+        return archive.read(member)
+    except NotImplementedError:
+        raise DataError(source, f"zip member {member.filename} is compressed with method {member.compress_type}, which "
+                        "cannot be read; zip the files with standard (deflate) compression") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
+        raise DataError(source, f"zip member {member.filename} is corrupt ({type(exc).__name__}); check the file "
+                        "is complete") from None
 
 
 def read_dicom_bytes(data: bytes, source: str | Path = "upload.dcm", max_bytes: int | None = None) -> tuple[np.ndarray, ImageMeta]:

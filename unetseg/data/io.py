@@ -9,6 +9,7 @@ raises :class:`~unetseg.errors.DataError` naming the file and the fix.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from unetseg.data.preprocess import refuse_mostly_non_finite
 from unetseg.errors import DataError, UnetsegError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -40,9 +42,12 @@ def max_pixels() -> int:
     if not raw:
         return DEFAULT_MAX_PIXELS
     try:
-        value = int(float(raw))
+        number = float(raw)
     except ValueError:
         raise UnetsegError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels; set it to e.g. {DEFAULT_MAX_PIXELS}") from None
+    if not math.isfinite(number):  # 1e400 reads as inf, which int() cannot take
+        raise UnetsegError(f"{MAX_PIXELS_ENV}={raw!r} is not a finite number of pixels; set it to e.g. {DEFAULT_MAX_PIXELS}")
+    value = int(number)
     if value <= 0:
         raise UnetsegError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {raw}")
     return value
@@ -64,16 +69,20 @@ def pixel_budget(limit: int | None) -> Iterator[int]:
 
 
 def check_pixel_budget(path: str | Path, shape: Sequence[int], what: str = "image") -> None:
-    """Refuse, before decoding, a file whose header declares more pixels than :func:`max_pixels`.
+    """Refuse, before decoding, a file whose header declares more pixels than :func:`max_pixels`, or an axis of
+    no pixels (a 20 x 0 x 16 volume has nothing to show or segment).
 
     ``shape`` is the declared size (spatial axes and frames; channels excluded).
     """
+    dims = " x ".join(str(int(s)) for s in shape)
+    if any(int(side) < 1 for side in shape):
+        raise DataError(path, f"{what} declares {dims} pixels: an axis without pixels holds no image; "
+                        "check the file is complete, or re-export it")
     count = 1
     for side in shape:
-        count *= max(int(side), 0)
+        count *= int(side)
     limit = max_pixels()
     if count > limit:
-        dims = " x ".join(str(int(s)) for s in shape)
         raise DataError(
             path, f"{what} declares {dims} = {count:,} pixels, over the {limit:,} pixel budget; "
             f"downsample it, or raise the budget with --max-pixels or ${MAX_PIXELS_ENV}"
@@ -117,17 +126,50 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, ImageMeta]:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty; re-export or re-download it")
     try:
-        img = nib.load(str(path))
+        with _nibabel_quiet():
+            img = nib.load(str(path))
         check_pixel_budget(path, img.header.get_data_shape(), "NIfTI header")
+        _check_nifti_dtype(path, img.get_data_dtype())
         data = np.asanyarray(img.dataobj)
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
-        raise DataError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc}); check it is complete") from None
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError, OverflowError,
+            zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        # nibabel's text may span lines ("... got 0 bytes from x.nii\n - could the file be damaged?"): one line here
+        reason = " ".join(str(exc).split())
+        fix = ("its header is invalid: re-save it (e.g. from ITK-SNAP or 3D Slicer)"
+               if isinstance(exc, nib.spatialimages.HeaderDataError) else "check it is complete")
+        raise DataError(path, f"not a readable NIfTI file ({type(exc).__name__}: {reason}); {fix}") from None
     header = img.header.copy()
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
     check_geometry(path, affine, spacing, "the header's orientation (sform/qform affine)", "voxel sizes (pixdim)",
                    "fix the header (e.g. re-save the file from ITK-SNAP or 3D Slicer)")
     return data, ImageMeta(path=path, kind="nifti", affine=affine, spacing=spacing, header=header)
+
+
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Mute nibabel's header log ("sizeof_hdr should be 348; set sizeof_hdr to 348", ...): a line on stderr without
+    the file's name; a header it cannot use raises, and becomes our one line."""
+    logger = nib.imageglobals.logger
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _check_nifti_dtype(path: Path, dtype: np.dtype) -> None:
+    """Refuse, from the header, voxels that are not plain numbers: RGB24/RGBA32 colour (a structured type) and
+    complex numbers (casting them to float would silently drop the imaginary part)."""
+    if dtype.kind in "biuf":
+        return
+    if dtype.kind == "c":
+        raise DataError(path, f"voxels are complex numbers ({dtype}); save the magnitude or the real part as a "
+                        "real-valued NIfTI")
+    if dtype.names:
+        raise DataError(path, f"voxels are colour ({''.join(dtype.names)}, one value per channel); this network "
+                        "takes a grey volume: save one channel or the grey value as a NIfTI of numbers")
+    raise DataError(path, f"voxels are of type {dtype}, not numbers; save the volume as a NIfTI of numbers")
 
 
 def check_geometry(source: str | Path, affine: np.ndarray, spacing: Sequence[float], orientation: str, sizes: str,
@@ -151,7 +193,10 @@ def read_nifti_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(path, f"expected a 3D volume, got shape {data.shape}; pass a single 3D volume")
-    return data.astype(np.float32)[None], meta
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf, counted next
+        image = data.astype(np.float32)[None]
+    refuse_mostly_non_finite(image, path)
+    return image, meta
 
 
 def read_nifti_label(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, ImageMeta]:
@@ -191,19 +236,25 @@ def read_image_2d(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
     (checked from the header, before decoding).
     """
     path = Path(path)
-    data = read_pixels_2d(path)
-    return image_to_channels_first(data, path), ImageMeta(path=path, kind="image2d")
+    image = image_to_channels_first(read_pixels_2d(path), path)
+    refuse_mostly_non_finite(image, path)
+    return image, ImageMeta(path=path, kind="image2d")
 
 
 _TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "P", "PA")
 
 
-def read_pixels_2d(path: str | Path, what: str = "image") -> np.ndarray:
+def read_pixels_2d(path: str | Path, what: str = "image", palette_indices: bool = False) -> np.ndarray:
     """The pixels of a single-page 2D image file, ``(H, W)`` or ``(H, W, C)``.
 
     The size is read from the header first (Pillow opens lazily; tifffile for
     TIFFs Pillow cannot open) and refused over :func:`max_pixels`; multi-page
     files are refused; colour modes other than grey/RGB/RGBA become RGB.
+
+    Args:
+        palette_indices: palette images (``P``, ``PA``) give their palette
+            indices ``(H, W)`` (with alpha ``(H, W, 2)``) instead of the RGB
+            colours they stand for: what masks and label maps mean by them.
     """
     import warnings
 
@@ -223,10 +274,14 @@ def read_pixels_2d(path: str | Path, what: str = "image") -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 _check_2d_header(path, (img.height, img.width), int(getattr(img, "n_frames", 1)), what)
-                if img.mode in _TO_RGB_MODES:
+                if palette_indices and img.mode in ("P", "PA"):
+                    converted = np.asarray(img)
+                elif img.mode in _TO_RGB_MODES:
                     converted = np.asarray(img.convert("RGB"))
                 elif img.mode == "1":
                     converted = np.asarray(img.convert("L"))
+                elif img.mode == "LA":  # scikit-image reads a 3 or 4 rows high grey + alpha image as channels-first
+                    converted = np.asarray(img)
     except Image.DecompressionBombError:
         raise DataError(path, f"{what} is over the {limit:,} pixel budget; downsample it, or raise the budget "
                         f"with --max-pixels or ${MAX_PIXELS_ENV}") from None
@@ -276,13 +331,31 @@ def image_to_channels_first(data: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def read_mask_2d(path: str | Path) -> np.ndarray:
-    """Read a 2D mask image as bool ``(H, W)``: any non-zero pixel is foreground."""
-    data = read_pixels_2d(path, what="mask image")
-    if data.ndim == 3:
-        data = data[..., 0]
-    if data.ndim != 2:
-        raise DataError(path, f"expected a 2D mask, got shape {data.shape}")
-    return data > 0
+    """Read a 2D mask image as bool ``(H, W)`` by the rule of :func:`mask_from_pixels`."""
+    return mask_from_pixels(read_pixels_2d(path, what="mask image", palette_indices=True), path)
+
+
+def mask_from_pixels(pixels: np.ndarray, source: str | Path) -> np.ndarray:
+    """The drawn region of a 2D mask's pixels as bool ``(H, W)``.
+
+    - grey ``(H, W)`` and palette indices (see :func:`read_pixels_2d`): any non-zero value;
+    - RGB: any non-zero channel, so blue or green on black is foreground (reading the red channel alone
+      used to make such masks empty);
+    - with alpha (grey + alpha, palette + alpha, RGBA): a visible (alpha > 0) and non-black pixel; when no
+      visible pixel has a colour and the alpha varies, the alpha alone (> 0): a black or colourless drawing
+      on a transparent background. An opaque all-black mask stays empty.
+    """
+    if pixels.ndim == 2:
+        return pixels > 0
+    if pixels.ndim != 3 or pixels.shape[2] not in (2, 3, 4):
+        raise DataError(source, f"expected a 2D mask (grey, palette, RGB or RGBA), got shape {pixels.shape}")
+    if pixels.shape[2] == 3:
+        return np.any(pixels > 0, axis=2)
+    visible = pixels[..., -1] > 0
+    drawn = visible & np.any(pixels[..., :-1] > 0, axis=2)
+    if not drawn.any() and visible.any() and not visible.all():
+        return visible
+    return drawn
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:

@@ -7,14 +7,40 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from unetseg.errors import DataError
+
 Normalization = Literal["zscore", "percentile"]
+# Up to this share of NaN or infinite values an image is repaired (each filled from its nearest finite
+# neighbour, with a NonFiniteWarning); beyond it there is too little left to fill from, and it is refused.
+MAX_NON_FINITE_SHARE = 0.5
 
 
-def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> np.ndarray:
+class NonFiniteWarning(UserWarning):
+    """Some values of an image were NaN or infinite and were replaced (see :func:`replace_non_finite`)."""
+
+
+def refuse_mostly_non_finite(image: np.ndarray, source: str | Path = "image") -> None:
+    """Raise :class:`DataError` naming ``source`` when more than half of ``image``'s values are NaN or infinite.
+
+    An int16 volume whose ``scl_slope`` is 3e38 decodes to infinities; an all-NaN volume holds nothing: neither
+    can be repaired from its neighbours, and either would give a meaningless prediction.
+    """
+    if image.size == 0 or not np.issubdtype(image.dtype, np.floating):
+        return
+    bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if bad > MAX_NON_FINITE_SHARE * image.size:
+        raise DataError(
+            source, f"{bad:,} of {image.size:,} values are NaN or infinite, more than half, too many to fill in; "
+            "check its intensity scaling (NIfTI scl_slope/scl_inter, DICOM RescaleSlope) or re-export it"
+        )
+
+
+def normalize_intensity(image: np.ndarray, method: Normalization = "zscore", source: str | Path | None = None) -> np.ndarray:
     """Normalise each channel of ``image (C, *S)`` on its own; returns float32 of the same shape.
 
     - ``"zscore"``: subtract the channel mean, divide by its standard deviation
@@ -24,14 +50,20 @@ def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> 
       non-negative so gamma augmentation applies).
     A constant channel becomes all zeros. Non-finite values (NaN, inf) are
     first replaced by the nearest finite value of their channel, with a
-    warning (see :func:`replace_non_finite`), so one bad voxel cannot wipe
-    the channel.
+    :class:`NonFiniteWarning` (see :func:`replace_non_finite`), so one bad
+    voxel cannot wipe the channel; an image with more than half of its values
+    non-finite raises :class:`DataError` (:func:`refuse_mostly_non_finite`).
+
+    Args:
+        source: the file the image came from, named in the warning and the error.
     """
     if method not in ("zscore", "percentile"):
         raise ValueError(f"normalization must be 'zscore' or 'percentile', got {method!r}")
+    image = image.astype(np.float32)
+    refuse_mostly_non_finite(image, "image" if source is None else source)
     out = np.empty(image.shape, dtype=np.float32)
-    for c, channel in enumerate(image.astype(np.float32)):
-        channel = replace_non_finite(channel, f"channel {c}")
+    for c, channel in enumerate(image):
+        channel = replace_non_finite(channel, f"channel {c}" if source is None else f"{source}: channel {c}")
         if method == "percentile":
             lo, hi = (float(v) for v in np.percentile(channel, [0.5, 99.5]))
             out[c] = np.clip((channel - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
@@ -44,17 +76,18 @@ def normalize_intensity(image: np.ndarray, method: Normalization = "zscore") -> 
 def replace_non_finite(channel: np.ndarray, what: str = "image") -> np.ndarray:
     """``channel`` with each NaN or infinite value set to the nearest finite value (Euclidean, in voxels).
 
-    Emits a :class:`UserWarning` saying how many values were replaced. A
-    channel without any finite value becomes all zeros. Returns the input
-    itself when it is all finite.
+    Emits a :class:`NonFiniteWarning` saying how many values were replaced. A
+    channel without any finite value becomes all zeros (images with most values
+    non-finite are refused before, by :func:`normalize_intensity`). Returns the
+    input itself when it is all finite.
     """
     finite = np.isfinite(channel)
     if finite.all():
         return channel
     bad = int(channel.size - finite.sum())
     warnings.warn(
-        f"{what}: {bad} of {channel.size} values are NaN or infinite; replaced by the nearest finite value",
-        UserWarning,
+        f"{what}: {bad:,} of {channel.size:,} values are NaN or infinite; replaced by the nearest finite value",
+        NonFiniteWarning,
         stacklevel=3,
     )
     if not finite.any():
