@@ -7,25 +7,37 @@ inference needs nothing else.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
+import math
 import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from skimage.measure import label as connected_components
+from torch import nn
 
 from unetseg.data import io
 from unetseg.data.datasets import to_channels
-from unetseg.data.preprocess import normalize_intensity, slices_to_volume, volume_to_slices
+from unetseg.data.preprocess import (
+    normalize_intensity,
+    round_up_to_multiple,
+    slices_to_volume,
+    volume_to_slices,
+)
 from unetseg.data.transforms import flip_combinations
 from unetseg.errors import DataError, UnetsegError
 from unetseg.model import UNet
+from unetseg.model.blocks import ConvBlock
 
 CHECKPOINT_FORMAT = "unetseg-checkpoint-v1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -150,8 +162,153 @@ def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- fast inference
+# How much memory one forward pass may use, and what it costs per voxel.
+INFER_MEMORY_ENV = "UNETSEG_INFER_MEMORY_MB"
+DEFAULT_INFER_MEMORY_MB = 2048.0
+# Peak memory of a forward pass per input voxel and batch item, in float32 values per feature map of the finest
+# level: measured as peak RSS growth (docs/inference_speed.md) at 410-570 bytes per voxel for the shipped networks
+# (16 maps at the finest level = 640 bytes with this factor), 2D and 3D, whole images and batches.
+FLOATS_PER_FINEST_MAP = 10
+# Sliding window (above the budget only): MONAI's, Gaussian-weighted, this overlap.
+WINDOW_OVERLAP = 0.25
+# channels_last where it measurably helps (docs/inference_speed.md): 2D convolutions on the CPU run ~1.3-1.8x
+# faster with it; 3D ones (channels_last_3d) were no faster, so 3D stays contiguous.
+CHANNELS_LAST = {2: True, 3: False}
+
+
+def infer_memory_mb(memory_mb: float | None = None) -> float:
+    """The memory budget of one forward pass in MB: ``memory_mb``, else ``$UNETSEG_INFER_MEMORY_MB``, else 2048.
+
+    Raises:
+        UnetsegError: a value that is not a positive number (naming where it came from).
+    """
+    if memory_mb is not None:
+        source, value = "memory_mb", memory_mb
+    else:
+        source, value = INFER_MEMORY_ENV, os.environ.get(INFER_MEMORY_ENV)
+    if value is None or value == "":
+        return DEFAULT_INFER_MEMORY_MB
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        mb = float("nan")
+    if not np.isfinite(mb) or mb <= 0:
+        raise UnetsegError(f"{source}={value!r} is not a positive number of megabytes; e.g. {source}=2048")
+    return mb
+
+
+def windows_along(size: int, roi: int, overlap: float = WINDOW_OVERLAP) -> int:
+    """How many windows of ``roi`` MONAI's sliding window puts along an axis of ``size`` (``overlap`` between them)."""
+    if roi >= size:
+        return 1
+    interval = max(1, int(roi * (1 - overlap)))
+    return math.ceil((size - roi) / interval) + 1
+
+
+def window_shape(shape: Sequence[int], floor: Sequence[int], max_voxels: int, multiple: int) -> tuple[int, ...]:
+    """The largest sliding window (multiples of ``multiple``, each side at least ``floor``) with at most
+    ``max_voxels`` voxels that tiles ``shape`` with few windows: more windows are added one axis at a time, the
+    one with the longest window first, and each axis's window is the smallest that covers it with that many.
+
+    A budget too small for ``floor`` gives ``floor`` (twice the training patch: smaller windows see too little).
+    """
+    counts = [1] * len(shape)
+
+    def side(axis: int) -> int:
+        size, n = int(shape[axis]), counts[axis]
+        roi = -(-math.ceil(size / (1 + (1 - WINDOW_OVERLAP) * (n - 1))) // multiple) * multiple
+        while windows_along(size, roi) > n:
+            roi += multiple
+        return max(roi, int(floor[axis]))
+
+    roi = [side(a) for a in range(len(shape))]
+    while math.prod(roi) > max_voxels:
+        shrinkable = [a for a in range(len(shape)) if roi[a] > floor[a]]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: roi[a])
+        counts[axis] += 1
+        roi[axis] = side(axis)
+    return tuple(roi)
+
+
+def inference_network(model: UNet) -> UNet:
+    """A copy of ``model`` that computes the same function faster: each batch norm in eval mode folded into the
+    convolution before it (one pass over memory less per layer), in-place activations where a block's input is not
+    reused, and 2D weights in ``channels_last`` (see :data:`CHANNELS_LAST`). ``model`` itself is not changed.
+    Results equal ``model``'s within float32 rounding (``tests/test_inference.py``).
+    """
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in net.modules():
+            if not isinstance(block, ConvBlock):
+                continue
+            for conv, norm in (("conv1", "norm1"), ("conv2", "norm2")):
+                if _fold_batch_norm(getattr(block, conv), getattr(block, norm)):
+                    setattr(block, norm, nn.Identity())
+            if not block.residual:  # a residual block's shortcut may hand its input to the activation
+                block.act = _in_place(block.act)
+    if CHANNELS_LAST.get(model.spatial_dims, False):
+        net = net.to(memory_format=_channels_last(model.spatial_dims))
+    return net
+
+
+def _channels_last(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def _fold_batch_norm(conv: nn.Module, norm: nn.Module) -> bool:
+    """Fold an eval-mode ``norm`` (batch norm with running statistics) into ``conv``'s weights and bias."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.training or norm.running_var is None:
+        return False
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.affine:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0)
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, *[1] * (conv.weight.ndim - 1)), requires_grad=False)
+    conv.bias = nn.Parameter(shift.detach(), requires_grad=False)
+    return True
+
+
+def _in_place(act: Any) -> Any:
+    """The in-place form of a block activation (``torch.relu``, leaky ReLU), else ``act`` unchanged."""
+    if act is torch.relu:
+        return torch.relu_
+    if isinstance(act, partial) and act.func is F.leaky_relu:
+        return partial(F.leaky_relu_, *act.args, **act.keywords)
+    return act
+
+
+def _model_state(model: nn.Module) -> tuple | None:
+    """What :func:`inference_network` depends on: every tensor (identity, storage, in-place version), and every
+    module's mode and plain attributes (lesion switches, ...). None when it cannot be told (tensors without versions).
+    """
+    try:
+        tensors = tuple((id(t), t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+    modules = tuple(
+        (id(m), tuple((k, v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
+                      for k, v in vars(m).items() if not k.startswith("_")))
+        for m in model.modules()
+    )
+    return tensors, modules
+
+
 class Segmenter:
     """Segments images with a trained :class:`UNet`.
+
+    Prediction is fast: a whole image or volume goes through the network in one
+    forward pass (padded to the network's size multiple, cropped back) whenever
+    that fits ``memory_mb``; flip test-time augmentation stacks the mirrored
+    copies into the same pass; the network runs with batch norm folded into
+    its convolutions and, in 2D, ``channels_last``. Only what does not fit is
+    segmented with MONAI's sliding window (Gaussian-weighted, 25 % overlap),
+    with windows as large as the budget allows and never smaller than twice
+    the training patch. docs/inference_speed.md has the measurements.
 
     Args:
         model: the network (put in eval mode here).
@@ -159,16 +316,21 @@ class Segmenter:
             ``in_channels`` as stored in checkpoints.
         class_names: background first.
         device: where to run.
-        batch_size: slices or windows per forward pass.
+        batch_size: at most this many images, slices or windows per forward
+            pass; None: as many as ``memory_mb`` allows.
         dataset: name of the data set the model was trained on (``"hippocampus"``,
             ``"dsb2018"``, ...), when known; used for input-mismatch warnings.
         tta_flips: the members of flip test-time augmentation, each a tuple of
             spatial axes to mirror (``()`` = unflipped, listed first). Use only
             flips the model was trained with (checkpoints store them); None:
             every combination of the network's spatial axes.
-        progress: show a progress bar over the windows when an image is
-            large enough to be segmented in windows (sliding window), so a
-            big image never runs for minutes without a sign of life.
+        progress: show a progress bar over the windows when an image is too
+            large for one forward pass (sliding window), so a big image never
+            runs for minutes without a sign of life.
+        memory_mb: memory one forward pass may use, in MB (estimated at
+            ``4 * (10 * channels[0] + in_channels + 3 * classes)`` bytes per
+            voxel); None: ``$UNETSEG_INFER_MEMORY_MB``, else 2048. Read at
+            each prediction, so it may be changed on the instance.
 
     Example::
 
@@ -182,11 +344,14 @@ class Segmenter:
         preprocessing: dict[str, Any],
         class_names: Sequence[str],
         device: str | torch.device = "cpu",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         dataset: str | None = None,
         tta_flips: Sequence[Sequence[int]] | None = None,
         progress: bool = False,
+        memory_mb: float | None = None,
     ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number or None, got {batch_size}")
         self.progress = progress
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dataset = dataset
@@ -198,6 +363,8 @@ class Segmenter:
         self.preprocessing = dict(preprocessing)
         self.class_names = tuple(class_names)
         self.batch_size = batch_size
+        self.memory_mb = memory_mb
+        self._network: tuple[tuple | None, UNet] | None = None  # (state of self.model, its inference_network)
 
     @classmethod
     def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
@@ -220,6 +387,23 @@ class Segmenter:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def bytes_per_voxel(self) -> int:
+        """Estimated peak memory of a forward pass per input voxel and batch item (see ``memory_mb``)."""
+        return 4 * (FLOATS_PER_FINEST_MAP * self.model.channels[0] + self.preprocessing["in_channels"]
+                    + 3 * self.num_classes)
+
+    @property
+    def smallest_window(self) -> tuple[int, ...]:
+        """Twice the training patch: sliding windows are never smaller (they would see too little), and an image
+        no larger is always one forward pass. It is also the window every image larger than it had before the
+        memory budget existed, so a budget too small for anything bigger reproduces that behaviour."""
+        return tuple(2 * int(p) for p in self.preprocessing["patch_size"])
+
+    def max_voxels(self) -> int:
+        """Voxels (summed over a batch) one forward pass may take within the memory budget."""
+        return max(1, int(infer_memory_mb(self.memory_mb) * 2**20) // self.bytes_per_voxel)
+
     def prepare(self, image: np.ndarray, channel_axis: int | None = None, source: str | Path = "image") -> np.ndarray:
         """Raw image -> normalised ``(C, *S)`` float32 with the model's channel count.
 
@@ -235,42 +419,73 @@ class Segmenter:
         image = to_channels(image, self.preprocessing["in_channels"], source)
         return normalize_intensity(image, self.preprocessing["normalization"])
 
-    @torch.no_grad()
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities of a batch ``(B, C, *S) -> (B, K, *S)``.
+    def _inference_network(self) -> UNet:
+        """:func:`inference_network` of ``self.model``, rebuilt whenever the model changed since the last call
+        (weights, mode, lesion switches), so a model trained or lesioned in place is always predicted as it is."""
+        state = _model_state(self.model)
+        if self._network is None or state is None or self._network[0] != state:
+            self._network = (state, inference_network(self.model))
+        return self._network[1]
 
-        Inputs larger than twice the training patch go through MONAI's
-        sliding-window inference (Gaussian-weighted, 25 % overlap).
-        """
-        # Windows twice the training patch: the network is fully convolutional, and
-        # fewer, larger windows are faster than many small ones.
-        roi = tuple(2 * p for p in self.preprocessing["patch_size"])
+    def _layout(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` on the device, in the memory format :func:`inference_network` uses."""
         batch = batch.to(self.device)
-        if len(roi) == batch.ndim - 2 and any(s > r for s, r in zip(batch.shape[2:], roi)):
-            logits = sliding_window_inference(
-                batch, roi_size=roi, sw_batch_size=self.batch_size, predictor=self.model, overlap=0.25, mode="gaussian",
-                progress=self.progress,
-            )
-        else:
-            logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1)
+        dims = batch.ndim - 2
+        return batch.contiguous(memory_format=_channels_last(dims)) if CHANNELS_LAST.get(dims, False) else batch
 
-    def _probabilities(self, image: np.ndarray, flip_axes: Sequence[int] = ()) -> np.ndarray:
-        """Probabilities ``(K, *S)`` of a normalised image ``(C, *S)``, optionally flipped along spatial axes."""
-        x = torch.from_numpy(np.ascontiguousarray(image))
+    def member_probabilities(self, image: np.ndarray, flips: Sequence[Sequence[int]] = ((),)) -> np.ndarray:
+        """Probabilities ``(M, K, *S)`` of a normalised image ``(C, *S)`` under each of the ``M`` ``flips``
+        (tuples of spatial axes to mirror; each member's probabilities are mirrored back).
+
+        Each member is ``softmax(model(flip(image)))`` flipped back, as one forward per member would give; here
+        the members (and, for a 2D model on a volume, its slices) share forward passes as far as the memory
+        budget allows. An image too large for the budget is segmented in sliding windows, member by member.
+        """
+        image = np.asarray(image, dtype=np.float32)
         volume_in_2d = self.spatial_dims == 2 and image.ndim == 4
+        axis = self.preprocessing["slice_axis"]
+        x = volume_to_slices(image, axis) if volume_in_2d else image[None]
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        flip_dims = [[d + 2 for d in f] for f in flips]
+        net = self._inference_network()
+        with torch.inference_mode():
+            item = math.prod(round_up_to_multiple(x.shape[2:], self.model.size_multiple))
+            if item <= self.max_voxels() or all(s <= w for s, w in zip(x.shape[2:], self.smallest_window)):
+                probs = self._whole(net, x, flip_dims, item)
+            else:
+                probs = torch.stack([self._windowed(net, x, dims) for dims in flip_dims])
+        probs = probs.numpy()  # (M, N, K, *S)
         if volume_in_2d:
-            x = torch.from_numpy(np.ascontiguousarray(volume_to_slices(image, self.preprocessing["slice_axis"])))
-        else:
-            x = x[None]
-        dims = [d + 2 for d in flip_axes]
-        if dims:
-            x = torch.flip(x, dims)
-        probs = torch.cat([self._forward(chunk) for chunk in torch.split(x, self.batch_size)])
-        if dims:
-            probs = torch.flip(probs, dims)
-        probs = probs.cpu().numpy()
-        return slices_to_volume(probs, self.preprocessing["slice_axis"]) if volume_in_2d else probs[0]
+            return np.stack([slices_to_volume(p, axis) for p in probs])
+        return probs[:, 0]
+
+    def _whole(self, net: UNet, x: torch.Tensor, flip_dims: list[list[int]], item: int) -> torch.Tensor:
+        """Whole-image probabilities ``(M, N, K, *S)``: the flipped copies of ``x`` ``(N, C, *S)`` stacked into as
+        few forward passes as the budget allows (``item`` voxels each, padded)."""
+        members, n = len(flip_dims), x.shape[0]
+        batch = torch.cat([torch.flip(x, dims) if dims else x for dims in flip_dims])
+        per_pass = min(len(batch), max(1, self.max_voxels() // item), self.batch_size or len(batch))
+        out = torch.empty((len(batch), self.num_classes, *x.shape[2:]))
+        for start in range(0, len(batch), per_pass):
+            logits = net(self._layout(batch[start:start + per_pass]))
+            out[start:start + per_pass] = torch.softmax(logits.float(), dim=1).cpu()
+        out = out.view(members, n, *out.shape[1:])
+        for m, dims in enumerate(flip_dims):
+            if dims:
+                out[m] = torch.flip(out[m], dims)
+        return out
+
+    def _windowed(self, net: UNet, x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+        """Sliding-window probabilities ``(N, K, *S)`` of ``x`` ``(N, C, *S)`` mirrored along ``dims``."""
+        roi = window_shape(x.shape[2:], self.smallest_window, self.max_voxels(), self.model.size_multiple)
+        per_pass = min(max(1, self.max_voxels() // math.prod(roi)), self.batch_size or 2**31)
+        logits = sliding_window_inference(
+            torch.flip(x, dims) if dims else x, roi_size=roi, sw_batch_size=per_pass,
+            predictor=lambda windows: net(self._layout(windows)), overlap=WINDOW_OVERLAP, mode="gaussian",
+            progress=self.progress, sw_device=self.device, device="cpu",  # the blended image stays in host memory
+        )
+        probs = torch.softmax(logits.float(), dim=1)
+        return torch.flip(probs, dims) if dims else probs
 
     def predict_proba(
         self, image: np.ndarray, tta: bool = False, channel_axis: int | None = None, normalized: bool = False
@@ -285,13 +500,8 @@ class Segmenter:
         """
         if not normalized:
             image = self.prepare(image, channel_axis)
-        if not tta:
-            return self._probabilities(image)
-        return np.mean(self._flip_member_probabilities(image), axis=0)
-
-    def _flip_member_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
-        """Probabilities ``(K, *S)`` of each flip-TTA member (``tta_flips``), the unflipped one first."""
-        return [self._probabilities(image, flip_axes=f) for f in self.tta_flips]
+        members = self.member_probabilities(image, self.tta_flips if tta else [()])
+        return members.mean(axis=0) if tta else members[0]
 
     def predict(
         self,
@@ -317,7 +527,7 @@ class Segmenter:
         """
         if not normalized:
             image = self.prepare(image, channel_axis)
-        return np.stack([probs.argmax(axis=0) for probs in self._flip_member_probabilities(image)])
+        return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
 
     def predict_file(
         self, path: str | Path, tta: bool = False, largest_component: bool = False
