@@ -644,8 +644,11 @@ def test_exponent_numbers_without_a_dot_are_read_as_numbers(tmp_path):
         apply_overrides(cfg, ["train.seed=1e3"])
 
 
-def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, capsys):
-    """An image larger than the model's window (dsb2018_2d: 512 x 512) is segmented window by window with a bar."""
+def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, capsys, monkeypatch):
+    """An image over the inference memory budget is segmented window by window, with a bar over the windows."""
+    from unetseg.infer import INFER_MEMORY_ENV
+
+    monkeypatch.setenv(INFER_MEMORY_ENV, "64")  # this 600 x 700 image needs more in one pass: windows
     image = tmp_path / "large.png"
     Image.fromarray((np.random.default_rng(0).random((600, 700, 3)) * 255).astype(np.uint8)).save(image)
     assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(tmp_path / "a")]) == 0
@@ -653,3 +656,16 @@ def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, ca
     assert any("it/s]" in b or "s/it]" in b for b in bars if not b.startswith("predicting"))  # the windows' bar
     assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "it]" not in capsys.readouterr().err
+
+
+def test_predict_names_the_file_once_when_it_repairs_a_few_non_finite_voxels(tmp_path, data_root, capsys):
+    scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
+    img = nib.load(str(scan))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    path = tmp_path / "one_nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {path}: channel 0: 1 of {data.size:,} values are NaN or infinite") == 1, err
+    assert "infer.py" not in err and "Warning:" not in err  # not a Python warning with a source line

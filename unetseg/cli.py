@@ -233,12 +233,14 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     At the end (unless ``--quiet``) the throughput, in images/s or volumes/s.
     """
     import time
+    import warnings
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     from unetseg.data.io import file_kind, read_image
+    from unetseg.data.preprocess import NonFiniteWarning
     from unetseg.errors import DataError
     from unetseg.infer import write_prediction
 
@@ -270,14 +272,17 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
             try:
                 image, meta = reads.pop(i).result()
                 segmenter.check_compatible(meta.kind, path)
-                labels = segmenter.predict(image, tta=args.tta, largest_component=args.largest_component,
-                                           channel_axis=0)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", NonFiniteWarning)
+                    labels = segmenter.predict(image, tta=args.tta, largest_component=args.largest_component,
+                                               channel_axis=0)
             except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
                 if len(sources) == 1:
                     raise
                 failed.append(path)
                 tqdm.write(f"error: {exc}", file=sys.stderr)
                 continue
+            _report_warnings(path, caught, NonFiniteWarning)
             written = pool.submit(write_prediction, labels, meta, args.out, segmenter.num_classes)
             writes.append((path, meta.kind, written))
         report_writes(wait=True)
@@ -290,6 +295,19 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     if failed:
         raise UnetsegError(f"{len(failed)} of {len(sources)} files could not be segmented (see the errors above): "
                            + ", ".join(map(str, failed)))
+
+
+def _report_warnings(path: Path, caught: list, category: type[Warning]) -> None:
+    """Warnings of ``category`` as one ``warning: PATH: ...`` line each (a repeat once); others as Python shows them."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, category)):
+        tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
+    for w in caught:
+        if not issubclass(w.category, category):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
