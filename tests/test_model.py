@@ -144,3 +144,13 @@ def test_leaky_relu_passes_gradient_where_relu_is_off_and_relu_stays_the_constru
     assert y.tolist() == pytest.approx([-0.01, 2.0])
     with pytest.raises(ValueError, match="act"):
         UNet(act="gelu")
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (8, 8, 8), (3, 5, 2)])
+def test_tiny_inputs_keep_more_than_one_voxel_at_the_coarsest_level(norm, shape):
+    """A volume no bigger than the network's multiple (1 voxel at the bottom) is padded once more, so instance norm
+    (which cannot normalise one value) works; the output keeps the input's shape."""
+    model = UNet(3, 1, 3, (4, 8, 16, 32), norm=norm).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, *shape)).shape == (1, 3, *shape)

@@ -126,6 +126,8 @@ class UNet(nn.Module):
         spatial = x.shape[2:]
         m = self.size_multiple
         pad = [(-s) % m for s in spatial]
+        if all((s + p) // m == 1 for s, p in zip(spatial, pad)):
+            pad[0] += m  # one voxel at the coarsest level: instance and group norm need more than one value
         if any(pad):
             if not self.pad_to_multiple:
                 raise ValueError(
