@@ -140,3 +140,56 @@ def test_models_lists_a_model_with_damaged_metadata_without_failing(tmp_path, mo
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "0.5000" in out and "3D net" in out and out.count("not recorded") == 3 and ".staging" not in out
+
+
+def _checkpoint_with(tmp_path, name: str, change) -> str:
+    from unetseg.infer import resolve_checkpoint
+
+    payload = torch.load(resolve_checkpoint("hippocampus_2d"), weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda p: p.update(class_names=["background", "anterior"]), "2 class names for a network with 3 outputs"),
+    (lambda p: p["preprocessing"].update(normalization="foo"), "normalization 'foo' is not"),
+    (lambda p: p["preprocessing"].pop("in_channels"), "in_channels None differs from the network's 1"),
+    (lambda p: p["preprocessing"].update(patch_size="ab"), "patch_size 'ab' is not 2 positive sizes"),
+    (lambda p: p["preprocessing"].update(slice_axis=7), "slice_axis 7 is not 0, 1 or 2"),
+    (lambda p: p.update(tta_flips=[]), "tta_flips [] must be a list of axis lists"),
+    (lambda p: p.update(tta_flips=[[0]]), "starting with []"),
+    (lambda p: p.update(tta_flips=[[], [5]]), "tta_flips [[], [5]]"),
+])
+def test_a_checkpoint_with_impossible_settings_is_one_line(tmp_path, data_root, capsys, change, needle):
+    path = _checkpoint_with(tmp_path, "odd.pt", change)
+    scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
+    assert main(["predict", "--checkpoint", path, str(scan), "--out", str(tmp_path / "o"), "--tta", "--quiet"]) == 2
+    one_error_line(capsys, path, "damaged checkpoint", needle)
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_one_line(monkeypatch):
+    from unetseg.infer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(UnetsegError, match=f"device '{device}': no CUDA device is available"):
+            resolve_device(device)
+    with pytest.raises(UnetsegError, match="'tpu' is not a device"):
+        resolve_device("tpu")
+
+
+def test_predict_never_writes_through_a_link_in_the_out_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "a.png").symlink_to(elsewhere / "new.png")  # dangling: exists() is False
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(out), "--quiet"]) == 2
+    one_error_line(capsys, "a.png already exists")
+    assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "a.png").is_symlink() and (out / "a.png").is_file() and not list(elsewhere.iterdir())

@@ -109,12 +109,39 @@ def check_payload(payload: dict[str, Any], source: str | Path) -> None:
             raise DataError(source, f"damaged checkpoint: entry {key!r} is missing or not a {getattr(kind, '__name__', 'list')}; "
                                     "re-export it from its run folder")
     try:
-        build_model(payload["model_args"]).load_state_dict(payload["state_dict"])
+        model = build_model(payload["model_args"])
+        model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         detail = lines[1] if lines[0].startswith("Error(s) in loading") and len(lines) > 1 else lines[0]
         raise DataError(source, f"the weights do not fit the network the checkpoint describes ({detail[:200]}); "
                                 "it was saved by other code or damaged") from None
+    problem = _settings_problem(payload, model)
+    if problem:
+        raise DataError(source, f"damaged checkpoint: {problem}; re-export it from its run folder")
+
+
+def _settings_problem(payload: dict[str, Any], model: UNet) -> str | None:
+    """What is wrong with a checkpoint's class names, preprocessing or TTA flips for its network, else None."""
+    names, pre, args = payload["class_names"], payload["preprocessing"], payload["model_args"]
+    outputs, inputs = args.get("out_channels", 3), args.get("in_channels", 1)  # UNet's defaults
+    if len(names) != outputs or not all(isinstance(n, str) for n in names):
+        return f"{len(names)} class names for a network with {outputs} outputs"
+    if pre.get("normalization") not in ("percentile", "zscore"):
+        return f"preprocessing normalization {pre.get('normalization')!r} is not 'percentile' or 'zscore'"
+    if pre.get("in_channels") != inputs:
+        return f"preprocessing in_channels {pre.get('in_channels')!r} differs from the network's {inputs}"
+    patch = pre.get("patch_size")
+    if not (isinstance(patch, (list, tuple)) and len(patch) == model.spatial_dims
+            and all(isinstance(v, int) and v > 0 for v in patch)):
+        return f"preprocessing patch_size {patch!r} is not {model.spatial_dims} positive sizes"
+    if model.spatial_dims == 2 and pre.get("slice_axis", 2) not in (0, 1, 2):
+        return f"preprocessing slice_axis {pre.get('slice_axis')!r} is not 0, 1 or 2"
+    flips = payload.get("tta_flips", [[]])
+    if not (isinstance(flips, (list, tuple)) and flips and all(isinstance(f, (list, tuple)) for f in flips)
+            and tuple(flips[0]) == () and all(0 <= a < model.spatial_dims for f in flips for a in f)):
+        return f"tta_flips {flips!r} must be a list of axis lists (0..{model.spatial_dims - 1}) starting with []"
+    return None
 
 
 def checkpoint_tta_flips(payload: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -144,9 +171,12 @@ def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnetsegError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnetsegError(f"device {device!r}: no CUDA device is available; use cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UnetsegError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -594,7 +624,7 @@ def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path, overwri
             raise UnetsegError(
                 f"{seen[key]} and {source} would both be written to {target}; predict them into separate --out folders"
             )
-        if not overwrite and target.exists():
+        if not overwrite and (target.exists() or target.is_symlink()):  # a dangling link would write elsewhere
             raise UnetsegError(f"{target} already exists; pass --overwrite to replace it or choose another --out folder")
         seen[key] = source
 
@@ -602,6 +632,8 @@ def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path, overwri
 def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path, num_classes: int) -> Path:
     """Save a prediction at :func:`prediction_path`: NIfTI keeps affine and header; 2D becomes a PNG mask."""
     target = prediction_path(meta.path, meta.kind, out_dir)
+    if target.is_symlink():  # replace the link itself (allowed by --overwrite), never write through it
+        target.unlink()
     if meta.kind == "nifti":
         return io.write_nifti_label(labels, meta, target)
     return io.write_png_mask(labels, target, num_classes)
