@@ -193,3 +193,22 @@ def test_predict_never_writes_through_a_link_in_the_out_folder(tmp_path, capsys)
     one_error_line(capsys, "a.png already exists")
     assert main(["predict", "--checkpoint", "dsb2018_2d", str(image), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert not (out / "a.png").is_symlink() and (out / "a.png").is_file() and not list(elsewhere.iterdir())
+
+
+def test_the_api_refuses_shapes_it_would_read_wrongly():
+    import numpy as np
+
+    from unetseg.errors import DataError
+    from unetseg.infer import Segmenter
+
+    colour = Segmenter.from_checkpoint("dsb2018_2d")
+    rgb = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    with pytest.raises(DataError, match=r"looks like an RGB\(A\) image.* pass channel_axis=-1"):
+        colour.predict(rgb)  # before: three grey slices, a (64, 64, 3) label map
+    assert colour.predict(rgb, channel_axis=-1).shape == (64, 64)
+    with pytest.raises(DataError, match="channel_axis 5 is outside the image's 3 axes"):
+        colour.predict(rgb, channel_axis=5)
+    with pytest.raises(DataError, match="non-empty array of real numbers"):
+        colour.predict(np.zeros((0, 10, 10), np.float32))
+    with pytest.raises(DataError, match="non-empty array of real numbers, got complex64"):
+        colour.predict(np.zeros((8, 8), np.complex64))

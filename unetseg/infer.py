@@ -442,8 +442,19 @@ class Segmenter:
                 ``(X, Y, Z)``) it is one channel; otherwise name its axis.
             channel_axis: the channel axis (``-1`` for ``(H, W, 3)`` RGB), or None.
         """
-        image = np.asarray(image, dtype=np.float32)
-        image = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
+        image = np.asarray(image)
+        if image.dtype.kind not in "biuf" or image.size == 0:
+            raise DataError(source, f"expected a non-empty array of real numbers, got {image.dtype} of shape {image.shape}")
+        image = image.astype(np.float32, copy=False)
+        if channel_axis is None:
+            if image.ndim == 3 and image.shape[-1] in (3, 4) and self.preprocessing["in_channels"] == 3:
+                raise DataError(source, f"shape {image.shape} looks like an RGB(A) image, which this colour model "
+                                        "takes as channels: pass channel_axis=-1 (a grey volume would have more slices)")
+            image = image[None]
+        else:
+            if not -image.ndim <= channel_axis < image.ndim:
+                raise DataError(source, f"channel_axis {channel_axis} is outside the image's {image.ndim} axes")
+            image = np.moveaxis(image, channel_axis, 0)
         if image.ndim not in (3, 4):
             raise DataError(source, f"expected a 2D image or 3D volume, got shape {image.shape}")
         image = to_channels(image, self.preprocessing["in_channels"], source)
