@@ -14,6 +14,8 @@ import torch
 from unetseg.cli import main
 from unetseg.errors import UnetsegError
 
+from .test_reliability import damaged
+
 
 def one_error_line(capsys, *needles: str) -> str:
     err = capsys.readouterr().err
@@ -142,15 +144,6 @@ def test_models_lists_a_model_with_damaged_metadata_without_failing(tmp_path, mo
     assert "0.5000" in out and "3D net" in out and out.count("not recorded") == 3 and ".staging" not in out
 
 
-def _checkpoint_with(tmp_path, name: str, change) -> str:
-    from unetseg.infer import resolve_checkpoint
-
-    payload = torch.load(resolve_checkpoint("hippocampus_2d"), weights_only=True)
-    change(payload)
-    torch.save(payload, tmp_path / name)
-    return str(tmp_path / name)
-
-
 @pytest.mark.parametrize("change, needle", [
     (lambda p: p.update(class_names=["background", "anterior"]), "2 class names for a network with 3 outputs"),
     (lambda p: p["preprocessing"].update(normalization="foo"), "normalization 'foo' is not"),
@@ -162,7 +155,7 @@ def _checkpoint_with(tmp_path, name: str, change) -> str:
     (lambda p: p.update(tta_flips=[[], [5]]), "tta_flips [[], [5]]"),
 ])
 def test_a_checkpoint_with_impossible_settings_is_one_line(tmp_path, data_root, capsys, change, needle):
-    path = _checkpoint_with(tmp_path, "odd.pt", change)
+    path = damaged(tmp_path, "odd.pt", change)
     scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
     assert main(["predict", "--checkpoint", path, str(scan), "--out", str(tmp_path / "o"), "--tta", "--quiet"]) == 2
     one_error_line(capsys, path, "damaged checkpoint", needle)
