@@ -15,6 +15,7 @@ import json
 
 from unetseg.export import record_evaluation
 from unetseg.infer import PRETRAINED_DIR, shipped_models
+from unetseg.runlog import write_json
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
         old = json.loads(path.read_text())
         new = {**record_evaluation(PRETRAINED_DIR / name, args.data_root, progress=True),
                "checkpoint": old["checkpoint"], "training": old["training"]}
-        path.write_text(json.dumps(new, indent=2))
+        write_json(path, new)
         t = new["with_tta"]
         print(f"{name}: Dice {new['mean_dice']:.4f} ({new['seconds_per_case']:.2f} s/case), "
               f"with TTA {t['mean_dice']:.4f} ({t['seconds_per_case']:.2f} s/case, flips {t['tta_flips']})", flush=True)
