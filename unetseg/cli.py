@@ -193,12 +193,13 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     """Expand folders into their supported image files; missing paths raise."""
     from unetseg.data.io import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES
 
+    suffixes = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES))
+            found = sorted(p for p in item.iterdir() if p.name.lower().endswith(suffixes))
             if not found:
-                deeper = next((p for p in item.rglob("*") if p.name.lower().endswith(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES)), None)
+                deeper = next((p for p in item.rglob("*") if p.name.lower().endswith(suffixes)), None)
                 hint = (f"; subfolders are not searched: pass the files themselves, e.g. {item}/*/images/*.png "
                         f"(found {deeper.relative_to(item)})" if deeper else "")
                 raise UnetsegError(f"{item}: no NIfTI or image files directly in this folder{hint}")
@@ -311,17 +312,17 @@ def _report_warnings(path: Path, caught: list, category: type[Warning]) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from unetseg.evaluate import evaluate, format_summary
+    from unetseg.evaluate import EVALUATION_FILES, evaluate, format_summary
 
     out = Path(args.out) if args.out else default_evaluation_dir(args.checkpoint)
-    earlier = [out / name for name in ("per_case.csv", "summary.json") if (out / name).exists()]
+    earlier = [out / name for name in EVALUATION_FILES if (out / name).exists()]
     if earlier and not args.overwrite:
         raise UnetsegError(f"{earlier[0]} already exists (an earlier evaluation); pass --overwrite to replace it or "
                            "choose another --out")
     summary = evaluate(args.checkpoint, args.data_root, args.dataset, args.split, out, args.tta, args.device,
                        progress=not args.quiet)
     print(format_summary(summary))
-    print(f"wrote {out / 'per_case.csv'} and {out / 'summary.json'}")
+    print(f"wrote {' and '.join(str(out / name) for name in EVALUATION_FILES)}")
 
 
 def default_evaluation_dir(checkpoint: str) -> Path:

@@ -88,16 +88,19 @@ def summarize(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dic
     return summary
 
 
+EVALUATION_FILES = ("per_case.csv", "summary.json")  # what write_evaluation writes into its folder
+
+
 def write_evaluation(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir``."""
+    """Write :data:`EVALUATION_FILES` (``per_case.csv``, ``summary.json``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "per_case.csv"
+    csv_path = out / EVALUATION_FILES[0]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case_id"])
         writer.writeheader()
         writer.writerows(rows)
-    summary_path = out / "summary.json"
+    summary_path = out / EVALUATION_FILES[1]
     write_json(summary_path, summary)
     return csv_path, summary_path
 

@@ -21,7 +21,7 @@ from unetseg.infer import PRETRAINED_DIR, load_checkpoint, save_checkpoint
 from unetseg.runlog import read_jsonl, write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
-RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  # what a finished run folder holds
+FINISHED_RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  # what a finished run folder holds
 
 
 def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def export_run(
         raise UnetsegError(f"{target} already holds a model; pass --overwrite to replace it or choose another --name")
     if target.exists() and not target.is_dir():
         raise UnetsegError(f"{target} is a file, not a model folder; remove it or choose another --name")
-    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    missing = [f for f in FINISHED_RUN_FILES if not (run_dir / f).is_file()]
     if missing:
         raise UnetsegError(f"{run_dir}: not a finished unetseg run ({', '.join(missing)} missing); train it to the end "
                            "(or --resume it) and export again")

@@ -250,8 +250,8 @@ def read_dsb_instances(folder: Path) -> np.ndarray:
     files = sorted(folder.glob("*.png"))
     if not files:
         raise DataError(folder, "no mask PNGs; each DSB case needs at least one masks/*.png")
-    instances = np.zeros(io.read_mask_2d(files[0]).shape, np.int32)
-    for k, f in enumerate(files, start=1):
+    instances = io.read_mask_2d(files[0]).astype(np.int32)  # nucleus 1
+    for k, f in enumerate(files[1:], start=2):
         m = io.read_mask_2d(f)
         if m.shape != instances.shape:
             raise DataError(f, f"mask shape {m.shape} differs from {instances.shape} of the other masks")
