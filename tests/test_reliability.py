@@ -396,13 +396,13 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, data_root, caps
     assert str(blocker / "run") in err and "Not a directory" in err and blocker.read_text() == "mine"
 
 
-def damaged(tmp_path, name: str, change) -> str:
-    """The shipped hippocampus_2d checkpoint with ``change(payload)`` applied, saved as ``name``."""
+def damaged(tmp_path, name: str, change, model: str = "hippocampus_2d") -> str:
+    """The shipped checkpoint ``model`` with ``change(payload)`` applied, saved as ``name``."""
     import torch
 
     from unetseg.infer import resolve_checkpoint
 
-    payload = torch.load(resolve_checkpoint("hippocampus_2d"), weights_only=True)
+    payload = torch.load(resolve_checkpoint(model), weights_only=True)
     change(payload)
     torch.save(payload, tmp_path / name)
     return str(tmp_path / name)

@@ -125,6 +125,32 @@ def test_evaluate_with_no_labelled_cases_is_one_line(tmp_path, data_root, capsys
     assert not (tmp_path / "ev").exists()  # before: exit 0 with "0 cases, mean foreground Dice nan"
 
 
+def test_evaluate_names_images_without_a_mask_and_scores_the_others(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / "images" / f"{name}.png")
+    Image.fromarray(((rng.random((64, 64)) > 0.5) * 255).astype(np.uint8)).save(folder / "masks" / "a.png")
+    checkpoint = damaged(tmp_path, "folder.pt", lambda p: p.update(class_names=["background", "foreground"],
+                                                                    dataset="folder"), model="dsb2018_2d")
+    args = ["evaluate", "--checkpoint", checkpoint, "--split", "all", "--data-root", str(folder), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "ev")]) == 0
+    assert capsys.readouterr().err.splitlines() == [  # before: scored silently, "1 cases"
+        f"warning: scoring 1 of 3 folder images: 2 have no mask or label map (e.g. {folder / 'images' / 'b.png'}); "
+        "give each a mask of the same file name under masks/ to score it"]
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["num_cases"] == 1
+    (folder / "masks" / "a.png").unlink()
+    assert main([*args, "--out", str(tmp_path / "none")]) == 2
+    one_error_line(capsys, "none of the 3 folder images under the data root can be scored: 3 have no mask",
+                   str(folder / "images" / "a.png"))
+    assert not (tmp_path / "none").exists()
+
+
 def test_models_lists_a_model_with_damaged_metadata_without_failing(tmp_path, monkeypatch, capsys):
     import unetseg.cli as cli
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from unetseg.data.datasets import Case, dataset_info, list_cases, load_cases
+from unetseg.data.datasets import Case, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter, load_checkpoint
 from unetseg.instances import average_precision, split_instances
@@ -150,13 +151,17 @@ def evaluate(
     dataset = dataset or trained_on
     if dataset is None:
         raise UnetsegError(f"{checkpoint}: the checkpoint does not say which data set it was trained on; pass --dataset")
-    refs, info = list_cases(dataset_info(dataset), data_root)  # class names as the data's own manifest lists them
+    every, info = list_all_cases(dataset_info(dataset), data_root)  # class names as the data's own manifest lists them
     if tuple(info.class_names) != segmenter.class_names:
         raise UnetsegError(
             f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
         )
-    if not refs:  # list_cases keeps labelled cases only
-        raise UnetsegError(f"no labelled {dataset} cases under the data root; evaluate needs images with their masks "
+    refs = [r for r in every if r.label is not None]
+    unlabelled = [r for r in every if r.label is None]
+    if not refs:
+        raise UnetsegError(f"none of the {len(every)} {dataset} images under the data root can be scored: "
+                           f"{unlabelled_note(unlabelled, info)}" if unlabelled else
+                           f"no labelled {dataset} cases under the data root; evaluate needs images with their masks "
                            "or label maps")
     if split == "val":
         if trained_on and dataset != trained_on:
@@ -169,9 +174,14 @@ def evaluate(
             raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
         refs = [r for r in refs if r.case_id in wanted]
         if len(refs) != len(wanted):
+            lost = [r for r in unlabelled if r.case_id in wanted]
             raise UnetsegError(
                 f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
+                + (f"; {unlabelled_note(lost, info)}" if lost else "")
             )
+    elif unlabelled:  # a mean over fewer cases than the folder holds is said so, in one line
+        tqdm.write(f"warning: scoring {len(refs)} of {len(every)} {dataset} images: {unlabelled_note(unlabelled, info)}",
+                   file=sys.stderr)
     cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress, instances=True)
     start = time.perf_counter()
     rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)

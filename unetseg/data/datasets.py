@@ -219,8 +219,9 @@ def list_folder_pairs(root: Path) -> list[CaseRef]:
     return refs
 
 
-def list_cases(info: DatasetInfo, root: str | Path | None) -> tuple[list[CaseRef], DatasetInfo]:
-    """Labelled cases of a data set, and its info (class names from the files where they say)."""
+def list_all_cases(info: DatasetInfo, root: str | Path | None) -> tuple[list[CaseRef], DatasetInfo]:
+    """Every case of a data set, labelled or not (``label`` None), and its info (class names from the files where
+    they say)."""
     folder = dataset_dir(info, root)
     if info.layout == "msd":
         refs, names = list_msd_cases(folder)
@@ -229,7 +230,24 @@ def list_cases(info: DatasetInfo, root: str | Path | None) -> tuple[list[CaseRef
         refs = list_dsb_cases(folder)
     else:
         refs = list_folder_pairs(folder)
+    return refs, info
+
+
+def list_cases(info: DatasetInfo, root: str | Path | None) -> tuple[list[CaseRef], DatasetInfo]:
+    """Labelled cases of a data set, and its info; see :func:`list_all_cases`."""
+    refs, info = list_all_cases(info, root)
     return [r for r in refs if r.label is not None], info
+
+
+# How a case of each layout gets its ground truth, for messages about cases without one.
+LABEL_HINTS = {"msd": "a 'label' path in its dataset.json entry", "dsb": "a masks/ folder of PNGs beside images/",
+               "folder": "a mask of the same file name under masks/"}
+
+
+def unlabelled_note(unlabelled: Sequence[CaseRef], info: DatasetInfo) -> str:
+    """How many cases have no mask or label map, one of their images, and how to give them one (part of one line)."""
+    return (f"{len(unlabelled)} have no mask or label map (e.g. {unlabelled[0].image}); "
+            f"give each {LABEL_HINTS[info.layout]} to score it")
 
 
 def to_channels(image: np.ndarray, channels: int, path: str | Path = "image") -> np.ndarray:
