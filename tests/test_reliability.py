@@ -520,6 +520,28 @@ def test_a_broken_dataset_json_is_one_line_naming_it(tmp_path, data_root, change
         list_msd_cases(tmp_path)
 
 
+def test_a_folder_of_volumes_for_a_2d_rgb_model_is_one_line_naming_the_file(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        nib.save(nib.Nifti1Image(rng.random((32, 32, 8)).astype(np.float32), np.eye(4)), folder / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image((rng.random((32, 32, 8)) > 0.5).astype(np.uint8), np.eye(4)), folder / "masks" / f"{name}.nii.gz")
+    rc = main(["train", "--config", "dsb2018_2d", "--set", "data.dataset=folder", "--data-root", str(folder),
+               "--out", str(tmp_path / "run"), "--quiet"])
+    line = one_error_line(capsys.readouterr().err)  # before: a RuntimeError from conv2d after the run folder was made
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert line == (f"error: {folder / 'images' / 'a.nii.gz'}: a volume of 1 channel(s), but the folder data set's "
+                    "network takes 3 (the folder data set reads 2D images: PNG, JPEG, TIFF, BMP); save the volume's "
+                    "slices as 2D images under images/ and masks/ with matching names")
+    checkpoint = damaged(tmp_path, "folder.pt", lambda p: p.update(class_names=["background", "foreground"],
+                                                                    dataset="folder"), model="dsb2018_2d")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--split", "all", "--data-root", str(folder),
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 2
+    assert one_error_line(capsys.readouterr().err) == line
+
+
 def test_json_outputs_are_strict_null_for_undefined_values(tmp_path):
     from unetseg.runlog import append_jsonl, dumps, read_jsonl, write_json
 

@@ -244,6 +244,11 @@ LABEL_HINTS = {"msd": "a 'label' path in its dataset.json entry", "dsb": "a mask
                "folder": "a mask of the same file name under masks/"}
 
 
+# What to do with a volume whose channels the data set's network cannot take, per layout.
+VOLUME_HINTS = {"folder": " (the folder data set reads 2D images: PNG, JPEG, TIFF, BMP); save the volume's slices as "
+                          "2D images under images/ and masks/ with matching names"}
+
+
 def unlabelled_note(unlabelled: Sequence[CaseRef], info: DatasetInfo) -> str:
     """How many cases have no mask or label map, one of their images, and how to give them one (part of one line)."""
     return (f"{len(unlabelled)} have no mask or label map (e.g. {unlabelled[0].image}); "
@@ -290,6 +295,9 @@ def load_case(ref: CaseRef, info: DatasetInfo, normalization: Normalization, ins
     image, meta = io.read_image(ref.image)
     if meta.kind == "image2d":
         image = to_channels(image, info.in_channels, ref.image)
+    elif image.shape[0] != info.in_channels:  # a volume's channels are modalities: never repeated or averaged
+        raise DataError(ref.image, f"a volume of {image.shape[0]} channel(s), but the {info.name} data set's network "
+                                   f"takes {info.in_channels}" + VOLUME_HINTS.get(info.layout, ""))
     label = objects = None
     if ref.label is not None:
         if ref.label.is_dir():
