@@ -47,6 +47,30 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     one_error_line(capsys, "not a UTF-8 text file")
 
 
+@pytest.mark.parametrize("line, needle", [
+    ('seeds: "abc"', "seeds='abc' is not of type list[int]"),
+    ("variants: 5", "variants=5 is not of type list[str] | None"),
+    ("width: -1", "width=-1 must be greater than 0"),
+    ("seeds: [0, -1]", "seeds=[0, -1] must not be negative"),
+    ("steps: -1", "unknown field(s) ['steps']; valid: ['analysis', 'config', 'depth'"),
+    ("analysis: 5", "'analysis' must be a mapping of fields, got 5"),
+    ("quick: [1]", "'quick' must be a mapping of fields, got [1]"),
+    ("quick: {seeds: x}", "quick.seeds='x' is not of type list[int]"),
+    ('quick: {analysis: {landscape_points_1d: "a"}}', "quick.analysis.landscape_points_1d='a' is not of type int"),
+    ("analysis: {gradient_pairs: [[skip, 1]]}", "analysis.gradient_pairs=[['skip', 1]] is not of type list[list[str]]"),
+    ("depths: [1, 4]", "depths=[1, 4] must be at least 2 levels"),
+    ('overrides: ["train.epochs=x"]', "overrides: train.epochs='x' is not of type int"),
+    ("overrides: [epochs]", "overrides 'epochs': expected section.field=value"),
+    ("config: no_such", "config 'no_such' not found"),
+])
+def test_a_study_file_with_a_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, capsys, line, needle):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: mine\nconfig: hippocampus_2d\n{line}\n")
+    # --report-only: were the file accepted, this stops at "no study artefacts" instead of training a study
+    assert main(["ablate", "--config", str(study), "--report-only", "--report-dir", str(tmp_path / "r")]) == 2
+    one_error_line(capsys, f"error: {study}: {needle}")  # before: accepted, or a TypeError from dict()
+
+
 @pytest.mark.parametrize("setting, needle", [
     ("train.seed=-1", "train.seed=-1 must not be negative"),
     ("data.split_seed=-1", "data.split_seed=-1 must not be negative"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,37 +148,79 @@ def _matches(value: Any, annotation: str) -> bool:
         if option == "None" and value is None:
             return True
         if option.startswith("list[") and isinstance(value, list):
-            if all(_is_type(v, option[5:-1]) for v in value):
+            if all(_matches(v, option[5:-1]) for v in value):
                 return True
         elif option in _TYPES and _is_type(value, option):
             return True
     return False
 
 
-def check_section(section: str, values: Any, source: str) -> None:
-    """Raise :class:`UnetsegError` naming the field when a value has the wrong type or sign."""
-    for f in dataclasses.fields(SECTIONS[section]):
+def check_fields(
+    cls: type,
+    values: dict[str, Any],
+    source: str,
+    prefix: str = "",
+    choices: dict[str, tuple[Any, ...]] | None = None,
+    positive: Collection[str] = (),
+    non_negative: Collection[str] = (),
+    below_one: Collection[str] = (),
+    seeds: Collection[str] = (),
+) -> None:
+    """Raise :class:`UnetsegError` naming ``source: <prefix><field>=value`` when a value for a field of the
+    dataclass ``cls`` has the wrong type, is not one of its ``choices``, or (it or an entry of its list) is not
+    finite or breaks its sign rule.
+
+    Args:
+        values: field name -> value, as read from YAML; names that are no field of ``cls`` are not looked at.
+        prefix: what precedes field names in messages (``"train."``).
+        positive, non_negative, below_one: fields that must be > 0, >= 0, < 1.
+        seeds: fields that must be below 2**32 (NumPy's generators).
+    """
+    for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
-        where = f"{source}: {section}.{f.name}={value!r}"
+        where = f"{source}: {prefix}{f.name}={value!r}"
         if not _matches(value, str(f.type)):
             raise UnetsegError(f"{where} is not of type {f.type}")
-        choices = CHOICES.get(section, {}).get(f.name)
-        if choices is not None and value not in choices:
-            raise UnetsegError(f"{where} must be one of {', '.join(map(repr, choices))}")
+        allowed = (choices or {}).get(f.name)
+        if allowed is not None and value not in allowed:
+            raise UnetsegError(f"{where} must be one of {', '.join(map(repr, allowed))}")
         numbers = value if isinstance(value, list) else [value]
         for number in (v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)):
             if not math.isfinite(number):
                 raise UnetsegError(f"{where} must be a finite number")
-            if f.name in POSITIVE.get(section, ()) and number <= 0:
+            if f.name in positive and number <= 0:
                 raise UnetsegError(f"{where} must be greater than 0")
-            if f.name in NON_NEGATIVE.get(section, ()) and number < 0:
+            if f.name in non_negative and number < 0:
                 raise UnetsegError(f"{where} must not be negative")
-            if f.name in BELOW_ONE.get(section, ()) and number >= 1:
+            if f.name in below_one and number >= 1:
                 raise UnetsegError(f"{where} must be below 1")
-            if f.name in SEEDS.get(section, ()) and number >= 2**32:
+            if f.name in seeds and number >= 2**32:
                 raise UnetsegError(f"{where} must be below 2**32")
+
+
+def check_section(section: str, values: Any, source: str) -> None:
+    """Raise :class:`UnetsegError` naming the field when a value has the wrong type or sign (see :func:`check_fields`)."""
+    check_fields(SECTIONS[section], values, source, f"{section}.", CHOICES.get(section), POSITIVE.get(section, ()),
+                 NON_NEGATIVE.get(section, ()), BELOW_ONE.get(section, ()), SEEDS.get(section, ()))
+
+
+def check_known_fields(values: dict[str, Any], cls: type, source: str, where: str = "") -> None:
+    """Raise :class:`UnetsegError` listing the keys of ``values`` that are no field of the dataclass ``cls``
+    (``where``, e.g. `` in 'model'``, follows the list in the message)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = set(values) - names
+    if bad:
+        raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)}{where}; valid: {sorted(names)}")
+
+
+def mapping_field(raw: dict[str, Any], key: str, source: str, prefix: str = "") -> dict[str, Any]:
+    """``raw[key]`` when it is a mapping, ``{}`` when it is missing or empty; anything else raises naming the key."""
+    values = raw.get(key) or {}
+    if not isinstance(values, dict):
+        raise UnetsegError(f"{source}: '{prefix}{key}' must be a mapping of fields, got {values!r}")
+    return values
 
 
 def check_consistency(cfg: Config, source: str) -> None:
@@ -222,13 +265,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise UnetsegError(f"{source}: unknown section(s) {sorted(unknown)}; expected name, {', '.join(SECTIONS)}")
     cfg = Config(name=str(raw.get("name", "run")))
     for section, cls in SECTIONS.items():
-        values = raw.get(section) or {}
-        if not isinstance(values, dict):
-            raise UnetsegError(f"{source}: '{section}' must be a mapping of fields, got {values!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = set(values) - names
-        if bad:
-            raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)} in '{section}'; valid: {sorted(names)}")
+        values = mapping_field(raw, section, source)
+        check_known_fields(values, cls, source, f" in '{section}'")
         values = {k: _exponent_number(v, str(cls.__dataclass_fields__[k].type)) for k, v in values.items()}
         check_section(section, values, source)
         setattr(cfg, section, cls(**values))
@@ -265,19 +303,22 @@ def load_config(name_or_path: str) -> Config:
     return config_from_dict(raw, source=str(path))
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.field=value`` strings (values parsed as YAML) and return a new config."""
+def apply_overrides(cfg: Config, overrides: list[str], source: str = "--set") -> Config:
+    """Apply ``section.field=value`` strings (values parsed as YAML) and return a new config.
+
+    ``source`` names where the strings came from in error messages (a study file's overrides, say).
+    """
     raw = cfg.to_dict()
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or parts[0] not in SECTIONS:
-            raise UnetsegError(f"--set {item!r}: expected section.field=value with section in {', '.join(SECTIONS)}")
+            raise UnetsegError(f"{source} {item!r}: expected section.field=value with section in {', '.join(SECTIONS)}")
         section, name = parts
         if name not in raw[section]:
-            raise UnetsegError(f"--set {item!r}: '{section}' has no field '{name}'; valid: {sorted(raw[section])}")
+            raise UnetsegError(f"{source} {item!r}: '{section}' has no field '{name}'; valid: {sorted(raw[section])}")
         raw[section][name] = yaml.safe_load(value)
-    return config_from_dict(raw, source="--set")
+    return config_from_dict(raw, source=source)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,14 +8,20 @@ section holds the changes that make the pipeline run in minutes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from unetseg.config import read_named_yaml
+from unetseg.config import (
+    apply_overrides,
+    check_fields,
+    check_known_fields,
+    load_config,
+    mapping_field,
+    read_named_yaml,
+)
 from unetseg.errors import UnetsegError
 
 STUDY_DIR = Path(__file__).parent
@@ -74,11 +80,24 @@ class StudySpec:
         return asdict(self)
 
 
-def _check_keys(raw: dict[str, Any], cls: type, source: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = set(raw) - names
-    if bad:
-        raise UnetsegError(f"{source}: unknown field(s) {sorted(bad)}; valid: {sorted(names)}")
+# Sign rules of the numeric fields, as unetseg.config.check_fields takes them; depths also need 2 levels (below).
+STUDY_RULES = {"positive": {"width", "depth", "depths"}, "non_negative": {"seeds"}, "seeds": {"seeds"}}
+ANALYSIS_RULES = {"positive": {"landscape_points_1d", "landscape_points_2d", "landscape_span", "landscape_samples",
+                               "landscape_batch_size", "qualitative_crop"},
+                  "non_negative": {"landscape_seed", "qualitative_cases"}, "seeds": {"landscape_seed"}}
+
+
+def _study_section(raw: dict[str, Any], source: str, prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The study fields of ``raw`` (the top level, or its ``quick`` section with ``prefix`` ``"quick."``) and their
+    ``analysis`` mapping, each checked for unknown names, types and signs."""
+    fields = dict(raw)
+    analysis = mapping_field(fields, "analysis", source, prefix)
+    fields.pop("analysis", None)
+    check_known_fields(fields, StudySpec, source, f" in '{prefix.rstrip('.')}'" if prefix else "")
+    check_fields(StudySpec, fields, source, prefix, **STUDY_RULES)
+    check_known_fields(analysis, AnalysisSpec, source, f" in '{prefix}analysis'")
+    check_fields(AnalysisSpec, analysis, source, f"{prefix}analysis.", **ANALYSIS_RULES)
+    return fields, analysis
 
 
 def study_from_dict(raw: dict[str, Any], quick: bool = False, source: str = "study") -> StudySpec:
@@ -86,23 +105,33 @@ def study_from_dict(raw: dict[str, Any], quick: bool = False, source: str = "stu
 
     In the ``quick`` section, ``overrides`` are appended to the main overrides
     (later ones win) and ``analysis`` fields replace single analysis fields;
-    every other field replaces the main one.
+    every other field replaces the main one. Every field's type and sign is
+    checked, in both sections, and the training config with the overrides
+    resolved: a mistake is one :class:`UnetsegError` naming ``source`` and the field.
     """
-    raw = dict(raw)
-    quick_raw = dict(raw.pop("quick", None) or {})
-    _check_keys(raw, StudySpec, source)
-    analysis_raw = dict(raw.pop("analysis", None) or {})
+    quick_raw = mapping_field(raw, "quick", source)
+    raw, analysis_raw = _study_section({k: v for k, v in raw.items() if k != "quick"}, source)
+    quick_raw, quick_analysis = _study_section({k: v for k, v in quick_raw.items() if k != "quick"}, source, "quick.")
     if quick:
-        _check_keys(quick_raw, StudySpec, f"{source} (quick)")
         raw["overrides"] = list(raw.get("overrides", [])) + list(quick_raw.pop("overrides", []))
-        analysis_raw.update(quick_raw.pop("analysis", None) or {})
+        analysis_raw.update(quick_analysis)
         raw.update(quick_raw)
-    _check_keys(analysis_raw, AnalysisSpec, f"{source} (analysis)")
     if "name" not in raw or "config" not in raw:
         raise UnetsegError(f"{source}: a study needs 'name' and 'config' (the training config it starts from)")
     spec = StudySpec(**{**raw, "analysis": AnalysisSpec(**analysis_raw), "quick": quick})
-    if len(spec.seeds) < 1 or spec.depth < 2 or spec.width < 1:
-        raise UnetsegError(f"{source}: needs at least one seed, depth >= 2 and width >= 1")
+    if not spec.seeds:
+        raise UnetsegError(f"{source}: seeds=[] needs at least one seed")
+    for name, depths in (("depth", [spec.depth]), ("depths", spec.depths)):
+        if min(depths, default=2) < 2:
+            raise UnetsegError(f"{source}: {name}={getattr(spec, name)} must be at least 2 levels (the bottleneck and "
+                               "one with a long skip)")
+    if spec.variants == []:
+        raise UnetsegError(f"{source}: variants=[] names no run; leave it out to run the whole matrix")
+    try:
+        base = load_config(spec.config)
+    except UnetsegError as exc:
+        raise UnetsegError(f"{source}: {exc}") from None
+    apply_overrides(base, spec.overrides, source=f"{source}: overrides")
     return spec
 
 
