@@ -319,9 +319,10 @@ def test_evaluate_writes_beside_the_checkpoint_by_default_not_into_the_working_d
     run = tmp_path / "run"
     run.mkdir()
     (run / "best.pt").write_bytes(b"")
-    assert default_evaluation_dir(str(run)) == run / "evaluation"
-    assert default_evaluation_dir(str(run / "best.pt")) == run / "evaluation"
-    assert str(default_evaluation_dir("hippocampus_3d")) == "evaluation/hippocampus_3d"
+    assert default_evaluation_dir([str(run)]) == run / "evaluation"
+    assert default_evaluation_dir([str(run / "best.pt")]) == run / "evaluation"
+    assert str(default_evaluation_dir(["hippocampus_3d"])) == "evaluation/hippocampus_3d"
+    assert str(default_evaluation_dir(["hippocampus_3d", "x/run"])) == "evaluation/hippocampus_3d+run"
 
 
 def test_models_lists_data_set_input_skips_classes_and_dice(capsys):

@@ -59,7 +59,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options shared by predict and evaluate: which model, TTA, device, progress."""
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="checkpoint .pt, run folder, or shipped model name; give it more than once for an ensemble "
+                   "that averages the models' probabilities (same classes, normalisation and kind of input)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation: average the unflipped image with each mirroring the model was "
                    "trained with (stored in the checkpoint); costs one forward pass per member")
@@ -213,9 +215,10 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def run_predict(args: argparse.Namespace) -> None:
     from unetseg.data.io import pixel_budget
-    from unetseg.infer import Segmenter, check_prediction_paths
+    from unetseg.ensemble import load_predictor
+    from unetseg.infer import check_prediction_paths
 
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    segmenter = load_predictor(args.checkpoint, device=args.device)
     segmenter.progress = not args.quiet  # a bar over the windows of an image too big for one pass
     sources = collect_inputs(args.inputs)
     # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
@@ -325,9 +328,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {' and '.join(str(out / name) for name in EVALUATION_FILES)}")
 
 
-def default_evaluation_dir(checkpoint: str) -> Path:
-    """``RUN/evaluation`` for a run folder or a checkpoint file inside one; ``evaluation/<name>`` for a shipped model."""
-    path = Path(checkpoint)
+def default_evaluation_dir(checkpoints: list[str]) -> Path:
+    """``RUN/evaluation`` for a run folder or a checkpoint file inside one; ``evaluation/<name>`` for a shipped model;
+    ``evaluation/<name1>+<name2>...`` for an ensemble."""
+    if len(checkpoints) > 1:
+        return Path("evaluation") / "+".join(Path(c).name for c in checkpoints)
+    path = Path(checkpoints[0])
     if path.is_dir():
         return path / "evaluation"
     if path.is_file():

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from unetseg.data.datasets import Case, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
+from unetseg.ensemble import Ensemble
 from unetseg.infer import Segmenter, load_checkpoint
 from unetseg.instances import average_precision, split_instances
 from unetseg.losses import case_metrics
@@ -122,7 +123,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     data_root: str | Path | None,
     dataset: str | None = None,
     split: str = "val",
@@ -131,9 +132,11 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on labelled cases and write per-case CSV and summary JSON.
+    """Evaluate a checkpoint, or an ensemble of several, on labelled cases and write per-case CSV and summary JSON.
 
     Args:
+        checkpoint: a checkpoint (path, run folder or shipped model name), or
+            several: an :class:`~unetseg.ensemble.Ensemble` averaging their probabilities.
         dataset: the data set to score on; None: the one the checkpoint was trained on.
         progress: loading and scoring bars.
         split: ``"val"`` - the validation cases stored in the checkpoint (its
@@ -145,8 +148,13 @@ def evaluate(
     """
     if split not in ("val", "all"):
         raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
-    payload = load_checkpoint(checkpoint)
-    segmenter = Segmenter.from_payload(payload, device=device)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    payloads = [load_checkpoint(c) for c in checkpoints]
+    names = [str(c) for c in checkpoints]
+    checkpoint = " + ".join(names)
+    segmenter = (Segmenter.from_payload(payloads[0], device=device) if len(payloads) == 1
+                 else Ensemble.from_payloads(payloads, names, device=device))
+    payload = shared_training(payloads, names, same_validation=split == "val")
     trained_on = payload.get("dataset")
     dataset = dataset or trained_on
     if dataset is None:
@@ -192,3 +200,27 @@ def evaluate(
                     "seconds_per_case": seconds / max(1, len(rows))})
     write_evaluation(rows, summary, out_dir)
     return summary
+
+
+def shared_training(
+    payloads: Sequence[dict[str, Any]], names: Sequence[str], same_validation: bool = True
+) -> dict[str, Any]:
+    """The first checkpoint's payload, once all are found to share its ``dataset`` (and, with
+    ``same_validation``, its validation cases), for scoring them together.
+
+    Raises :class:`UnetsegError` when they were trained on different data sets
+    or validated on different cases: k-fold models each trained on the others'
+    validation cases, so no validation split is unseen by all of them.
+    """
+    first = payloads[0]
+    for name, payload in zip(names[1:], payloads[1:]):
+        if payload.get("dataset") != first.get("dataset"):
+            raise UnetsegError(f"{names[0]} and {name} were trained on different data sets "
+                               f"({first.get('dataset')} and {payload.get('dataset')})")
+        if same_validation and set(payload.get("split", {}).get("val", [])) != set(first.get("split", {}).get("val", [])):
+            raise UnetsegError(
+                f"{names[0]} and {name} were validated on different cases (k-fold models?): each trained on cases "
+                "the other holds back, so their ensemble has no unseen validation split; score it with --split all "
+                "on a --data-root of cases none of them trained on"
+            )
+    return first

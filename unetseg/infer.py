@@ -328,7 +328,83 @@ def _model_state(model: nn.Module) -> tuple | None:
     return tensors, modules
 
 
-class Segmenter:
+class Predictor:
+    """What every predictor offers once it has :meth:`predict_proba`: label maps, files, and input checks.
+
+    :class:`Segmenter` (one network) and :class:`unetseg.ensemble.Ensemble`
+    (several, probabilities averaged) are predictors; ``unetseg predict``,
+    ``unetseg evaluate`` and the Python API take either. A subclass sets
+    ``class_names`` (background first), ``preprocessing`` (see
+    :class:`Segmenter`), ``dataset`` and ``spatial_dims``.
+    """
+
+    class_names: tuple[str, ...]
+    preprocessing: dict[str, Any]
+    dataset: str | None
+
+    @property
+    def spatial_dims(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def predict_proba(
+        self, image: np.ndarray, tta: bool = False, channel_axis: int | None = None, normalized: bool = False
+    ) -> np.ndarray:
+        """Class probabilities ``(K, *S)`` of a raw image, or of a normalised ``(C, *S)`` one (``normalized``)."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        image: np.ndarray,
+        tta: bool = False,
+        largest_component: bool = False,
+        channel_axis: int | None = None,
+        normalized: bool = False,
+    ) -> np.ndarray:
+        """Label map ``(*S)`` int64 for a raw image (see :meth:`predict_proba`).
+
+        ``largest_component`` keeps each foreground class's largest connected component.
+        """
+        labels = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized).argmax(axis=0)
+        return keep_largest_component(labels, self.num_classes) if largest_component else labels
+
+    def predict_file(
+        self, path: str | Path, tta: bool = False, largest_component: bool = False
+    ) -> tuple[np.ndarray, io.ImageMeta]:
+        """Read an image file and predict it; returns labels and the file's metadata."""
+        image, meta = io.read_image(path)
+        self.check_compatible(meta.kind, path)
+        labels = self.predict(image, tta=tta, largest_component=largest_component, channel_axis=0)
+        return labels, meta
+
+    def check_compatible(self, kind: str, source: str | Path = "image") -> None:
+        """Raise :class:`DataError` when a file of ``kind`` ("nifti" or "image2d") does not suit this model."""
+        if kind == "nifti" and self.preprocessing["in_channels"] != 1:
+            raise DataError(source, "this model segments 2D colour images, not volumes; pick a volume model")
+        if kind == "image2d" and self.spatial_dims == 3:
+            raise DataError(source, "this 3D model segments volumes; give a NIfTI file or pick a 2D model")
+
+    def mismatch_warning(self, kind: str) -> str | None:
+        """A warning when a file of ``kind`` ("nifti" or "image2d") differs from what the model was trained on.
+
+        Unlike :meth:`check_compatible` this never raises: the model can run,
+        but e.g. an MRI model on a microscopy image gives meaningless masks.
+        None when the input suits the model or its training data are unknown.
+        """
+        trained_kind = dataset_kind(self.dataset)
+        if trained_kind is None or kind == trained_kind:
+            return None
+        what = {"nifti": "3D volume", "image2d": "2D image"}
+        return (
+            f"this model was trained on {self.dataset} ({what[trained_kind]}s) but the input is a "
+            f"{what.get(kind, kind)}; expect a meaningless mask, or pick a model trained on {what.get(kind, kind)}s"
+        )
+
+
+class Segmenter(Predictor):
     """Segments images with a trained :class:`UNet`.
 
     Prediction is fast: a whole image or volume goes through the network in one
@@ -412,10 +488,6 @@ class Segmenter:
     @property
     def spatial_dims(self) -> int:
         return self.model.spatial_dims
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     @property
     def bytes_per_voxel(self) -> int:
@@ -544,21 +616,6 @@ class Segmenter:
         members = self.member_probabilities(image, self.tta_flips if tta else [()])
         return members.mean(axis=0) if tta else members[0]
 
-    def predict(
-        self,
-        image: np.ndarray,
-        tta: bool = False,
-        largest_component: bool = False,
-        channel_axis: int | None = None,
-        normalized: bool = False,
-    ) -> np.ndarray:
-        """Label map ``(*S)`` int64 for a raw image (see :meth:`predict_proba`).
-
-        ``largest_component`` keeps each foreground class's largest connected component.
-        """
-        labels = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized).argmax(axis=0)
-        return keep_largest_component(labels, self.num_classes) if largest_component else labels
-
     def flip_predictions(self, image: np.ndarray, channel_axis: int | None = None, normalized: bool = False) -> np.ndarray:
         """Label maps ``(M, *S)``, one per flip-TTA member (``tta_flips``, the unflipped one first).
 
@@ -569,38 +626,6 @@ class Segmenter:
         if not normalized:
             image = self.prepare(image, channel_axis)
         return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
-
-    def predict_file(
-        self, path: str | Path, tta: bool = False, largest_component: bool = False
-    ) -> tuple[np.ndarray, io.ImageMeta]:
-        """Read an image file and predict it; returns labels and the file's metadata."""
-        image, meta = io.read_image(path)
-        self.check_compatible(meta.kind, path)
-        labels = self.predict(image, tta=tta, largest_component=largest_component, channel_axis=0)
-        return labels, meta
-
-    def check_compatible(self, kind: str, source: str | Path = "image") -> None:
-        """Raise :class:`DataError` when a file of ``kind`` ("nifti" or "image2d") does not suit this model."""
-        if kind == "nifti" and self.preprocessing["in_channels"] != 1:
-            raise DataError(source, "this model segments 2D colour images, not volumes; pick a volume model")
-        if kind == "image2d" and self.spatial_dims == 3:
-            raise DataError(source, "this 3D model segments volumes; give a NIfTI file or pick a 2D model")
-
-    def mismatch_warning(self, kind: str) -> str | None:
-        """A warning when a file of ``kind`` ("nifti" or "image2d") differs from what the model was trained on.
-
-        Unlike :meth:`check_compatible` this never raises: the model can run,
-        but e.g. an MRI model on a microscopy image gives meaningless masks.
-        None when the input suits the model or its training data are unknown.
-        """
-        trained_kind = dataset_kind(self.dataset)
-        if trained_kind is None or kind == trained_kind:
-            return None
-        what = {"nifti": "3D volume", "image2d": "2D image"}
-        return (
-            f"this model was trained on {self.dataset} ({what[trained_kind]}s) but the input is a "
-            f"{what.get(kind, kind)}; expect a meaningless mask, or pick a model trained on {what.get(kind, kind)}s"
-        )
 
 
 def prediction_path(source: str | Path, kind: str, out_dir: str | Path) -> Path:
