@@ -4,7 +4,7 @@
 (resuming a run folder that has a ``last.pt`` short of the last epoch,
 skipping finished ones), scores each run's final weights on the shared
 validation cases, runs the post-training analyses (loss landscape, lesions,
-qualitative slices) once each, copies the small artefacts into the report
+qualitative slices, how far each run's weights moved) once each, copies the small artefacts into the report
 folder, and writes the report from that folder alone.
 
 Study folder (checkpoints; not committed)::
@@ -47,6 +47,7 @@ from unetseg.ablation.runs import (
 )
 from unetseg.ablation.study import StudySpec, load_study, resolved_study, save_study
 from unetseg.ablation.variants import Variant, build_variants, variant_config
+from unetseg.ablation.weights import write_weight_change
 from unetseg.data.datasets import Case, resolve_data_root
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter
@@ -129,9 +130,35 @@ def _load_study_data(spec: StudySpec, variants: list[Variant], data_root: str | 
     return StudyData(train, val)
 
 
+def weight_change_path(study_dir: Path, variant: str, seed: int) -> Path:
+    """``<study_dir>/analysis/weights_<variant>_seed<k>.json``: how far a run's weights moved."""
+    return study_dir / "analysis" / f"weights_{variant}_seed{seed}.json"
+
+
+def _log_analysis(study_dir: Path, label: str, t0: float, progress: bool) -> None:
+    seconds = round(time.perf_counter() - t0, 2)
+    _append_log(study_dir, {"event": "analysis", "name": label, "seconds": seconds, "time": time.time()})
+    if progress:
+        print(f"analysis {label}: {seconds:.1f} s", flush=True)
+
+
+def record_weight_changes(spec: StudySpec, variants: list[Variant], study_dir: Path, progress: bool) -> None:
+    """Every run's distance from its initial weights (:mod:`unetseg.ablation.weights`); skipped when its file exists."""
+    for v in variants:
+        for seed in spec.seeds:
+            path = weight_change_path(study_dir, v.name, seed)
+            if not path.is_file():
+                t0 = time.perf_counter()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_weight_change(run_dir(study_dir, v.name, seed), FINAL_CHECKPOINT,
+                                    variant_config(spec, v, seed).train.seed, path)
+                _log_analysis(study_dir, path.stem, t0, progress)
+
+
 def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data_root: str | None,
                  progress: bool) -> None:
-    """Loss landscapes, lesion studies and qualitative predictions; each skipped when its file exists."""
+    """Weight distances, loss landscapes, lesion studies and qualitative predictions; each skipped when its file exists."""
+    record_weight_changes(spec, variants, study_dir, progress)
     names = {v.name: v for v in variants}
     a = spec.analysis
     analysis_dir = study_dir / "analysis"
@@ -172,10 +199,7 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
             cfg = variant_config(spec, names[names_q[0]], spec.seeds[0])
             qualitative_arrays(segmenters, data.val[: a.qualitative_cases], cfg.data.slice_axis, a.qualitative_crop, path)
             label = path.stem
-        seconds = round(time.perf_counter() - t0, 2)
-        _append_log(study_dir, {"event": "analysis", "name": label, "seconds": seconds, "time": time.time()})
-        if progress:
-            print(f"analysis {label}: {seconds:.1f} s", flush=True)
+        _log_analysis(study_dir, label, t0, progress)
 
 
 # ---- artefacts and the whole study -------------------------------------------------------
