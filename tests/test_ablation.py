@@ -14,12 +14,24 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from scipy.stats import wilcoxon
+from scipy.stats import ttest_1samp, wilcoxon
 
+from unetseg.ablation.compare import collapsed_classes, compare, healthy_mean_dice
+from unetseg.ablation.gradients import same_layer_comparison
 from unetseg.ablation.landscape import filter_normalized_direction, loss_slices
+from unetseg.ablation.report import write_report
 from unetseg.ablation.runs import run_dir
-from unetseg.ablation.report import collapsed_classes, healthy_mean_dice, write_report
-from unetseg.ablation.stats import bootstrap_ci, paired_comparison, rate_difference_p
+from unetseg.ablation.stats import (
+    bootstrap_ci,
+    exact_p_floor,
+    hierarchical_bootstrap_ci,
+    holm,
+    paired_comparison,
+    rate_difference_p,
+    t_interval,
+)
+from unetseg.ablation.tables import ms, p_text, seed_diffs_text
+from unetseg.ablation.weights import weight_change
 from unetseg.ablation.study import STUDY_DIR, load_study
 from unetseg.ablation.variants import base_config, build_variants, variant_config
 from unetseg.cli import main
@@ -28,7 +40,7 @@ from unetseg.model import UNet
 from unetseg.runlog import read_jsonl
 from unetseg.train import fit
 
-from .conftest import REPO
+from .conftest import REPO, tiny_config
 
 FULL_VARIANTS = [
     "skip", "noskip", "skip_off_L0", "skip_off_L1", "skip_off_L2", "add", "residual", "residual_noskip",
@@ -136,6 +148,111 @@ def test_collapsed_runs_are_flagged_and_left_out_of_the_healthy_mean():
     assert rate_difference_p(0, 10, 10, 10) < 1e-4 and rate_difference_p(1, 2, 1, 2) == 1.0
 
 
+def test_holm_t_interval_and_the_exact_test_floor_on_known_values():
+    # Holm by hand: sorted 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, then max(0.06, 0.04*1) = 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005, float("nan")])[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(holm([0.01, float("nan")])[1]) and holm([0.01, float("nan")])[0] == pytest.approx(0.01)
+    assert holm([0.01, 0.011, 0.5]) == pytest.approx([0.03, 0.03, 0.5])  # 0.011*2 = 0.022 raised to keep the order
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    # t-interval of 1..4: mean 2.5, s = 1.2910, t(0.975, 3 dof) = 3.182446
+    t = t_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert (t["mean"], t["low"], t["high"], t["dof"]) == pytest.approx((2.5, 2.5 - half, 2.5 + half, 3))
+    assert t["t_p"] == pytest.approx(ttest_1samp([1.0, 2.0, 3.0, 4.0], 0.0).pvalue)  # t = 3.873 on 3 dof
+    assert np.isnan(t_interval([0.3])["low"]) and t_interval([0.2, 0.2])["low"] == pytest.approx(0.2)
+    # the issue's seed-level DSB no-skip gap, from the three committed per-seed differences
+    dsb = t_interval([-0.01330268904566767, -0.026670708553865552, -0.007758928090333961])
+    assert (round(dsb["low"], 3), round(dsb["high"], 3)) == (-0.040, 0.008)
+    # every one of 42 differences the same sign: the exact test's floor 2/2^42, and it is marked as a floor
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(0.5, 0.9, 42)
+    c = paired_comparison(ref + rng.uniform(0.01, 0.02, 42), ref)
+    assert c["wilcoxon_p"] == pytest.approx(exact_p_floor(42)) == pytest.approx(4.547e-13, rel=1e-3) and c["at_floor"]
+    assert p_text(c, long=True) == "4.5e-13 (floor of the exact test with n=42: 2/2^42)"
+    mixed = paired_comparison(ref + np.r_[-0.015, rng.uniform(0.01, 0.02, 41)], ref)
+    assert not mixed["at_floor"] and mixed["wilcoxon_p"] > exact_p_floor(42) and "floor" not in p_text(mixed)
+
+
+def test_hierarchical_bootstrap_counts_the_seed_spread_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    # three seeds that disagree (+0.05, 0, -0.03) with tight cases inside each seed
+    diffs = np.array([0.05, 0.0, -0.03])[:, None] + rng.normal(0, 0.002, (3, 40))
+    lo, hi = hierarchical_bootstrap_ci(diffs, seed=3)
+    assert (lo, hi) == hierarchical_bootstrap_ci(diffs, seed=3) and (lo, hi) != hierarchical_bootstrap_ci(diffs, seed=4)
+    assert lo < -0.015 and hi > 0.035  # spans most of the seeds' spread
+    case_lo, case_hi = bootstrap_ci(diffs.mean(axis=0))  # seeds averaged first: the spread is gone
+    assert case_hi - case_lo < 0.1 * (hi - lo)
+    diffs[1, :5] = np.nan  # an undefined case in one seed is left out, not propagated
+    assert np.isfinite(hierarchical_bootstrap_ci(diffs)).all()
+    assert np.isnan(hierarchical_bootstrap_ci(np.full((2, 3), np.nan))).all()
+    with pytest.raises(ValueError, match="seeds, cases"):
+        hierarchical_bootstrap_ci(np.zeros(5))
+
+
+def _per_case(dice_a, dice_b=None):
+    """A two-class per_case.json with the given per-case Dice of class a (class b fixed at 0.8 unless given)."""
+    b = dice_b if dice_b is not None else [0.8] * len(dice_a)
+    return {"class_names": ["background", "a", "b"],
+            "cases": [{"case_id": f"c{i}", "dice_a": x, "dice_b": y, "hd95_a": float("nan") if x < 0.1 else 2.0,
+                       "hd95_b": 3.0} for i, (x, y) in enumerate(zip(dice_a, b))]}
+
+
+def test_seed_level_comparison_flags_collapsed_seeds_in_its_cells():
+    variant = {0: _per_case([0.8, 0.7, 0.9]), 1: _per_case([0.0, 0.0, 0.05]), 2: _per_case([0.85, 0.75, 0.9])}
+    reference = {s: _per_case([0.8, 0.8, 0.8]) for s in range(3)}
+    c = compare(variant, reference, "mean_dice")
+    per_seed = [(np.mean([0.8, 0.7, 0.9]) - 0.8) / 2, (np.mean([0.0, 0.0, 0.05]) - 0.8) / 2,
+                (np.mean([0.85, 0.75, 0.9]) - 0.8) / 2]
+    assert c["seeds"] == [0, 1, 2] and c["seed_diffs"] == pytest.approx(per_seed)
+    assert c["seed_level"]["mean"] == pytest.approx(np.mean(per_seed)) and c["seed_level"]["dof"] == 2
+    assert c["seed_level"]["low"] < c["ci_low"]  # the collapsed seed widens the seed-level interval
+    assert c["collapsed"] == {"variant": [1], "reference": []}
+    assert seed_diffs_text(c).split() == [f"{per_seed[0]:+.3f}", f"{per_seed[1]:+.3f}†", f"{per_seed[2]:+.3f}"]
+    hd95 = compare(variant, reference, "hd95_a")  # seed 1 has no HD95 of class a: left out, and the cell says so
+    assert hd95["seed_diffs"][0] == 0.0 and np.isnan(hd95["seed_diffs"][1])
+    assert ms({"mean": 2.0, "std": 0.0, "per_seed": [2.0, float("nan"), 2.0]}, 2) == "2.00 ± 0.00 [2/3 seeds]"
+    assert ms({"mean": 2.0, "std": 0.0, "per_seed": [2.0, None, 2.0]}, 2).endswith("[2/3 seeds]")  # as read from JSON
+
+
+def test_same_layer_gradients_are_compared_per_element_and_seed_by_seed():
+    def rows(grads, norms0, norms1):
+        layer = lambda names, g, w: [{"layer": n, "grad_norm": a, "weight_norm": b, "ratio": a / b}
+                                     for n, a, b in zip(names, g, w)]
+        names = ["encoder.0.conv1.weight", "decoder.0.up.weight"]
+        return [{"step": 0, "layers": layer(names, grads, norms0)}, {"step": 90, "layers": layer(names, grads, norms1)}]
+
+    names = ["encoder.0.conv1.weight", "decoder.0.up.weight"]
+    sizes = {"with": {names[0]: 4, names[1]: 100}, "without": {names[0]: 4, names[1]: 25}}
+    with_logs = {0: rows([2.0, 1.0], [1.0, 2.0], [1.5, 2.0]), 1: rows([2.0, 0.5], [1.0, 2.0], [1.0, 3.0])}
+    without_logs = {0: rows([1.0, 1.0], [1.0, 2.0], [1.2, 2.2]), 1: rows([1.0, 2.0], [1.0, 2.0], [1.0, 1.0]),
+                    5: rows([9.0, 9.0], [1.0, 1.0], [1.0, 1.0])}  # a seed only one side ran is left out
+    g = same_layer_comparison(with_logs, without_logs, names, sizes, total_steps=100)
+    assert g["seeds"] == [0, 1] and g["layers"] == ["enc0.c1", "dec0.up"]
+    # per element: dec0.up with = 1.0/10 and 0.5/10, without = 1.0/5 and 2.0/5 -> ratios 2 and 8
+    np.testing.assert_allclose(g["early_without_over_with"]["per_seed"], [[0.5, 2.0], [0.5, 8.0]])
+    assert g["early_without_over_with"]["geo_mean"] == pytest.approx([0.5, 4.0])
+    assert g["focus"] == 1  # dec0.up gets least gradient per element in the network with the feature
+    np.testing.assert_allclose(g["norm_change"]["with"], [[0.5, 0.0], [0.0, 0.5]])
+    assert g["norm_change"]["without"][1] == pytest.approx([0.0, -0.5]) and g["norm_change_step"]["with"] == [90, 90]
+
+
+def test_weight_change_rebuilds_the_initial_weights_of_a_tiny_run(tmp_path, data_root):
+    run = tmp_path / "run"
+    fit(tiny_config(["train.grad_log_every=1", "train.seed=7"]), run, data_root=data_root, progress=False)
+    moved = weight_change(run, "last.pt", seed=7)
+    assert moved["init_check"] < 1e-5  # rebuilt norms == the norms fit logged at step 0, before any update
+    logged = {r["layer"]: r["weight_norm"] for r in read_jsonl(run / "gradients.jsonl")[0]["layers"]}
+    assert {r["layer"] for r in moved["layers"]} == set(logged)
+    for r in moved["layers"]:
+        assert r["init_norm"] == pytest.approx(logged[r["layer"]], rel=1e-5)
+        assert r["relative_distance"] == pytest.approx(r["distance"] / r["init_norm"])
+        # 3 AdamW steps moved every kernel, and at least as far as its norm changed (triangle inequality)
+        assert r["relative_distance"] > 0
+        assert r["relative_distance"] >= abs(r["final_norm"] - r["init_norm"]) / r["init_norm"] - 1e-7
+    with pytest.raises(UnetsegError, match="do not match the logged step-0 norms"):
+        weight_change(run, "last.pt", seed=8)
+
+
 # ---- the quick study on real data -----------------------------------------------------------
 
 
@@ -232,7 +349,7 @@ def test_report_numbers_match_run_folders(quick_study):
             diff = float(np.mean(case_means(v.name) - case_means(v.reference)))
             shown = float(row["Δ mean Dice vs reference [95 % CI]"].split(" [")[0])
             assert shown == pytest.approx(diff, abs=6e-4), v.name
-            per_seed = [float(x) for x in row["Δ per seed"].split()]
+            per_seed = [float(x.rstrip("†")) for x in row["Δ per seed"].split()]
             assert per_seed == pytest.approx(list(seed_values(v.name, "mean") - seed_values(v.reference, "mean")), abs=6e-4)
             checked += 1
     assert checked >= 2 * len(table) + len(table) - 1

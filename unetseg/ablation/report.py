@@ -16,6 +16,7 @@ differences (variant seed k minus reference seed k) show beside them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,35 @@ from unetseg.ablation.figures import (
     plot_training_curves,
     plot_variant_dice,
 )
-from unetseg.ablation.gradients import ordered_layers, run_profiles, short_name
+from unetseg.ablation.compare import (
+    apply_holm,
+    COLLAPSE_DICE,
+    collapsed_classes,
+    collapsed_seeds,
+    compare,
+    healthy_mean_dice,
+    mean_std,
+    seed_mean,
+)
+from unetseg.ablation.gradients import layer_sizes, ordered_layers, run_profiles, same_layer_comparison, short_name
 from unetseg.ablation.runs import PER_CASE, run_dir
-from unetseg.ablation.stats import paired_comparison, rate_difference_p
+from unetseg.ablation.stats import rate_difference_p
 from unetseg.ablation.study import StudySpec, resolved_study
+from unetseg.ablation.tables import (
+    boot_text,
+    cmp_text,
+    comparison_flag,
+    ms,
+    p_text,
+    percent,
+    results_table,
+    same_layer_table,
+    seed_diffs_text,
+    seed_level_table,
+    seed_level_text,
+)
 from unetseg.ablation.variants import Variant, build_variants, depth_names
-from unetseg.runlog import as_float, read_jsonl, write_json
+from unetseg.runlog import read_jsonl, write_json
 
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -51,58 +75,6 @@ def _seed_runs(report_dir: Path, spec: StudySpec, variant: str) -> dict[int, Pat
     return {s: run_dir(report_dir, variant, s) for s in spec.seeds if (run_dir(report_dir, variant, s) / PER_CASE).is_file()}
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    """Mean and sample std (ddof 1; 0 for one value) over finite values, and the values themselves."""
-    v = np.asarray(values, dtype=float)
-    finite = v[np.isfinite(v)]
-    return {"mean": float(finite.mean()) if finite.size else float("nan"),
-            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0, "per_seed": [float(x) for x in v]}
-
-
-def _nanmean(values: Any) -> float:
-    """Mean of the finite values; NaN (without a warning) when there are none."""
-    a = np.asarray(values, dtype=float)
-    finite = a[np.isfinite(a)]
-    return float(finite.mean()) if finite.size else float("nan")
-
-
-def case_scores(per_case: dict[str, Any], key: str) -> dict[str, float]:
-    """Per case id: ``dice_<class>`` / ``hd95_<class>``, or ``mean_dice`` (mean over foreground classes)."""
-    names = per_case["class_names"][1:]
-    out = {}
-    for row in per_case["cases"]:
-        if key == "mean_dice":
-            out[row["case_id"]] = _nanmean([row[f"dice_{n}"] for n in names])
-        else:
-            out[row["case_id"]] = as_float(row[key])
-    return out
-
-
-def seed_mean(per_case: dict[str, Any], key: str) -> float:
-    """One seed's score: ``mean_dice`` is the mean over classes of the per-class case means (as in ``summarize``)."""
-    names = per_case["class_names"][1:]
-    if key == "mean_dice":
-        return _nanmean([seed_mean(per_case, f"dice_{n}") for n in names])
-    return _nanmean(list(case_scores(per_case, key).values()))
-
-
-def seed_averaged_cases(per_cases: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Per case id, the score averaged over seeds (NaN seeds skipped)."""
-    tables = [case_scores(p, key) for p in per_cases]
-    ids = list(tables[0])
-    return {i: _nanmean([t[i] for t in tables]) for i in ids}
-
-
-# A run whose mean Dice over the validation cases stays below this for a foreground class never learnt
-# that class (it predicts background, or the other class, there): a failed optimisation, reported apart.
-COLLAPSE_DICE = 0.1
-
-
-def collapsed_classes(per_case: dict[str, Any]) -> list[str]:
-    """Foreground classes whose seed mean Dice is below :data:`COLLAPSE_DICE` (NaN counts as not collapsed)."""
-    return [c for c in per_case["class_names"][1:] if seed_mean(per_case, f"dice_{c}") < COLLAPSE_DICE]
-
-
 def _collapse_summary(variants: list[Variant], per_case: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     """Collapsed runs, and their count in runs with and without any long skip (with a Fisher exact p)."""
     runs = [{"variant": v.name, "seed": s, "long_skips": any(v.skips), "classes": collapsed_classes(p)}
@@ -112,25 +84,6 @@ def _collapse_summary(variants: list[Variant], per_case: dict[str, dict[int, dic
               for flag in (True, False)}
     return {"threshold": COLLAPSE_DICE, "runs": collapsed, "with_long_skips": counts[True],
             "without_long_skips": counts[False], "fisher_p": rate_difference_p(*counts[True], *counts[False])}
-
-
-def healthy_mean_dice(per_cases: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Mean Dice over the seeds whose run did not collapse: ``{"mean", "std", "per_seed", "seeds"}``."""
-    kept = {s: p for s, p in per_cases.items() if not collapsed_classes(p)}
-    return {**_mean_std([seed_mean(p, "mean_dice") for p in kept.values()]), "seeds": sorted(kept)}
-
-
-def compare(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key: str) -> dict[str, Any]:
-    """Variant ``a`` against reference ``b`` (``{seed: per_case}`` each), case by case and seed by seed.
-
-    Returns :func:`paired_comparison` over their shared cases, each case averaged
-    over seeds (so its CI and p leave out seed-to-seed variation), plus
-    ``seed_diffs``: ``seed_mean(a[s]) - seed_mean(b[s])`` for every seed both ran.
-    """
-    ca, cb = seed_averaged_cases(list(a.values()), key), seed_averaged_cases(list(b.values()), key)
-    ids = [i for i in ca if i in cb]
-    seed_diffs = [float(seed_mean(a[s], key) - seed_mean(b[s], key)) for s in sorted(a) if s in b]
-    return {**paired_comparison([ca[i] for i in ids], [cb[i] for i in ids]), "seed_diffs": seed_diffs}
 
 
 # ---- the summary ---------------------------------------------------------------------------
@@ -153,33 +106,77 @@ def _budget(report_dir: Path, spec: StudySpec, variants: list[Variant], per_case
     }
 
 
+def _gradient_logs(report_dir: Path, spec: StudySpec, name: str) -> dict[int, list[dict]]:
+    """``{seed: gradients.jsonl rows}`` of the variant's runs that logged gradients."""
+    logs = {s: read_jsonl(r / "gradients.jsonl") for s, r in _seed_runs(report_dir, spec, name).items()}
+    return {s: rows for s, rows in logs.items() if rows}
+
+
+def _weights_moved(report_dir: Path, spec: StudySpec, name: str, seeds: list[int], layers: list[str]) -> list | None:
+    """Relative distance ``||w_end - w_init|| / ||w_init||`` per seed and layer from ``analysis/weights_*.json``,
+    or None when a seed's file is missing (runs made before the runner recorded it)."""
+    files = [report_dir / "analysis" / f"weights_{name}_seed{s}.json" for s in seeds]
+    if not all(f.is_file() for f in files):
+        return None
+    moved = [{r["layer"]: r["relative_distance"] for r in json.loads(f.read_text())["layers"]} for f in files]
+    return [[m[n] for n in layers] for m in moved]
+
+
 def _gradient_summary(report_dir: Path, spec: StudySpec, pairs: list[tuple[str, str, str]],
-                      depth_of: dict[str, int], total_steps: int) -> tuple[list[dict], list[dict]]:
-    """Profiles for the figure and, per variant, the early first-layer / head gradient-norm ratio per seed."""
-    figure_pairs, table = [], []
+                      depth_of: dict[str, int], total_steps: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Profiles for the figure; per variant, the early first-layer / head gradient-norm ratio per seed; and per
+    pair, the same named layers compared per element (:func:`same_layer_comparison`) with how far they moved."""
+    figure_pairs, table, same_layer = [], [], []
     for title, with_name, without_name in pairs:
-        curves, layers = {}, None
+        curves, layers, logs = {}, None, {}
         for name in (with_name, without_name):
-            runs = _seed_runs(report_dir, spec, name)
-            logs = {s: read_jsonl(r / "gradients.jsonl") for s, r in runs.items()}
-            logs = {s: rows for s, rows in logs.items() if rows}
-            if not logs:
+            logs[name] = _gradient_logs(report_dir, spec, name)
+            if not logs[name]:
                 break
-            layers = layers or ordered_layers(next(iter(logs.values())), depth_of[name])
-            profiles = [run_profiles(rows, layers, total_steps) for rows in logs.values()]
+            layers = layers or ordered_layers(next(iter(logs[name].values())), depth_of[name])
+            profiles = [run_profiles(rows, layers, total_steps) for rows in logs[name].values()]
             curves[name] = {k: np.stack([p[k] for p in profiles]) for k in profiles[0]}
             first_over_head = [float(p["early_grad"][0] / p["early_grad"][-1]) for p in profiles]
             late_first_over_head = [float(p["late_grad"][0] / p["late_grad"][-1]) for p in profiles]
             weakest = [int(np.argmin(p["early_grad"])) for p in profiles]
-            table.append({"pair": title, "variant": name, "early_first_over_head": _mean_std(first_over_head),
-                          "late_first_over_head": _mean_std(late_first_over_head),
+            table.append({"pair": title, "variant": name, "early_first_over_head": mean_std(first_over_head),
+                          "late_first_over_head": mean_std(late_first_over_head),
                           "early_weakest_layer": [short_name(layers[i]) for i in weakest],
-                          "early_weakest_over_head": _mean_std([float(p["early_grad"][i] / p["early_grad"][-1])
+                          "early_weakest_over_head": mean_std([float(p["early_grad"][i] / p["early_grad"][-1])
                                                                 for p, i in zip(profiles, weakest)]),
-                          "early_first_grad": _mean_std([float(p["early_grad"][0]) for p in profiles])})
+                          "early_first_grad": mean_std([float(p["early_grad"][0]) for p in profiles])})
         if len(curves) == 2:
             figure_pairs.append({"title": title, "layers": [short_name(n) for n in layers], "curves": curves})
-    return figure_pairs, table
+            sizes = {key: layer_sizes(yaml.safe_load((next(iter(_seed_runs(report_dir, spec, name).values()))
+                                                      / "config.yaml").read_text()))
+                     for key, name in (("with", with_name), ("without", without_name))}
+            cmp = same_layer_comparison(logs[with_name], logs[without_name], layers, sizes, total_steps)
+            moved = {key: _weights_moved(report_dir, spec, name, cmp["seeds"], layers)
+                     for key, name in (("with", with_name), ("without", without_name))}
+            same_layer.append({"pair": title, "with": with_name, "without": without_name, **cmp,
+                               "weights_moved": moved if None not in moved.values() else None})
+    return figure_pairs, table, same_layer
+
+
+HOLM_KEYS = ("holm_p", "holm_family", "holm_tests")
+
+
+def _holm_families(table: dict[str, Any], extra: dict[str, Any], depth_rows: list[dict], classes: list[str]) -> None:
+    """Holm-adjust the Wilcoxon p-values in place, per table: the results table (every variant against its
+    reference, on mean Dice and on each class when there are several; with one class its Dice is the mean
+    Dice, one test) and the other comparisons (extra pairs, depth gaps not already in the results table)."""
+    keys = ["mean_dice", *(f"dice_{c}" for c in classes)] if len(classes) > 1 else ["mean_dice"]
+    apply_holm([e["vs_reference"][k] for e in table.values() if "vs_reference" in e for k in keys], "results table")
+    for cmp in (e["vs_reference"] for e in table.values() if "vs_reference" in e and len(classes) == 1):
+        cmp[f"dice_{classes[0]}"].update({k: cmp["mean_dice"][k] for k in HOLM_KEYS})
+    others = list(extra.values())
+    for r in depth_rows:
+        same = table[r["without"]].get("vs_reference", {}).get("mean_dice") if table[r["without"]]["reference"] == r["with"] else None
+        if same:  # the same cases and seeds, sign flipped: the same test
+            r["gap"].update({k: same[k] for k in HOLM_KEYS})
+        else:
+            others.append(r["gap"])
+    apply_holm(others, "other comparisons")
 
 
 def invocation_spans(log: list[dict[str, Any]]) -> list[tuple[float, float, dict[str, Any] | None]]:
@@ -230,11 +227,12 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         entry: dict[str, Any] = {
             "description": v.description, "reference": v.reference, "depth": v.depth,
             "skips": list(v.skips), "seeds": sorted(per_case[v.name]), "num_parameters": pcs[0]["num_parameters"],
-            "dice": {c: _mean_std([seed_mean(p, f"dice_{c}") for p in pcs]) for c in classes},
-            "hd95": {c: _mean_std([seed_mean(p, f"hd95_{c}") for p in pcs]) for c in classes},
-            "mean_dice": _mean_std([seed_mean(p, "mean_dice") for p in pcs]),
+            "dice": {c: mean_std([seed_mean(p, f"dice_{c}") for p in pcs]) for c in classes},
+            "hd95": {c: mean_std([seed_mean(p, f"hd95_{c}") for p in pcs]) for c in classes},
+            "mean_dice": mean_std([seed_mean(p, "mean_dice") for p in pcs]),
             "train_seconds": [float(rows[-1]["elapsed_s"]) for rows in metrics[v.name].values()],
             "mean_dice_without_collapsed": healthy_mean_dice(per_case[v.name]),
+            "collapsed_seeds": collapsed_seeds(per_case[v.name]),
         }
         if v.reference in by_name:
             entry["vs_reference"] = {key: compare(per_case[v.name], per_case[v.reference], key)
@@ -256,6 +254,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                "gap": compare(per_case[w], per_case[wo], "mean_dice"),
                                "gap_without_collapsed": table[w]["mean_dice_without_collapsed"]["mean"]
                                - table[wo]["mean_dice_without_collapsed"]["mean"]})
+    _holm_families(table, extra, depth_rows, classes)
 
     pairs = [(f"{a} vs {b}", a, b) for a, b in spec.analysis.gradient_pairs if a in by_name and b in by_name]
     deepest = max(spec.depths) if spec.depths else spec.depth
@@ -263,7 +262,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if deepest != spec.depth and dw in by_name and dwo in by_name:
         pairs.append((f"depth {deepest}: {dw} vs {dwo}", dw, dwo))
     depth_of = {v.name: v.depth for v in variants}
-    grad_pairs, grad_table = _gradient_summary(report_dir, spec, pairs, depth_of, budget["total_steps"])
+    grad_pairs, grad_table, same_layer = _gradient_summary(report_dir, spec, pairs, depth_of, budget["total_steps"])
 
     lesions: dict[str, Any] = {}
     for name in spec.analysis.lesion_variants:
@@ -274,12 +273,12 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         intact = [r["intact"]["mean_dice"] for r in found]
         lesions[name] = {
             "seeds": [s for s, f in zip(spec.seeds, files) if f.is_file()],
-            "intact": _mean_std(intact),
-            "skips": {lvl: _mean_std([r["intact"]["mean_dice"] - r["skips"][lvl]["mean_dice"] for r in found])
+            "intact": mean_std(intact),
+            "skips": {lvl: mean_std([r["intact"]["mean_dice"] - r["skips"][lvl]["mean_dice"] for r in found])
                       for lvl in found[0]["skips"]},
-            "all_skips": _mean_std([r["intact"]["mean_dice"] - r["all_skips"]["mean_dice"] for r in found])
+            "all_skips": mean_std([r["intact"]["mean_dice"] - r["all_skips"]["mean_dice"] for r in found])
             if found[0]["all_skips"] else None,
-            "residuals": {b: _mean_std([r["intact"]["mean_dice"] - r["residuals"][b]["mean_dice"] for r in found])
+            "residuals": {b: mean_std([r["intact"]["mean_dice"] - r["residuals"][b]["mean_dice"] for r in found])
                           for b in found[0]["residuals"]},
         }
 
@@ -306,6 +305,7 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "study": spec.name, "quick": spec.quick, "class_names": classes, "budget": budget,
         "runs_expected": len(build_variants(spec)) * len(spec.seeds), "runs_found": runs_found,
         "variants": table, "extra_comparisons": extra, "depth": depth_rows, "gradients": grad_table,
+        "same_layer_gradients": same_layer,
         "lesions": lesions, "landscapes": landscapes, "timing": timing,
         "collapse": _collapse_summary(variants, per_case),
     }
@@ -365,24 +365,6 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
 # ---- markdown ------------------------------------------------------------------------------
 
 
-def _ms(entry: dict[str, Any], digits: int = 3) -> str:
-    if not np.isfinite(entry["mean"]):
-        return "n/a"
-    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
-
-
-def _cmp(c: dict[str, float]) -> str:
-    return f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
-
-
-def _p(c: dict[str, float]) -> str:
-    return f"{c['wilcoxon_p']:.2g}" if np.isfinite(c["wilcoxon_p"]) else "n/a"
-
-
-def _seed_diffs(c: dict[str, Any]) -> str:
-    return " ".join(f"{d:+.3f}" for d in c["seed_diffs"]) or "n/a"
-
-
 def _seed_agreement(c: dict[str, Any]) -> str:
     """How many seeds, compared seed by seed, point the way of the case-level difference."""
     diffs = c["seed_diffs"]
@@ -390,38 +372,36 @@ def _seed_agreement(c: dict[str, Any]) -> str:
         return ""
     lower = sum(d < 0 for d in diffs)
     higher = sum(d > 0 for d in diffs)
-    return f"; seed by seed {_seed_diffs(c)}: {lower} of {len(diffs)} lower, {higher} higher"
+    return f"; seed by seed {seed_diffs_text(c)}: {lower} of {len(diffs)} lower, {higher} higher"
 
 
 MIN_CASES = 6  # fewer paired cases than this: no verdict (Wilcoxon cannot reach p < 0.05 below 6)
 
 
-def _verdict(c: dict[str, float]) -> str:
-    """A difference counts only when the 95 % CI excludes 0 and Wilcoxon p < 0.05, over enough cases."""
+def _verdict(c: dict[str, Any]) -> str:
+    """A difference counts only when the 95 % CI over cases excludes 0 and the Holm-adjusted Wilcoxon p < 0.05,
+    over enough cases; the seed-level t-interval says whether it also holds with the trained network as the unit."""
     if c["cases"] < MIN_CASES or not (np.isfinite(c["ci_low"]) and np.isfinite(c["ci_high"])):
         return f"too few cases to judge ({c['cases']})"
-    significant = c["wilcoxon_p"] < 0.05
+    significant = c["holm_p"] < 0.05
     if c["ci_low"] > 0 and significant:
-        return "higher (CI above 0, p < 0.05)"
-    if c["ci_high"] < 0 and significant:
-        return "lower (CI below 0, p < 0.05)"
-    return "not distinguishable from 0 at this budget"
+        case = "higher (CI above 0, Holm p < 0.05)"
+    elif c["ci_high"] < 0 and significant:
+        case = "lower (CI below 0, Holm p < 0.05)"
+    else:
+        return "not distinguishable from 0 at this budget"
+    s = c["seed_level"]
+    if not np.isfinite(s["low"]):
+        return case
+    excluded = s["low"] > 0 or s["high"] < 0
+    return case + ("; the seed-level t-interval excludes 0 too" if excluded else
+                   "; with seeds as the unit the t-interval contains 0")
 
 
-def results_table(summary: dict[str, Any]) -> list[str]:
-    """Markdown lines of the results table (one row per variant)."""
-    classes = summary["class_names"]
-    head = (["variant", "compared with", "params"] + [f"Dice {c}" for c in classes] + [f"HD95 {c}" for c in classes]
-            + ["mean Dice", "Δ mean Dice vs reference [95 % CI]", "Wilcoxon p", "Δ per seed", "seeds"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, e in summary["variants"].items():
-        cmp = e.get("vs_reference")
-        cells = [f"`{name}`", f"`{e['reference']}`" if e["reference"] else "—", f"{e['num_parameters']:,}"]
-        cells += [_ms(e["dice"][c]) for c in classes] + [_ms(e["hd95"][c], 2) for c in classes]
-        cells += [_ms(e["mean_dice"]), _cmp(cmp["mean_dice"]) if cmp else "—", _p(cmp["mean_dice"]) if cmp else "—",
-                  _seed_diffs(cmp["mean_dice"]) if cmp else "—", str(len(e["seeds"]))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+def _with_seeds(c: dict[str, Any]) -> str:
+    """The seed-level figures of a comparison, as a clause."""
+    return (f"; seeds as the unit: {seed_level_text(c)} (t, {c['seed_level']['dof']} dof), seed × case bootstrap "
+            f"{boot_text(c)}")
 
 
 def findings(summary: dict[str, Any]) -> list[str]:
@@ -432,8 +412,9 @@ def findings(summary: dict[str, Any]) -> list[str]:
     def about(name: str, what: str) -> None:
         if name in t and "vs_reference" in t[name]:
             c = t[name]["vs_reference"]["mean_dice"]
-            out.append(f"- {what}: mean Dice {_cmp(c)} vs `{t[name]['reference']}`, "
-                       f"Wilcoxon p = {_p(c)} over {c['cases']} cases — {_verdict(c)}{_seed_agreement(c)}."
+            out.append(f"- {what}: mean Dice {cmp_text(c)} vs `{t[name]['reference']}`, "
+                       f"Wilcoxon p = {p_text(c, long=True)}, Holm {c['holm_p']:.2g}, over {c['cases']} cases — "
+                       f"{_verdict(c)}{_seed_agreement(c)}{_with_seeds(c)}."
                        + _collapse_note(name) + _collapse_note(t[name]["reference"]))
 
     def _collapse_note(name: str) -> str:
@@ -442,7 +423,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
         if not dropped:
             return ""
         return (f" `{name}` has {dropped} collapsed seed(s); over its other seeds its mean Dice is "
-                f"{_ms(healthy)} (all seeds: {_ms(t[name]['mean_dice'])}).")
+                f"{ms(healthy)} (all seeds: {ms(t[name]['mean_dice'])}).")
 
     about("noskip", "Removing every long skip")
     levels = sorted((n for n in t if n.startswith("skip_off_L")), key=lambda n: t[n]["vs_reference"]["mean_dice"]["mean_diff"])
@@ -452,7 +433,8 @@ def findings(summary: dict[str, Any]) -> list[str]:
     about("residual", "Adding residual short skips (long skips kept)")
     about("residual_noskip", "Removing long skips from the residual network")
     for label, c in summary["extra_comparisons"].items():
-        out.append(f"- `{label}`: mean Dice {_cmp(c)}, Wilcoxon p = {_p(c)} — {_verdict(c)}{_seed_agreement(c)}.")
+        out.append(f"- `{label}`: mean Dice {cmp_text(c)}, Wilcoxon p = {p_text(c, long=True)}, Holm {c['holm_p']:.2g} — "
+                   f"{_verdict(c)}{_seed_agreement(c)}{_with_seeds(c)}.")
     if summary["depth"]:
         gaps = [(r["depth"], r["gap"]["mean_diff"]) for r in summary["depth"]]
         text = ", ".join(f"depth {d}: {g:+.3f}" for d, g in gaps)
@@ -460,6 +442,8 @@ def findings(summary: dict[str, Any]) -> list[str]:
         out.append(f"- Skip minus no-skip gap by depth (per-case mean; CIs in the depth figure): {text}. "
                    + ("The point estimates grow with depth, as the degradation story predicts."
                       if widening else "The point estimates do **not** grow with depth, contrary to the degradation story."))
+        seeds = "; ".join(f"depth {r['depth']}: {seed_level_text(r['gap'])}{comparison_flag(r['gap'])}" for r in summary["depth"])
+        out.append(f"- The same gaps with seeds as the unit (mean of per-seed differences, 95 % t-interval): {seeds}.")
         healthy = ", ".join(f"depth {r['depth']}: {r['gap_without_collapsed']:+.3f}" for r in summary["depth"])
         out.append(f"- The same gap between seed means with collapsed runs left out: {healthy}.")
     collapse = summary["collapse"]
@@ -468,29 +452,78 @@ def findings(summary: dict[str, Any]) -> list[str]:
         (a, na), (b, nb) = collapse["with_long_skips"], collapse["without_long_skips"]
         out.append(f"- Collapsed runs (a class's mean Dice < {collapse['threshold']} at the end of the budget): {listed}. "
                    f"{a} of {na} runs with long skips and {b} of {nb} without; Fisher exact p = "
-                   f"{collapse['fisher_p']:.2g}. Table cells and paired comparisons keep these runs.")
+                   f"{collapse['fisher_p']:.2g}. Table cells and paired comparisons keep these runs and mark them "
+                   "(†s<k>); a class such a run never predicts has no HD95 there, so that cell's mean leaves the run "
+                   "out and says so ([k/n seeds]).")
     else:
         out.append(f"- No run collapsed (every class's mean Dice >= {collapse['threshold']} in every run).")
     for g in summary["gradients"]:
         out.append(f"- Gradient flow (`{g['variant']}`, {g['pair']}): first-layer / head gradient-norm ratio "
-                   f"early {_ms(g['early_first_over_head'])}, late {_ms(g['late_first_over_head'])}; weakest layer early "
-                   f"{'/'.join(sorted(set(g['early_weakest_layer'])))} at {_ms(g['early_weakest_over_head'])} of the head's norm.")
+                   f"early {ms(g['early_first_over_head'])}, late {ms(g['late_first_over_head'])}; weakest layer early "
+                   f"{'/'.join(sorted(set(g['early_weakest_layer'])))} at {ms(g['early_weakest_over_head'])} of the head's norm.")
+    out += [_same_layer_finding(g) for g in summary["same_layer_gradients"]]
     for name, les in summary["lesions"].items():
         if les["skips"]:
             worst = max(les["skips"], key=lambda k: les["skips"][k]["mean"])
-            out.append(f"- Lesions of `{name}` (intact {_ms(les['intact'])}): switching off the level-{worst} long skip "
-                       f"costs the most Dice ({_ms(les['skips'][worst])})"
-                       + (f"; all long skips at once cost {_ms(les['all_skips'])}." if les["all_skips"] else "."))
+            out.append(f"- Lesions of `{name}` (intact {ms(les['intact'])}): switching off the level-{worst} long skip "
+                       f"costs the most Dice ({ms(les['skips'][worst])})"
+                       + (f"; all long skips at once cost {ms(les['all_skips'])}." if les["all_skips"] else "."))
         if les["residuals"]:
             worst = max(les["residuals"], key=lambda k: les["residuals"][k]["mean"])
             least = min(les["residuals"], key=lambda k: les["residuals"][k]["mean"])
-            out.append(f"- Residual-branch lesions of `{name}`: largest drop `{worst}` ({_ms(les['residuals'][worst])}), "
-                       f"smallest `{least}` ({_ms(les['residuals'][least])}).")
+            out.append(f"- Residual-branch lesions of `{name}`: largest drop `{worst}` ({ms(les['residuals'][worst])}), "
+                       f"smallest `{least}` ({ms(les['residuals'][least])}).")
     if summary["landscapes"]:
         text = "; ".join(f"`{n}` loss {d['loss_center']:.3f} at the weights, rise {d['sharpness_0.5']:+.3f} at |alpha| = 0.5"
                          for n, d in summary["landscapes"].items())
         out.append(f"- Loss landscape (1D, filter-normalised): {text}.")
     return out
+
+
+def _family_size(summary: dict[str, Any]) -> int:
+    first = next((e["vs_reference"]["mean_dice"] for e in summary["variants"].values() if "vs_reference" in e), None)
+    return first["holm_tests"] if first else 0
+
+
+def _same_layer_section(summary: dict[str, Any]) -> list[str]:
+    """Per gradient pair, the layer-by-layer table."""
+    if not summary["same_layer_gradients"]:
+        return []
+    lines = ["## Gradient flow, layer by layer", "",
+             "The same named layer in the network with and without the feature, seed k against seed k. grad/√n: the "
+             "layer's gradient L2 norm divided by the square root of its number of elements (a norm grows with the "
+             "layer's size), averaged over the first (early) or last (late) 10 % of training and then over seeds; "
+             "the ratio without / with is taken seed by seed (geometric mean, then each seed). Weight-norm change: "
+             "(‖w‖ at the last logged step − ‖w‖ at step 0) / ‖w‖ at step 0, per seed; its absolute value is a lower "
+             "bound on how far the weights moved, ‖w − w_0‖ / ‖w_0‖, which the \"moved\" columns give when the runs "
+             "recorded it. ← marks the layer where the network with the feature gets the least gradient per element "
+             "early in most seeds.", ""]
+    for g in summary["same_layer_gradients"]:
+        lines += [f"### {g['pair']}", "", *same_layer_table(g), ""]
+        if not g["weights_moved"]:
+            lines += ["These runs predate the runner's record of how far each layer's weights moved "
+                      "(`analysis/weights_<variant>_seed<k>.json`); only the weight-norm change is known.", ""]
+    return lines
+
+
+def _same_layer_finding(g: dict[str, Any]) -> str:
+    """One pair's same-layer gradient comparison as a sentence."""
+    j, early = g["focus"], g["early_without_over_with"]
+    ratios, layers = early["geo_mean"], g["layers"]
+    lo, hi = int(np.argmin(ratios)), int(np.argmax(ratios))
+    change = {k: ", ".join(percent(r[j]) for r in g["norm_change"][k]) for k in ("with", "without")}
+    steps = sorted(set(g["norm_change_step"]["with"] + g["norm_change_step"]["without"]))
+    text = (f"- Same layer, per element ({g['pair']}): early in training, at `{layers[j]}` (where `{g['with']}` gets its "
+            f"least gradient per element in most seeds) `{g['without']}` gets {ratios[j]:.2f}x "
+            f"({', '.join(f'{r[j]:.2f}' for r in early['per_seed'])} seed by seed) the gradient of `{g['with']}`; over "
+            f"the {len(layers)} layers both have, the ratio runs from {ratios[lo]:.2f}x (`{layers[lo]}`) to "
+            f"{ratios[hi]:.2f}x (`{layers[hi]}`). The weight norm of `{layers[j]}` changed by {change['with']} with "
+            f"and {change['without']} without, from step 0 to step {'/'.join(map(str, steps))}")
+    if g["weights_moved"]:
+        moved = {k: ", ".join(f"{r[j]:.2f}" for r in g["weights_moved"][k]) for k in ("with", "without")}
+        return text + f"; its weights moved {moved['with']} with and {moved['without']} without (‖w_end − w_init‖ / ‖w_init‖)."
+    return (text + "; that change bounds from below how far the weights moved (‖w − w_0‖ / ‖w_0‖); these runs "
+            "predate the runner's record of the distance itself (`analysis/weights_*.json`).")
 
 
 def render_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
@@ -532,7 +565,24 @@ def render_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
         "- Every number below is in `summary.json`, computed from `runs/<variant>/seed<k>/per_case.json` "
         "(and `metrics.jsonl`, `gradients.jsonl`, `analysis/*`) in this folder.",
         "", "## Results", "", *results_table(summary), "",
+        "†s<k>: the cell includes seed k's run, which collapsed (a class's mean Dice < "
+        f"{summary['collapse']['threshold']}); †ref:s<k>: the reference's seed k did. [k/n seeds]: a mean over the "
+        "seeds where the value is defined. Holm p: the Wilcoxon p adjusted over this table's "
+        f"{_family_size(summary)} tests (mean Dice and each class's Dice, every row). A p at the floor of the exact test (2/2^n: every case points the same way) is "
+        "marked as such: it says all n cases agree, not how small the p is.", "",
+        "## Seeds as the unit", "",
+        "The paired CIs and p-values above treat the cases as the sample and the trained networks as fixed. Here "
+        "each seed's network is the sample: Δ per seed is the variant's seed-k mean Dice minus the reference's "
+        "seed-k mean Dice; the seed-level interval is their mean with a Student-t 95 % interval (n_seeds − 1 degrees "
+        "of freedom) and the t-test p of a zero mean; the seed × case bootstrap (10,000 resamples) draws seeds with "
+        "replacement, then cases within each drawn seed. With "
+        f"{len(b['seeds'])} seeds the bootstrap can draw only {math.comb(2 * len(b['seeds']) - 1, len(b['seeds']))} "
+        "different sets of seeds and understates the seed spread: read it beside the t-interval. Holm p here is "
+        "adjusted within its family: the results table above, or the other comparisons (the extra pairs and the "
+        "depth gaps that are not already a row of the results table).", "",
+        *seed_level_table(summary), "",
         "## What the numbers say (generated)", "", *findings(summary), "",
+        *_same_layer_section(summary),
     ]
     captions = {
         "dice": "Validation mean Dice per variant: bars = mean over seeds, dots = seeds.",
