@@ -483,6 +483,16 @@ def _quoted_figures(summary: dict) -> list[str]:
         quoted += [f"p = {summary['collapse']['fisher_p']:.2g}"]
     # a variant with a collapsed run is also quoted by its mean over the healthy seeds
     quoted += [f"{v[r['variant']]['mean_dice_without_collapsed']['mean']:.3f}" for r in summary["collapse"]["runs"]]
+    # seeds as the unit: the no-skip and residual comparisons and every depth gap, with their t-intervals
+    for c in (vs_skip, v["residual"]["vs_reference"]["mean_dice"], *(r["gap"] for r in summary["depth"])):
+        level = c["seed_level"]
+        quoted += [f"{_signed(level['mean'])} [{_signed(level['low'])}, {_signed(level['high'])}]"]
+    quoted += [f"Holm {vs_skip['holm_p']:.2g}"]
+    # gradients compared at the same layer, per element: the first upsampling out of the bottleneck
+    same = next(g for g in summary["same_layer_gradients"] if g["pair"] == "skip vs noskip")
+    up = same["layers"].index("dec2.up")
+    quoted += [f"{same['early_without_over_with']['geo_mean'][up]:.1f} times `skip`'s gradient at `dec2.up`"]
+    quoted += [", ".join(f"{r[up]:.1f}" for r in same["early_without_over_with"]["per_seed"])]
     return quoted
 
 
