@@ -147,7 +147,7 @@ def test_predict_goes_on_past_an_unreadable_file_and_fails_at_the_end(tiny_run, 
     assert main(["predict", "--checkpoint", str(tiny_run), str(batch), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "b.nii.gz: not a readable NIfTI file" in err and "1 of 3 files could not be segmented" in err
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz", "labels_itksnap.txt", "labels_slicer.ctbl"]
 
 
 def test_png_masks_encode_by_the_model_not_the_image():

@@ -51,6 +51,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out (default: refuse)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write the class probabilities: <name>_probabilities.nii.gz (4D, one volume per class) "
+                   "for a volume, <name>_probabilities.npz for a 2D image")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse files whose header declares more than N pixels or voxels, before decoding "
                    "(default: $UNETSEG_MAX_PIXELS, else 2**27 = 134217728)")
@@ -215,14 +218,17 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def run_predict(args: argparse.Namespace) -> None:
     from unetseg.data.io import pixel_budget
+    from unetseg.data.io import file_kind
     from unetseg.ensemble import load_predictor
-    from unetseg.infer import check_prediction_paths
+    from unetseg.outputs import check_prediction_paths, write_label_descriptions
 
     segmenter = load_predictor(args.checkpoint, device=args.device)
     segmenter.progress = not args.quiet  # a bar over the windows of an image too big for one pass
     sources = collect_inputs(args.inputs)
     # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
-    check_prediction_paths(sources, args.out, overwrite=args.overwrite)
+    check_prediction_paths(sources, args.out, overwrite=args.overwrite, probabilities=args.save_probabilities)
+    if any(file_kind(s) == "nifti" for s in sources):  # class names and colours for ITK-SNAP and 3D Slicer
+        write_label_descriptions(args.out, segmenter.class_names, overwrite=args.overwrite)
     with pixel_budget(args.max_pixels):
         _predict_files(args, segmenter, sources)
 
@@ -246,7 +252,7 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     from unetseg.data.io import file_kind, read_image
     from unetseg.data.preprocess import NonFiniteWarning
     from unetseg.errors import DataError
-    from unetseg.infer import write_prediction
+    from unetseg.outputs import write_outputs
 
     read_ahead = 2
     warned: set[str] = set()
@@ -278,8 +284,8 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
                 segmenter.check_compatible(meta.kind, path)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", NonFiniteWarning)
-                    labels = segmenter.predict(image, tta=args.tta, largest_component=args.largest_component,
-                                               channel_axis=0)
+                    probabilities = segmenter.predict_proba(image, tta=args.tta, channel_axis=0)
+                labels = segmenter.labels(probabilities, args.largest_component)
             except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
                 if len(sources) == 1:
                     raise
@@ -287,7 +293,8 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
                 tqdm.write(f"error: {exc}", file=sys.stderr)
                 continue
             _report_warnings(path, caught, NonFiniteWarning)
-            written = pool.submit(write_prediction, labels, meta, args.out, segmenter.num_classes)
+            written = pool.submit(write_outputs, labels, meta, args.out, segmenter.class_names,
+                                  probabilities if args.save_probabilities else None)
             writes.append((path, meta.kind, written))
         report_writes(wait=True)
     finally:

@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -368,7 +368,12 @@ class Predictor:
 
         ``largest_component`` keeps each foreground class's largest connected component.
         """
-        labels = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized).argmax(axis=0)
+        probabilities = self.predict_proba(image, tta=tta, channel_axis=channel_axis, normalized=normalized)
+        return self.labels(probabilities, largest_component)
+
+    def labels(self, probabilities: np.ndarray, largest_component: bool = False) -> np.ndarray:
+        """Label map ``(*S)`` int64 of class probabilities ``(K, *S)``, as :meth:`predict` makes it."""
+        labels = probabilities.argmax(axis=0)
         return keep_largest_component(labels, self.num_classes) if largest_component else labels
 
     def predict_file(
@@ -432,7 +437,9 @@ class Segmenter(Predictor):
             every combination of the network's spatial axes.
         progress: show a progress bar over the windows when an image is too
             large for one forward pass (sliding window), so a big image never
-            runs for minutes without a sign of life.
+            runs for minutes without a sign of life; or a callable
+            ``progress(windows_done, windows_in_all)`` told after each batch of
+            windows of one sliding-window pass (what the viewer's bar shows).
         memory_mb: memory one forward pass may use, in MB (estimated at
             ``4 * (10 * channels[0] + in_channels + 3 * classes)`` bytes per
             voxel); None: ``$UNETSEG_INFER_MEMORY_MB``, else 2048. Read at
@@ -453,7 +460,7 @@ class Segmenter(Predictor):
         batch_size: int | None = None,
         dataset: str | None = None,
         tta_flips: Sequence[Sequence[int]] | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         memory_mb: float | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
@@ -592,10 +599,21 @@ class Segmenter(Predictor):
         """Sliding-window probabilities ``(N, K, *S)`` of ``x`` ``(N, C, *S)`` mirrored along ``dims``."""
         roi = window_shape(x.shape[2:], self.smallest_window, self.max_voxels(), self.model.size_multiple)
         per_pass = min(max(1, self.max_voxels() // math.prod(roi)), self.batch_size or 2**31)
+        report = self.progress if callable(self.progress) else None  # else a bool: MONAI's own tqdm bar
+        total, done = len(x) * math.prod(windows_along(s, r) for s, r in zip(x.shape[2:], roi)), 0
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            logits = net(self._layout(windows))
+            if report is not None:
+                done += len(windows)
+                report(done, total)
+            return logits
+
         logits = sliding_window_inference(
-            torch.flip(x, dims) if dims else x, roi_size=roi, sw_batch_size=per_pass,
-            predictor=lambda windows: net(self._layout(windows)), overlap=WINDOW_OVERLAP, mode="gaussian",
-            progress=self.progress, sw_device=self.device, device="cpu",  # the blended image stays in host memory
+            torch.flip(x, dims) if dims else x, roi_size=roi, sw_batch_size=per_pass, predictor=predictor,
+            overlap=WINDOW_OVERLAP, mode="gaussian", progress=report is None and bool(self.progress),
+            sw_device=self.device, device="cpu",  # the blended image stays in host memory
         )
         probs = torch.softmax(logits.float(), dim=1)
         return torch.flip(probs, dims) if dims else probs
@@ -626,53 +644,6 @@ class Segmenter(Predictor):
         if not normalized:
             image = self.prepare(image, channel_axis)
         return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
-
-
-def prediction_path(source: str | Path, kind: str, out_dir: str | Path) -> Path:
-    """Where the prediction of ``source`` goes: ``<out_dir>/<stem>.nii.gz`` for a volume
-    (``kind`` "nifti", also DICOM read as a volume), ``<out_dir>/<stem>.png`` for a 2D image."""
-    name = Path(source).name
-    if kind == "nifti":
-        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-        return Path(out_dir) / f"{stem}.nii.gz"
-    return Path(out_dir) / f"{Path(name).stem}.png"
-
-
-def check_prediction_paths(sources: Sequence[Path], out_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse a batch that would lose data, before anything is predicted.
-
-    Raises :class:`UnetsegError` when a :func:`prediction_path` would overwrite
-    one of the inputs, when two inputs share one (``a.png`` and ``a.jpg``,
-    or the same file name in two folders), when ``out_dir`` is a file, or -
-    unless ``overwrite`` - when a prediction path already exists (a file this
-    run did not make, e.g. ``x.nii.gz`` beside an input ``x.nii``).
-    """
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UnetsegError(f"--out {out_dir} is a file, not a folder; give a folder for the predictions")
-    inputs = {Path(s).resolve() for s in sources}
-    seen: dict[Path, Path] = {}
-    for source in sources:
-        target = prediction_path(source, io.file_kind(source), out_dir)
-        key = target.resolve()
-        if key in inputs:
-            raise UnetsegError(f"{target}: the prediction would overwrite an input file; choose another --out folder")
-        if key in seen:
-            raise UnetsegError(
-                f"{seen[key]} and {source} would both be written to {target}; predict them into separate --out folders"
-            )
-        if not overwrite and (target.exists() or target.is_symlink()):  # a dangling link would write elsewhere
-            raise UnetsegError(f"{target} already exists; pass --overwrite to replace it or choose another --out folder")
-        seen[key] = source
-
-
-def write_prediction(labels: np.ndarray, meta: io.ImageMeta, out_dir: str | Path, num_classes: int) -> Path:
-    """Save a prediction at :func:`prediction_path`: NIfTI keeps affine and header; 2D becomes a PNG mask."""
-    target = prediction_path(meta.path, meta.kind, out_dir)
-    if target.is_symlink():  # replace the link itself (allowed by --overwrite), never write through it
-        target.unlink()
-    if meta.kind == "nifti":
-        return io.write_nifti_label(labels, meta, target)
-    return io.write_png_mask(labels, target, num_classes)
 
 
 def dataset_kind(dataset: str | None) -> str | None:

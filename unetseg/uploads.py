@@ -260,9 +260,9 @@ def prediction_download(labels: np.ndarray, meta: io.ImageMeta, num_classes: int
 
     Volumes become NIfTI with the source's affine and header; 2D images a PNG
     mask encoded for a model of ``num_classes`` classes (both by
-    :func:`unetseg.infer.write_prediction`, as ``unetseg predict`` writes them).
+    :func:`unetseg.outputs.write_prediction`, as ``unetseg predict`` writes them).
     """
-    from unetseg.infer import write_prediction
+    from unetseg.outputs import write_prediction
 
     with tempfile.TemporaryDirectory(prefix="unetseg-download-", dir=tempfile.gettempdir()) as tmp:
         path = write_prediction(labels, meta, tmp, num_classes)
