@@ -680,6 +680,22 @@ def test_a_large_image_shows_progress_over_its_windows_unless_quiet(tmp_path, ca
     assert "it]" not in capsys.readouterr().err
 
 
+def test_a_progress_callback_is_told_of_every_window(monkeypatch):
+    """``Segmenter.progress`` may be a callable (the viewer's bar): told (windows done, windows in all) per batch."""
+    from unetseg.infer import INFER_MEMORY_ENV, Segmenter
+
+    monkeypatch.setenv(INFER_MEMORY_ENV, "64")
+    seg = Segmenter.from_checkpoint("dsb2018_2d")
+    image = np.random.default_rng(0).random((600, 700, 3)).astype(np.float32)
+    calls: list[tuple[int, int]] = []
+    seg.progress = lambda done, total: calls.append((done, total))
+    labels = seg.predict(image, channel_axis=-1)
+    done, total = zip(*calls)
+    assert len(set(total)) == 1 and total[0] > 1 and list(done) == sorted(done) and done[-1] == total[0], calls
+    seg.progress = False
+    assert np.array_equal(seg.predict(image, channel_axis=-1), labels)
+
+
 def test_predict_names_the_file_once_when_it_repairs_a_few_non_finite_voxels(tmp_path, data_root, capsys):
     scan = data_root / "Task04_Hippocampus" / "imagesTr" / "hippocampus_003.nii.gz"
     img = nib.load(str(scan))
