@@ -13,11 +13,14 @@ model, so moving a slider or the opacity only re-draws the picture.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import html
 import io
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +65,43 @@ def decode_upload(key: str, name: str, _data: bytes) -> tuple[np.ndarray, ImageM
     return uploads.read_upload(name, _data)
 
 
+@contextlib.contextmanager
+def window_bar(model_key: str, what: str) -> Iterator[Segmenter]:
+    """The cached model for one prediction, with an ``st.progress`` bar over the windows of an image too large for
+    one forward pass (fed by ``Segmenter.progress``, as ``unetseg predict``'s bar is); images that fit get none.
+
+    The model is shared by every session, so the bar goes on a shallow copy of it. Made inside the cached
+    functions below, the bar is part of what their cache replays, and is removed when the prediction is done.
+    """
+    seg, bar = copy.copy(load_segmenter(model_key)), []
+
+    def report(done: int, total: int) -> None:
+        if not bar:
+            bar.append(st.progress(0.0))
+        bar[0].progress(done / total, text=f"{what}: window {done} of {total}")
+
+    seg.progress = report
+    try:
+        yield seg
+    finally:
+        for b in bar:
+            b.empty()
+
+
 @st.cache_data(max_entries=16, show_spinner="Segmenting ...")
 def predict(key: str, model_key: str, _image: np.ndarray) -> np.ndarray:
     """Label map of the input ``key`` by ``model_key``; ``_image`` is not hashed (the key stands for it)."""
-    labels = load_segmenter(model_key).predict(_image, channel_axis=0)
+    with window_bar(model_key, "Segmenting") as seg:
+        labels = seg.predict(_image, channel_axis=0)
     return labels.astype(np.uint8)
 
 
 @st.cache_data(max_entries=8, show_spinner="Test-time augmentation ...")
 def flip_disagreement(key: str, model_key: str, _image: np.ndarray) -> np.ndarray:
     """Share of flip-TTA members that disagree with the majority, per voxel."""
-    return display.vote_disagreement(load_segmenter(model_key).flip_predictions(_image, channel_axis=0))
+    with window_bar(model_key, "Test-time augmentation (one pass per flip)") as seg:
+        members = seg.flip_predictions(_image, channel_axis=0)
+    return display.vote_disagreement(members)
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading ground truth ...")

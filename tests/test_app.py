@@ -392,6 +392,40 @@ def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root
     assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
 
 
+def test_a_large_image_shows_a_progress_bar_over_its_windows(app, monkeypatch):
+    """Over the inference memory budget an image is segmented window by window: a bar, not only a spinner."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    from unetseg.infer import INFER_MEMORY_ENV
+
+    require_shipped("dsb2018_2d")
+    monkeypatch.setenv(INFER_MEMORY_ENV, "64")  # this 600 x 700 image needs more in one pass: windows
+    shown: list[tuple[float, str]] = []
+    progress = DeltaGenerator.progress
+    monkeypatch.setattr(DeltaGenerator, "progress",
+                        lambda self, value, text=None, **k: shown.append((value, text)) or progress(self, value, text, **k))
+    pixels = (np.random.default_rng(0).random((600, 700, 3)) * 255).astype(np.uint8)
+    upload(app, "image_upload", "large.png", _png(pixels))
+    ok(app)
+    updates = [(v, t) for v, t in shown if t]  # the first call makes the bar (no text), then one per batch of windows
+    assert updates, "no progress bar while the image was segmented window by window"  # before: a spinner only
+    total = int(updates[-1][1].rsplit(" ", 1)[1])
+    assert total > 1 and updates[-1] == (1.0, f"Segmenting: window {total} of {total}"), shown
+    values = [v for v, _ in updates]
+    assert len(values) >= 2 and values == sorted(values) and 0 < values[0] < 1, shown
+    assert not app.get("progress")  # removed once the mask is there
+    labels = Segmenter.from_checkpoint("dsb2018_2d").predict(pixels, channel_axis=-1)
+    assert table_with(app, "area (pixels)")["area (pixels)"].tolist() == [int((labels == 1).sum())]
+    app.slider(key="opacity").set_value(0.8).run()  # a rerun replays the cached prediction, bar and all
+    ok(app)
+    assert not app.get("progress")
+    shown.clear()
+    app.checkbox(key="uncertainty").check().run()  # flip TTA: one windowed pass per flip, each with its bar
+    ok(app)
+    assert shown[-1] == (1.0, f"Test-time augmentation (one pass per flip): window {total} of {total}"), shown
+    assert not app.get("progress")
+
+
 def test_dsb_ground_truth_from_a_zip_of_masks_equals_unetseg_evaluate(app, data_root):
     require_shipped("dsb2018_2d")
     import zipfile
