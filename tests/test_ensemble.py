@@ -57,7 +57,7 @@ def test_predict_with_two_checkpoints_writes_the_ensemble_prediction(volume, tmp
     code = main(["predict", "--checkpoint", "hippocampus_3d", "--checkpoint", "hippocampus_2d", str(path),
                  "--out", str(out), "--quiet"])
     assert code == 0
-    written, _ = io.read_image(next(out.iterdir()))
+    written, _ = io.read_image(out / path.name)
     expected = Ensemble.from_checkpoints(["hippocampus_3d", "hippocampus_2d"]).predict(image)
     np.testing.assert_array_equal(written[0].astype(np.int64), expected)
 

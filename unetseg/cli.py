@@ -26,6 +26,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "The run folder gets config.yaml, split.json, metrics.jsonl, best.pt, last.pt and curves.png.",
         epilog=EPILOG,
     )
+    _add_config_options(p)
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt, with its saved config.yaml (no other settings)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and cv: the config, its overrides, the data and the device."""
     p.add_argument("--config", help="shipped config name or YAML path (default: hippocampus_2d)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
@@ -33,10 +42,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-skip", action="store_true", help="switch every long skip connection off")
     p.add_argument("--seed", type=int, help="training seed (the split has its own: data.split_seed)")
     p.add_argument("--data-root", help="folder holding the data set folders")
-    p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last.pt, with its saved config.yaml (no other settings)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default from config: auto)")
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cv",
+        help="k-fold cross-validation: train every fold, score the held-out cases",
+        description="Train one model per fold (data.num_folds / data.fold), each on the other folds' cases, into "
+        "OUT/fold_<k>/; score each on the cases it held out; write the pooled out-of-fold per_case.csv and "
+        "summary.json into OUT. Running the same command again continues (finished folds are kept, an "
+        "interrupted one resumes). OUT then predicts as an ensemble of its folds: unetseg predict --checkpoint OUT.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
+    _add_config_options(p)
+    p.add_argument("--out", help="cross-validation folder (default: runs/cv_<config name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -143,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_cv(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_download(sub)
@@ -154,8 +176,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def config_from_args(args: argparse.Namespace):
+    """The config that ``--config``, ``--set``, ``--epochs``, ``--no-skip``, ``--seed`` and ``--device`` describe."""
     from unetseg.config import apply_overrides, load_config
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.no_skip:
+        overrides.append("model.skips=false")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
+
+
+def run_cv(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from unetseg.cv import cross_validate, format_cv_summary
+
+    cfg = config_from_args(args)
+    out = Path(args.out or f"runs/cv_{cfg.name}")
+    if not args.quiet:
+        print(f"cross-validation folder: {out}", flush=True)
+    try:
+        summary = cross_validate(cfg, args.folds, out, data_root=args.data_root, command=["unetseg", *argv],
+                                 progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; continue with the same command: unetseg {' '.join(argv)}") from None
+    print(format_cv_summary(summary))
+    print(f"wrote {out / 'per_case.csv'} and {out / 'summary.json'}; predict with the fold models as an ensemble: "
+          f"unetseg predict --checkpoint {out} ...")
+
+
+def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from unetseg.config import load_config
     from unetseg.train import fit
 
     if args.resume:
@@ -173,16 +228,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         cfg = load_config(str(run_dir / "config.yaml"))
         out = run_dir
     else:
-        overrides = list(args.overrides)
-        if args.epochs is not None:
-            overrides.append(f"train.epochs={args.epochs}")
-        if args.no_skip:
-            overrides.append("model.skips=false")
-        if args.seed is not None:
-            overrides.append(f"train.seed={args.seed}")
-        if args.device:
-            overrides.append(f"train.device={args.device}")
-        cfg = apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
+        cfg = config_from_args(args)
         out = Path(args.out or f"runs/{cfg.name}")
     if not args.quiet:
         print(f"{'resuming' if args.resume else 'run folder:'} {out}", flush=True)
@@ -406,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             run_train(args, argv)
+        elif args.command == "cv":
+            run_cv(args, argv)
         elif args.command == "predict":
             run_predict(args)
         elif args.command == "evaluate":

@@ -11,6 +11,7 @@ the same kind of input (volumes or 2D images).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,43 @@ import numpy as np
 
 from unetseg.errors import UnetsegError
 from unetseg.infer import Predictor, Segmenter, dataset_kind, load_checkpoint
+
+# A cross-validation folder (unetseg.cv) is an ensemble too: its manifest names it, its folds are its members.
+CV_MANIFEST = "cv.json"
+
+
+def fold_dir(out: str | Path, fold: int) -> Path:
+    """The run folder of fold ``fold`` (0-based)."""
+    return Path(out) / f"fold_{fold}"
+
+
+def fold_checkpoints(cv_dir: str | Path) -> list[Path] | None:
+    """The fold models' ``best.pt`` of a cross-validation folder; None when ``cv_dir`` is not one.
+
+    Raises :class:`UnetsegError` when a fold has no model yet."""
+    cv_dir = Path(cv_dir)
+    manifest = cv_dir / CV_MANIFEST
+    if not manifest.is_file():
+        return None
+    folds = int(read_cv_manifest(manifest)["folds"])
+    paths = [fold_dir(cv_dir, k) / "best.pt" for k in range(folds)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UnetsegError(f"{cv_dir}: {len(missing)} of {folds} fold models are not trained yet ({missing[0]}); "
+                           "finish them with the same unetseg cv command")
+    return paths
+
+
+def read_cv_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a cross-validation folder (``folds``, ``config``, ``command``)."""
+    try:
+        manifest = json.loads(path.read_text())
+        int(manifest["folds"])
+        return manifest
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UnetsegError(f"{path}: not a cross-validation manifest ({exc}); remove the folder or choose another "
+                           "--out") from None
+
 
 # Preprocessing settings every member must share: one prepared (normalised) image is fed to all of them.
 SHARED_PREPROCESSING = ("normalization", "in_channels")
@@ -114,8 +152,18 @@ def incompatibility(first: Segmenter, other: Segmenter) -> str | None:
     return None
 
 
+def expand_checkpoints(names_or_paths: Sequence[str | Path]) -> list[str | Path]:
+    """The checkpoints, with each cross-validation folder (``unetseg cv``) replaced by its fold models."""
+    expanded: list[str | Path] = []
+    for item in names_or_paths:
+        folds = fold_checkpoints(item) if Path(item).is_dir() else None
+        expanded.extend(folds if folds is not None else [item])
+    return expanded
+
+
 def load_predictor(names_or_paths: Sequence[str | Path], device: str = "cpu") -> Segmenter | Ensemble:
-    """One checkpoint -> its :class:`Segmenter`; several -> their :class:`Ensemble`."""
+    """One checkpoint -> its :class:`Segmenter`; several, or a cross-validation folder -> their :class:`Ensemble`."""
+    names_or_paths = expand_checkpoints(names_or_paths)
     if len(names_or_paths) == 1:
         return Segmenter.from_checkpoint(names_or_paths[0], device)
     return Ensemble.from_checkpoints(names_or_paths, device)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from unetseg.data.datasets import Case, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
-from unetseg.ensemble import Ensemble
+from unetseg.ensemble import Ensemble, expand_checkpoints
 from unetseg.infer import Segmenter, load_checkpoint
 from unetseg.instances import average_precision, split_instances
 from unetseg.losses import case_metrics
@@ -148,7 +148,7 @@ def evaluate(
     """
     if split not in ("val", "all"):
         raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
-    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    checkpoints = expand_checkpoints([checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint))
     payloads = [load_checkpoint(c) for c in checkpoints]
     names = [str(c) for c in checkpoints]
     checkpoint = " + ".join(names)
@@ -224,3 +224,19 @@ def shared_training(
                 "on a --data-root of cases none of them trained on"
             )
     return first
+
+
+def read_per_case(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``per_case.csv`` that :func:`write_evaluation` wrote: ``case_id`` as text, counts as int,
+    scores as float (``nan`` where undefined)."""
+
+    def value(key: str, text: str) -> Any:
+        if key == "case_id":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+
+    with Path(path).open(newline="") as f:
+        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
