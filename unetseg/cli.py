@@ -126,14 +126,21 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="ship a finished run as a named model",
-        description="Copy a run's best.pt (weights only) into unetseg/pretrained/NAME with its config, "
-        "and evaluate it on the run's validation split into metrics.json.",
+        help="ship a finished run as a named model, or write a model file (ONNX, TorchScript)",
+        description="unetseg export RUN_DIR --name NAME: copy a run's best.pt (weights only) into "
+        "unetseg/pretrained/NAME with its config, and evaluate it on the run's validation split into metrics.json. "
+        "unetseg export --format onnx|torchscript --checkpoint CKPT --out FILE: write the network (logits out) as one "
+        "model file with its preprocessing and class names in FILE.json (docs/model_export.md).",
         epilog=EPILOG,
     )
-    p.add_argument("run_dir", help="run folder made by unetseg train")
-    p.add_argument("--name", required=True, help="model name, e.g. hippocampus_2d (letters, digits, '_', '-', '.')")
-    p.add_argument("--overwrite", action="store_true", help="replace a shipped model of that name (default: refuse)")
+    p.add_argument("run_dir", nargs="?", help="run folder made by unetseg train (to ship it with --name)")
+    p.add_argument("--name", help="model name, e.g. hippocampus_2d (letters, digits, '_', '-', '.')")
+    p.add_argument("--format", choices=["onnx", "torchscript"], dest="model_format",
+                   help="write a model file instead: onnx (needs pip install 'unetseg[onnx]') or torchscript")
+    p.add_argument("--checkpoint", help="with --format: checkpoint .pt, run folder, or shipped model name")
+    p.add_argument("--out", help="with --format: the model file to write, e.g. model.onnx")
+    p.add_argument("--overwrite", action="store_true", help="replace a shipped model of that name, or --out "
+                   "(default: refuse)")
     p.add_argument("--data-root", help="folder holding the data set folders")
 
 
@@ -406,6 +413,18 @@ def run_export(args: argparse.Namespace) -> None:
     from unetseg.evaluate import format_summary
     from unetseg.export import export_run
 
+    if args.model_format:
+        from unetseg.model_export import export_model
+
+        if not args.checkpoint or not args.out or args.run_dir or args.name:
+            raise UnetsegError("--format needs --checkpoint CKPT and --out FILE (not a run folder or --name), e.g. "
+                               "unetseg export --format onnx --checkpoint hippocampus_2d --out model.onnx")
+        out = export_model(args.checkpoint, args.out, args.model_format, overwrite=args.overwrite)
+        print(f"{args.model_format} model written to {out} (logits; preprocessing and classes in {out}.json)")
+        return
+    if not args.run_dir or not args.name or args.checkpoint or args.out:
+        raise UnetsegError("export needs RUN_DIR and --name NAME to ship a run (e.g. unetseg export runs/hippocampus_2d "
+                           "--name my_model), or --format onnx|torchscript --checkpoint CKPT --out FILE for a model file")
     target = export_run(args.run_dir, args.name, args.data_root, overwrite=args.overwrite)
     summary = json.loads((target / "metrics.json").read_text())
     print(format_summary(summary))
