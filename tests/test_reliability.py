@@ -120,7 +120,7 @@ def test_pixel_budget_from_the_cli_the_environment_and_the_default(tmp_path, mon
     with io.pixel_budget(voxels):
         assert io.read_image(scan)[0].shape[1:] == nib.load(str(scan)).shape
     monkeypatch.setenv(io.MAX_PIXELS_ENV, "many")
-    with pytest.raises(UnetsegError, match="UNETSEG_MAX_PIXELS='many' is not a number"):
+    with pytest.raises(UnetsegError, match="UNETSEG_MAX_PIXELS='many' is not a positive number of pixels"):
         io.max_pixels()
 
 
@@ -605,7 +605,7 @@ def test_an_image_mostly_nan_or_infinite_is_refused_naming_the_file(tmp_path, ca
 def test_non_finite_limits_in_the_environment_are_one_line_naming_the_variable(monkeypatch):
     for raw in ("1e400", "inf", "-inf", "nan"):
         monkeypatch.setenv(io.MAX_PIXELS_ENV, raw)  # 1e400 used to be an OverflowError from int(inf)
-        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_PIXELS='{raw}' is not a finite number of pixels"):
+        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_PIXELS='{raw}' is not a positive number of pixels"):
             io.max_pixels()
 
 

@@ -146,11 +146,11 @@ def test_size_limit_from_argument_and_environment(monkeypatch):
     with pytest.raises(DataError, match=uploads.MAX_UPLOAD_ENV):
         uploads.read_upload("big.nii", data)
     monkeypatch.setenv(uploads.MAX_UPLOAD_ENV, "lots")
-    with pytest.raises(UnetsegError, match="not a number"):
+    with pytest.raises(UnetsegError, match="UNETSEG_MAX_UPLOAD_MB=.lots. is not a positive number of megabytes"):
         uploads.max_upload_bytes()
     for raw in ("inf", "nan", "1e400"):  # an OverflowError or ValueError from int() before
         monkeypatch.setenv(uploads.MAX_UPLOAD_ENV, raw)
-        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_UPLOAD_MB='{raw}' is not a finite number of megabytes"):
+        with pytest.raises(UnetsegError, match=f"UNETSEG_MAX_UPLOAD_MB='{raw}' is not a positive number of megabytes"):
             uploads.max_upload_bytes()
     monkeypatch.delenv(uploads.MAX_UPLOAD_ENV)
     assert uploads.max_upload_bytes() == int(uploads.DEFAULT_MAX_UPLOAD_MB * 1e6)
@@ -342,3 +342,18 @@ def test_empty_masks_stay_empty_and_colour_is_no_class_index(tmp_path):
         uploads.read_label_upload("l.png", colour, (2, 3), 3)
     grey_as_rgb = png_bytes(np.repeat(indices[..., None], 3, axis=2))
     assert uploads.read_label_upload("l.png", grey_as_rgb, (2, 3), 3).tolist() == indices.tolist()
+
+
+@pytest.mark.parametrize("raw", ["lots", "inf", "nan", "1e400", "0", "-5"])
+def test_every_limit_refuses_a_bad_number_in_the_same_words(monkeypatch, raw):
+    """The upload, pixel and inference-memory limits share one reader, so one bad value reads alike in each."""
+    from unetseg.data import io
+    from unetseg.infer import INFER_MEMORY_ENV, infer_memory_mb
+
+    for env, unit, read in ((uploads.MAX_UPLOAD_ENV, "megabytes", uploads.max_upload_bytes),
+                            (io.MAX_PIXELS_ENV, "pixels", io.max_pixels),
+                            (INFER_MEMORY_ENV, "megabytes", infer_memory_mb)):
+        monkeypatch.setenv(env, raw)
+        with pytest.raises(UnetsegError, match=f"^{env}='{raw}' is not a positive number of {unit}; set it to e.g. "):
+            read()
+        monkeypatch.delenv(env)

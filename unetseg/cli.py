@@ -271,17 +271,15 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def run_predict(args: argparse.Namespace) -> None:
     from unetseg.data.io import pixel_budget
-    from unetseg.data.io import file_kind
     from unetseg.ensemble import load_predictor
-    from unetseg.outputs import check_prediction_paths, write_label_descriptions
+    from unetseg.outputs import check_label_descriptions, check_prediction_paths
 
     segmenter = load_predictor(args.checkpoint, device=args.device)
     segmenter.progress = not args.quiet  # a bar over the windows of an image too big for one pass
     sources = collect_inputs(args.inputs)
     # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
     check_prediction_paths(sources, args.out, overwrite=args.overwrite, probabilities=args.save_probabilities)
-    if any(file_kind(s) == "nifti" for s in sources):  # class names and colours for ITK-SNAP and 3D Slicer
-        write_label_descriptions(args.out, segmenter.class_names, overwrite=args.overwrite)
+    check_label_descriptions(args.out, segmenter.class_names, overwrite=args.overwrite)
     with pixel_budget(args.max_pixels):
         _predict_files(args, segmenter, sources)
 
@@ -305,7 +303,7 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     from unetseg.data.io import file_kind, read_image
     from unetseg.data.preprocess import NonFiniteWarning
     from unetseg.errors import DataError
-    from unetseg.outputs import write_outputs
+    from unetseg.outputs import write_label_descriptions, write_outputs
 
     read_ahead = 2
     warned: set[str] = set()
@@ -352,6 +350,8 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
         report_writes(wait=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if "nifti" in done:  # class names and colours for ITK-SNAP and 3D Slicer, beside the NIfTI label maps
+            write_label_descriptions(args.out, segmenter.class_names)
     if done and not args.quiet:
         seconds = time.perf_counter() - start
         unit = {"image2d": "images", "nifti": "volumes"}.get(done[0], "files") if len(set(done)) == 1 else "files"

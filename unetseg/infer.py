@@ -36,6 +36,7 @@ from unetseg.data.preprocess import (
 )
 from unetseg.data.transforms import flip_combinations
 from unetseg.errors import DataError, UnetsegError
+from unetseg.limits import env_positive_number, positive_number
 from unetseg.model import UNet
 from unetseg.model.blocks import ConvBlock
 
@@ -214,18 +215,8 @@ def infer_memory_mb(memory_mb: float | None = None) -> float:
         UnetsegError: a value that is not a positive number (naming where it came from).
     """
     if memory_mb is not None:
-        source, value = "memory_mb", memory_mb
-    else:
-        source, value = INFER_MEMORY_ENV, os.environ.get(INFER_MEMORY_ENV)
-    if value is None or value == "":
-        return DEFAULT_INFER_MEMORY_MB
-    try:
-        mb = float(value)
-    except (TypeError, ValueError):
-        mb = float("nan")
-    if not np.isfinite(mb) or mb <= 0:
-        raise UnetsegError(f"{source}={value!r} is not a positive number of megabytes; e.g. {source}=2048")
-    return mb
+        return positive_number("memory_mb", memory_mb, DEFAULT_INFER_MEMORY_MB, "megabytes")
+    return env_positive_number(INFER_MEMORY_ENV, DEFAULT_INFER_MEMORY_MB, "megabytes")
 
 
 def windows_along(size: int, roi: int, overlap: float = WINDOW_OVERLAP) -> int:

@@ -143,17 +143,27 @@ def label_descriptions(class_names: Sequence[str]) -> dict[str, str]:
     return {ITKSNAP_LABELS: "\n".join(itksnap) + "\n", SLICER_COLORS: "\n".join(slicer) + "\n"}
 
 
-def write_label_descriptions(out_dir: str | Path, class_names: Sequence[str], overwrite: bool = False) -> list[Path]:
-    """Write :func:`label_descriptions` into ``out_dir``. A file already there with other contents (another
-    model's classes) is kept unless ``overwrite``: then :class:`UnetsegError`."""
+def check_label_descriptions(out_dir: str | Path, class_names: Sequence[str], overwrite: bool = False) -> None:
+    """Raise :class:`UnetsegError` when ``out_dir`` holds label description files of other labels (another
+    model's classes) and not ``overwrite``: run before predicting, so nothing is predicted in vain."""
+    for name, text in label_descriptions(class_names).items():
+        target = Path(out_dir) / name
+        if (target.exists() or target.is_symlink()) and not overwrite and not _holds(target, text):
+            raise UnetsegError(f"{target} already exists and describes other labels; pass --overwrite to replace "
+                               "it or choose another --out folder")
+
+
+def _holds(target: Path, text: str) -> bool:
+    return target.is_file() and not target.is_symlink() and target.read_text(errors="replace") == text
+
+
+def write_label_descriptions(out_dir: str | Path, class_names: Sequence[str]) -> list[Path]:
+    """Write :func:`label_descriptions` into ``out_dir`` (after :func:`check_label_descriptions`); returns the
+    files written (none when they already hold these labels)."""
     written = []
     for name, text in label_descriptions(class_names).items():
         target = Path(out_dir) / name
-        if target.is_file() and not target.is_symlink() and target.read_text(errors="replace") == text:
-            continue
-        if (target.exists() or target.is_symlink()) and not overwrite:
-            raise UnetsegError(f"{target} already exists and describes other labels; pass --overwrite to replace "
-                               "it or choose another --out folder")
-        write_text_atomic(_replace_link(target), text)
-        written.append(target)
+        if not _holds(target, text):
+            write_text_atomic(_replace_link(target), text)
+            written.append(target)
     return written

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io as _io
-import math
-import os
 import re
 import tempfile
 import zipfile
@@ -36,6 +34,7 @@ from unetseg.data.dicom import (
     read_zip_member,
 )
 from unetseg.errors import DataError, UnetsegError
+from unetseg.limits import env_positive_number
 
 MAX_UPLOAD_ENV = "UNETSEG_MAX_UPLOAD_MB"
 DEFAULT_MAX_UPLOAD_MB = 100.0
@@ -45,16 +44,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 def max_upload_bytes() -> int:
     """The upload size limit: ``$UNETSEG_MAX_UPLOAD_MB`` megabytes, else 100 MB."""
-    raw = os.environ.get(MAX_UPLOAD_ENV)
-    try:
-        mb = float(raw) if raw else DEFAULT_MAX_UPLOAD_MB
-    except ValueError:
-        raise UnetsegError(f"{MAX_UPLOAD_ENV}={raw!r} is not a number of megabytes") from None
-    if not math.isfinite(mb):  # inf would overflow int(), nan pass every comparison
-        raise UnetsegError(f"{MAX_UPLOAD_ENV}={raw!r} is not a finite number of megabytes; set it to e.g. "
-                           f"{DEFAULT_MAX_UPLOAD_MB:g}")
-    if mb <= 0:
-        raise UnetsegError(f"{MAX_UPLOAD_ENV} must be positive, got {raw}")
+    mb = env_positive_number(MAX_UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB, "megabytes")
     return int(mb * 1_000_000)
 
 

@@ -9,8 +9,6 @@ raises :class:`~unetseg.errors.DataError` naming the file and the fix.
 from __future__ import annotations
 
 import gzip
-import math
-import os
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ import numpy as np
 
 from unetseg.data.preprocess import refuse_mostly_non_finite
 from unetseg.errors import DataError, UnetsegError
+from unetseg.limits import env_positive_number
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -38,19 +37,7 @@ def max_pixels() -> int:
     """The pixel budget in force: :func:`pixel_budget`'s value, else ``$UNETSEG_MAX_PIXELS``, else 2**27."""
     if _budget_override:
         return _budget_override[-1]
-    raw = os.environ.get(MAX_PIXELS_ENV)
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        number = float(raw)
-    except ValueError:
-        raise UnetsegError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels; set it to e.g. {DEFAULT_MAX_PIXELS}") from None
-    if not math.isfinite(number):  # 1e400 reads as inf, which int() cannot take
-        raise UnetsegError(f"{MAX_PIXELS_ENV}={raw!r} is not a finite number of pixels; set it to e.g. {DEFAULT_MAX_PIXELS}")
-    value = int(number)
-    if value <= 0:
-        raise UnetsegError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {raw}")
-    return value
+    return int(env_positive_number(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, "pixels"))
 
 
 @contextmanager
