@@ -416,13 +416,13 @@ def run_export(args: argparse.Namespace) -> None:
     if args.model_format:
         from unetseg.model_export import export_model
 
-        if not args.checkpoint or not args.out or args.run_dir or args.name:
+        if args.checkpoint is None or args.out is None or args.run_dir is not None or args.name is not None:
             raise UnetsegError("--format needs --checkpoint CKPT and --out FILE (not a run folder or --name), e.g. "
                                "unetseg export --format onnx --checkpoint hippocampus_2d --out model.onnx")
         out = export_model(args.checkpoint, args.out, args.model_format, overwrite=args.overwrite)
         print(f"{args.model_format} model written to {out} (logits; preprocessing and classes in {out}.json)")
         return
-    if not args.run_dir or not args.name or args.checkpoint or args.out:
+    if args.run_dir is None or args.name is None or args.checkpoint is not None or args.out is not None:
         raise UnetsegError("export needs RUN_DIR and --name NAME to ship a run (e.g. unetseg export runs/hippocampus_2d "
                            "--name my_model), or --format onnx|torchscript --checkpoint CKPT --out FILE for a model file")
     target = export_run(args.run_dir, args.name, args.data_root, overwrite=args.overwrite)
