@@ -88,6 +88,7 @@ class TrainConfig:
     dice_ce_lambda_ce: float = 1.0  # weight of cross-entropy in MONAI's DiceCELoss
     dice_batch: bool = True  # soft Dice over the whole batch; False: per sample, where an absent class scores a free 1
     dice_background: bool = True  # include the background class in the Dice term (nnU-Net leaves it out)
+    tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard/ (pip install 'unetseg[tensorboard]')
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from unetseg.config import Config, save_config
 from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
+from unetseg.eventlog import EVENT_DIR, EventLog
 from unetseg.evaluate import evaluate_cases, summarize
 from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkpoint, resolve_device, save_checkpoint
 from unetseg.losses import make_loss
@@ -168,7 +170,8 @@ def _truncate_jsonl(path: Path, keep: Any) -> None:
 
 # What fit writes into a run folder (a folder holding only these, but no last.pt, is a run killed before its first
 # checkpoint: it is restarted from scratch); temporary files of killed saves start with a dot.
-RUN_FILES = frozenset({"config.yaml", "command.txt", "split.json", "metrics.jsonl", "gradients.jsonl", "curves.png"})
+RUN_FILES = frozenset({"config.yaml", "command.txt", "split.json", "metrics.jsonl", "gradients.jsonl", "curves.png",
+                       EVENT_DIR})
 RUN_LOGS = ("metrics.jsonl", "gradients.jsonl", "command.txt", "curves.png")
 TEMP_PREFIXES = (".last.pt.", ".best.pt.", ".metrics.jsonl.", ".gradients.jsonl.")
 
@@ -216,6 +219,7 @@ def clean_out_dir(out: Path, restart: bool) -> None:
     if restart:
         for name in RUN_LOGS:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / EVENT_DIR, ignore_errors=True)
 
 
 def _gather_rows(rows: list[dict[str, Any]], di: DistInfo) -> list[dict[str, Any]]:
@@ -333,6 +337,8 @@ def fit(
     use_amp = device.type == "cuda"
     history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    events = EventLog(out, cfg.train.tensorboard and di.is_main,
+                      purge_step=start_epoch * batches_per_epoch + 1 if resume else None)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         torch.manual_seed(cfg.train.seed * 100_003 + epoch)
@@ -410,6 +416,7 @@ def fit(
         history.append(row)
         if di.is_main:
             append_jsonl(out / "metrics.jsonl", row)
+            events.epoch(row)
             payload = {
                 "format": CHECKPOINT_FORMAT,
                 "unetseg_version": __version__,
@@ -442,6 +449,7 @@ def fit(
                 tqdm.write(f"warning: epoch {epoch + 1}: {row['warning']}", file=sys.stderr)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
+    events.close()
     if di.world_size > 1:
         dist.barrier()
     return out
