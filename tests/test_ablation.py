@@ -524,3 +524,51 @@ def test_lesions_are_undone_even_when_scoring_fails():
                 assert not torch.allclose(model(x), intact)
                 raise RuntimeError("scoring failed")
         assert torch.equal(model(x), intact)
+
+
+def test_signal_profile_sees_the_gradient_vanish_in_a_plain_deep_network_and_not_with_batch_norm():
+    """Glorot & Bengio's measurement: Var(dL/dz) at the first convolution over the head's, at initialisation."""
+    import torch
+
+    from unetseg.ablation.signal import shrinkage, signal_profile
+    from unetseg.losses import make_loss
+    from unetseg.model import UNet
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 64, 64), torch.randint(0, 3, (4, 64, 64))
+    ratio = {}
+    for norm in ("batch", "none"):
+        for skips in (True, False):
+            torch.manual_seed(1)
+            model = UNet(2, 1, 3, channels=(8,) * 5, norm=norm, skips=skips)
+            rows = signal_profile(model, x, y, make_loss())
+            assert len(rows) == 4 * 5 + 4 + 1 - 2  # 2 per encoder level, 3 per decoder level, the head
+            assert all(r["grad_var"] > 0 and r["pre_var"] > 0 for r in rows)
+            assert all(p.grad is None for p in model.parameters())  # left as it was found
+            ratio[norm, skips] = shrinkage(rows)
+    assert ratio["none", False] < 1e-8 < ratio["none", True]  # vanishes without skips; skips keep it alive
+    assert ratio["batch", False] > 1e-2 and ratio["batch", True] > 1e-2  # batch norm: nothing vanishes
+
+
+def test_signal_figures_quoted_in_the_docs_are_the_committed_measurement():
+    import json
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from signal_propagation import report
+    finally:
+        sys.path.pop(0)
+    folder = root / "docs" / "ablation" / "signal"
+    summary = json.loads((folder / "signal.json").read_text())["summary"]
+    committed = (folder / "report.md").read_text()
+    assert report(summary) == committed  # the report is redrawn from the committed numbers
+    section = (root / "docs" / "ablation.md").read_text().split("### Vanishing gradients, measured")[1].split("###")[0]
+    quoted = re.findall(r"\b\d+(?:\.\d+)?(?:e[+-]\d+)?\b", section.split("Ratios are")[1])
+    figures = [q for q in quoted if "e" in q or "." in q] + ["155", "458", "370"]  # and the whole-number ratios
+    assert len(figures) == 10 and all(f in section for f in figures)
+    for figure in figures:
+        assert figure in committed, f"{figure} is quoted in docs/ablation.md but not in {folder / 'report.md'}"

@@ -30,7 +30,7 @@ class ModelConfig:
     skips: bool | list[bool] = True  # long skips: all on, all off, or one flag per decoder level (finest first)
     merge: str = "concat"  # long-skip merge: "concat" (U-Net) or "add" (ResNet-style)
     residual: bool = False  # short residual skips inside each conv block
-    norm: str = "batch"  # "batch", "instance" or "group"
+    norm: str = "batch"  # "batch", "instance", "group", or "none" (plain convolutions with bias)
     dropout: float = 0.0  # dropout between the two convolutions of a block
     act: str = "relu"  # "relu" or "leaky_relu" (slope 0.01)
 
@@ -119,7 +119,7 @@ SEEDS = {"train": {"seed"}, "data": {"split_seed"}}  # NumPy's generators take s
 
 # Fields that take one of a few words; the model's act, skips and flip axes are checked by their own code.
 CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "model": {"spatial_dims": (2, 3), "merge": ("concat", "add"), "norm": ("batch", "instance", "group")},
+    "model": {"spatial_dims": (2, 3), "merge": ("concat", "add"), "norm": ("batch", "instance", "group", "none")},
     "data": {"normalization": ("percentile", "zscore"), "slice_axis": (0, 1, 2)},
     "train": {"schedule": ("cosine", "poly")},
 }

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NormName = Literal["batch", "instance", "group"]
+NormName = Literal["batch", "instance", "group", "none"]
 ActName = Literal["relu", "leaky_relu"]
 
 
@@ -46,8 +46,9 @@ def norm_layer(norm: NormName, spatial_dims: int, channels: int) -> nn.Module:
     """Normalisation layer over ``channels`` feature maps.
 
     Args:
-        norm: ``"batch"``, ``"instance"`` (affine) or ``"group"`` (8 groups, or
-            fewer when ``channels`` is not divisible by 8).
+        norm: ``"batch"``, ``"instance"`` (affine), ``"group"`` (8 groups, or
+            fewer when ``channels`` is not divisible by 8), or ``"none"`` (identity:
+            plain convolutions, which then carry a bias; see :class:`ConvBlock`).
         spatial_dims: 2 or 3.
         channels: number of feature maps.
     """
@@ -60,7 +61,9 @@ def norm_layer(norm: NormName, spatial_dims: int, channels: int) -> nn.Module:
         while channels % groups:
             groups //= 2
         return nn.GroupNorm(groups, channels)
-    raise ValueError(f"norm must be 'batch', 'instance' or 'group', got {norm!r}")
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'batch', 'instance', 'group' or 'none', got {norm!r}")
 
 
 class ConvBlock(nn.Module):
@@ -90,15 +93,16 @@ class ConvBlock(nn.Module):
         self.act = activation(act)
         self.residual = residual
         self.lesion_residual = False
-        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        bias = norm == "none"  # a normalisation layer after the convolution would cancel a bias
+        self.conv1 = conv(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
         self.norm1 = norm_layer(norm, spatial_dims, out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = conv(out_channels, out_channels, kernel_size=3, padding=1, bias=bias)
         self.norm2 = norm_layer(norm, spatial_dims, out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if residual and in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                conv(in_channels, out_channels, kernel_size=1, bias=False),
+                conv(in_channels, out_channels, kernel_size=1, bias=bias),
                 norm_layer(norm, spatial_dims, out_channels),
             )
 
