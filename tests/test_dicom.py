@@ -20,8 +20,10 @@ STEP = 2.5
 
 
 def dicom_bytes(pixels, position, orientation=(1, 0, 0, 0, 1, 0), series="1.2.826.0.1.3680043.8.498.1", slope=2.0,
-                intercept=-100.0, instance=1, samples=1, preamble=True) -> bytes:
-    """One MR slice as DICOM Part 10 bytes (uncompressed, explicit VR little endian)."""
+                intercept=-100.0, instance=1, samples=1, preamble=True, pixel_spacing=PIXEL_SPACING,
+                thickness=STEP) -> bytes:
+    """One MR slice as DICOM Part 10 bytes (uncompressed, explicit VR little endian); ``pixel_spacing`` is
+    (between rows, between columns)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -30,6 +32,8 @@ def dicom_bytes(pixels, position, orientation=(1, 0, 0, 0, 1, 0), series="1.2.82
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = series, "MR", instance
+    ds.StudyInstanceUID, ds.PatientID, ds.PatientName = "1.2.826.0.1.3680043.8.498.2", "P001", "Test^Patient"
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.3"
     ds.Rows, ds.Columns = pixels.shape[:2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel = samples
@@ -38,8 +42,8 @@ def dicom_bytes(pixels, position, orientation=(1, 0, 0, 0, 1, 0), series="1.2.82
         ds.PlanarConfiguration = 0
     ds.ImagePositionPatient = [float(v) for v in position]
     ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.PixelSpacing = list(PIXEL_SPACING)
-    ds.SliceThickness = STEP
+    ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.SliceThickness = thickness
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
     buf = pyio.BytesIO()

@@ -66,15 +66,20 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="segment images or volumes",
         description="Segment files. NIfTI in -> NIfTI label map out (same shape, affine, header); "
-        "PNG/JPG/TIF in -> PNG mask out. Folders are searched for supported files.",
+        "PNG/JPG/TIF in -> PNG mask out; DICOM (a .dcm file, or a folder of one series' slices) -> NIfTI label map "
+        "in the series' space, named after the file or folder. Folders are searched for supported files (not "
+        "subfolders); a folder's DICOM files are one series.",
     )
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("inputs", nargs="+", help="image files, DICOM series folders, or folders of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out (default: refuse)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write the class probabilities: <name>_probabilities.nii.gz (4D, one volume per class) "
                    "for a volume, <name>_probabilities.npz for a 2D image")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write a DICOM Segmentation <name>_seg.dcm of each DICOM input, referencing its series "
+                   "(needs pip install 'unetseg[dicom-seg]')")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse files whose header declares more than N pixels or voxels, before decoding "
                    "(default: $UNETSEG_MAX_PIXELS, else 2**27 = 134217728)")
@@ -248,7 +253,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand folders into their supported image files; missing paths raise."""
+    """Expand folders into their supported image files; a folder holding DICOM files is itself one input (a
+    series, read as one volume); missing paths raise."""
+    from unetseg.data.dicom import dicom_files
     from unetseg.data.io import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES
 
     suffixes = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES
@@ -256,17 +263,32 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.name.lower().endswith(suffixes))
-            if not found:
-                deeper = next((p for p in item.rglob("*") if p.name.lower().endswith(suffixes)), None)
-                hint = (f"; subfolders are not searched: pass the files themselves, e.g. {item}/*/images/*.png "
-                        f"(found {deeper.relative_to(item)})" if deeper else "")
-                raise UnetsegError(f"{item}: no NIfTI or image files directly in this folder{hint}")
-            files.extend(found)
+            series = [item] if dicom_files(item) else []
+            if not found and not series:
+                raise UnetsegError(f"{item}: no NIfTI, DICOM or image files directly in this folder"
+                                   f"{_subfolder_hint(item, suffixes)}")
+            files.extend(series + found)
         elif item.is_file():
             files.append(item)
         else:
             raise UnetsegError(f"{item}: no such file or folder")
     return files
+
+
+def _subfolder_hint(folder: Path, suffixes: tuple[str, ...]) -> str:
+    """How to pass what lies in ``folder``'s subfolders: the series folders of DICOM files, else the image files."""
+    from itertools import islice
+
+    from unetseg.data.dicom import is_dicom_file
+
+    image = None
+    for p in islice(folder.rglob("*"), 10_000):  # a look, not a crawl of a whole archive
+        if is_dicom_file(p):
+            return (f"; subfolders are not searched: pass the DICOM series folders themselves, e.g. {folder}/*/ "
+                    f"(found {p.relative_to(folder)})")
+        image = image or (p if p.name.lower().endswith(suffixes) else None)
+    return (f"; subfolders are not searched: pass the files themselves, e.g. {folder}/*/images/*.png (found "
+            f"{image.relative_to(folder)})" if image else "")
 
 
 def run_predict(args: argparse.Namespace) -> None:
@@ -278,7 +300,8 @@ def run_predict(args: argparse.Namespace) -> None:
     segmenter.progress = not args.quiet  # a bar over the windows of an image too big for one pass
     sources = collect_inputs(args.inputs)
     # before any prediction: nothing half-written, no input and no earlier file overwritten without --overwrite
-    check_prediction_paths(sources, args.out, overwrite=args.overwrite, probabilities=args.save_probabilities)
+    check_prediction_paths(sources, args.out, overwrite=args.overwrite, probabilities=args.save_probabilities,
+                           dicom_seg=args.dicom_seg)
     check_label_descriptions(args.out, segmenter.class_names, overwrite=args.overwrite)
     with pixel_budget(args.max_pixels):
         _predict_files(args, segmenter, sources)
@@ -291,6 +314,9 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     network runs, so the forward passes do not wait for the disk: the next
     ``read_ahead`` files are read ahead (which bounds the memory held),
     and the ``input -> prediction`` lines come in input order once written.
+    A DICOM file or series folder is a volume; with ``--dicom-seg`` its
+    DICOM-SEG is written after its NIfTI label map (a source highdicom cannot
+    reference is reported like an unreadable file).
     At the end (unless ``--quiet``) the throughput, in images/s or volumes/s.
     """
     import time
@@ -303,7 +329,7 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     from unetseg.data.io import file_kind, read_image
     from unetseg.data.preprocess import NonFiniteWarning
     from unetseg.errors import DataError
-    from unetseg.outputs import write_label_descriptions, write_outputs
+    from unetseg.outputs import write_dicom_seg, write_label_descriptions, write_outputs
 
     read_ahead = 2
     warned: set[str] = set()
@@ -311,10 +337,22 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
     done: list[str] = []  # the kind of each file written
     writes: deque[tuple[Path, str, Future]] = deque()
 
+    model_name = "+".join(Path(c).name for c in args.checkpoint)
+
+    def write(labels, meta, probabilities, dicom_seg: bool) -> str:
+        written = str(write_outputs(labels, meta, args.out, segmenter.class_names, probabilities))
+        if dicom_seg:
+            written += f", {write_dicom_seg(labels, meta, args.out, segmenter.class_names, model_name)}"
+        return written
+
     def report_writes(wait: bool) -> None:
         while writes and (wait or writes[0][2].done()):
             path, kind, future = writes.popleft()
-            tqdm.write(f"{path} -> {future.result()}")  # a failed write raises here: the batch stops, as before
+            try:
+                tqdm.write(f"{path} -> {future.result()}")  # a failed write raises here: the batch stops, as before
+            except DataError as exc:  # no DICOM-SEG for this source (its label map is written): report, go on
+                failed.append(path)
+                tqdm.write(f"error: {exc}", file=sys.stderr)
             done.append(kind)
 
     start = time.perf_counter()
@@ -326,7 +364,7 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
                 reads[i + read_ahead] = pool.submit(read_image, sources[i + read_ahead])
             report_writes(wait=False)
             kind = file_kind(path)
-            warning = segmenter.mismatch_warning(kind)
+            warning = segmenter.mismatch_warning("nifti" if kind == "dicom" else kind)  # DICOM: read as a volume
             if warning and kind not in warned:
                 warned.add(kind)
                 tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
@@ -344,8 +382,8 @@ def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> 
                 tqdm.write(f"error: {exc}", file=sys.stderr)
                 continue
             _report_warnings(path, caught, NonFiniteWarning)
-            written = pool.submit(write_outputs, labels, meta, args.out, segmenter.class_names,
-                                  probabilities if args.save_probabilities else None)
+            written = pool.submit(write, labels, meta, probabilities if args.save_probabilities else None,
+                                  args.dicom_seg and kind == "dicom")
             writes.append((path, meta.kind, written))
         report_writes(wait=True)
     finally:

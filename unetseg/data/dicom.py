@@ -1,5 +1,9 @@
 """DICOM reader: one file, a folder or a zip of one series -> a volume and its affine.
 
+The viewer (:mod:`unetseg.uploads`: a file's bytes or a zip) and ``unetseg
+predict`` (:func:`read_dicom`: a file or a series folder) both stack slices
+with :func:`volume_from_datasets`, so the same checks hold for both.
+
 Same contract as the readers in :mod:`unetseg.data.io`: ``(1, X, Y, Z)``
 float32 (rescale slope and intercept applied) and an :class:`ImageMeta`
 whose affine maps voxels to RAS+ millimetres, as NIfTI does, so a
@@ -224,7 +228,8 @@ def _normal(iop: np.ndarray | None) -> np.ndarray:
 
 
 def _multiframe_geometry(ds, frames: int):
-    """Per-frame positions of an enhanced multi-frame file, or None when it does not say."""
+    """Orientation, per-frame positions (sorted along the slice normal), pixel spacing and the frames' order (the
+    stored index of each sorted frame) of an enhanced multi-frame file, or None when it does not say."""
     try:
         shared = ds.SharedFunctionalGroupsSequence[0]
         iop = _floats(shared.PlaneOrientationSequence[0].ImageOrientationPatient, 6)
@@ -236,7 +241,16 @@ def _multiframe_geometry(ds, frames: int):
         return None
     if iop is None or spacing is None or positions.shape != (frames, 3):
         return None
-    return iop, positions, spacing
+    order = np.argsort(positions @ _normal(iop), kind="stable")
+    return iop, positions[order], spacing, order
+
+
+def frame_order(ds) -> np.ndarray:
+    """The stored index of each of a DICOM file's frames along its volume's ``Z`` axis (see
+    :func:`volume_from_datasets`): sorted by position for an enhanced multi-frame file, else as stored."""
+    frames = int(_number(ds, "NumberOfFrames", 1, "DICOM file") or 1)
+    geometry = _multiframe_geometry(ds, frames) if frames > 1 else None
+    return geometry[3] if geometry is not None else np.arange(frames)
 
 
 def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.ndarray, ImageMeta]:
@@ -255,9 +269,8 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
         frames = pixels.shape[0]
         geometry = _multiframe_geometry(ds, frames) if frames > 1 else None
         if geometry is not None:
-            iop, positions, pixel_spacing = geometry
-            order = np.argsort(positions @ _normal(iop), kind="stable")
-            pixels, positions = pixels[order], positions[order]
+            iop, positions, pixel_spacing, order = geometry
+            pixels = pixels[order]
             step = (positions[-1] - positions[0]) / (frames - 1)
             origin = positions[0]
         else:
@@ -266,27 +279,19 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
             origin = ipp if ipp is not None else np.zeros(3)
         slices = pixels
     else:
-        _check_one_series(datasets, source)
-        geometries = [_geometry(ds) for ds in datasets]
-        iop, _, pixel_spacing = geometries[0]
-        if any(g[1] is None for g in geometries):
-            numbers = [_instance_number(ds, i, source) for i, ds in enumerate(datasets)]
-            order = np.argsort(numbers, kind="stable")
-            positions = None
-        else:
-            positions = np.array([g[1] for g in geometries])
-            order = np.argsort(positions @ _normal(iop), kind="stable")
-            positions = positions[order]
-        datasets = [datasets[i] for i in order]
+        datasets, positions = order_slices(datasets, source)
+        iop, _, pixel_spacing = _geometry(datasets[0])
         stack = [_pixels(ds, source) for ds in datasets]
         shapes = {s.shape for s in stack}
         if len(shapes) != 1 or next(iter(shapes))[0] != 1:
-            raise DataError(source, f"slices differ in size or are multi-frame ({sorted(shapes)}); zip one series")
+            raise DataError(source, f"slices differ in size or are multi-frame ({sorted(shapes)}); give one "
+                            "series of single-frame slices")
         slices = np.concatenate(stack)
         if positions is not None:
             gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
             if np.any(gaps < 1e-4):
-                raise DataError(source, "two slices share one position; the zip holds more than one series or duplicates")
+                raise DataError(source, "two slices share one position; the files hold more than one series, or "
+                                "duplicates")
             if gaps.max() > 1.1 * gaps.min():
                 raise DataError(
                     source, f"slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm); missing slices?"
@@ -305,6 +310,22 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
     return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing)
 
 
+def order_slices(datasets: Sequence, source: str | Path) -> tuple[list, np.ndarray | None]:
+    """Single-frame slices of one series in volume order (the ``Z`` axis of :func:`volume_from_datasets`): by
+    position along the slice normal, else by InstanceNumber; also their positions (None without them)."""
+    _check_one_series(datasets, source)
+    geometries = [_geometry(ds) for ds in datasets]
+    if any(g[1] is None for g in geometries):
+        numbers = [_instance_number(ds, i, source) for i, ds in enumerate(datasets)]
+        order = np.argsort(numbers, kind="stable")
+        positions = None
+    else:
+        positions = np.array([g[1] for g in geometries])
+        order = np.argsort(positions @ _normal(geometries[0][0]), kind="stable")
+        positions = positions[order]
+    return [datasets[i] for i in order], positions
+
+
 def _instance_number(ds, index: int, source: str | Path) -> float:
     """The InstanceNumber that orders a slice without ImagePositionPatient (its place in the input when absent)."""
     try:
@@ -318,12 +339,15 @@ def _instance_number(ds, index: int, source: str | Path) -> float:
 
 
 def _check_one_series(datasets: Sequence, source: str | Path) -> None:
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}
+    series = {str(getattr(ds, "SeriesInstanceUID", "")): getattr(ds, "SeriesNumber", None) for ds in datasets}
     if len(series) > 1:
-        raise DataError(source, f"holds {len(series)} DICOM series; zip the files of one series only")
+        numbers = ", ".join(sorted({str(n) for n in series.values() if n not in (None, "")}))
+        raise DataError(source, f"holds {len(series)} DICOM series{f' (SeriesNumber {numbers})' if numbers else ''}; "
+                        "give the files of one series only (a zip or a folder per series)")
     orientations = {tuple(np.round(_geometry(ds)[0], 4)) for ds in datasets if _geometry(ds)[0] is not None}
     if len(orientations) > 1:
-        raise DataError(source, "slices have different orientations; zip one series only")
+        raise DataError(source, "slices have different orientations; give one series only (a zip or a folder per "
+                        "series)")
 
 
 def datasets_from_zip(data: bytes, source: str | Path, max_bytes: int | None = None) -> list:
@@ -374,12 +398,78 @@ def read_dicom_bytes(data: bytes, source: str | Path = "upload.dcm", max_bytes: 
     return volume_from_datasets([_parse(data, source, strict=True)], source)
 
 
-def read_dicom(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarray, ImageMeta]:
-    """Read a DICOM file, a zip of one series, or a folder holding one series."""
-    path = Path(path)
+def is_dicom_file(path: Path) -> bool:
+    """True for a file named ``*.dcm``, ``*.dicom`` or ``*.ima``, or starting with the DICOM preamble."""
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return path.is_file()
+    try:
+        with path.open("rb") as f:
+            return is_dicom_bytes(f.read(132))
+    except OSError:  # a folder, a broken link, no permission
+        return False
+
+
+def dicom_files(folder: str | Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (:func:`is_dicom_file`; subfolders are not searched), sorted."""
+    return sorted(f for f in Path(folder).iterdir() if is_dicom_file(f))
+
+
+def _check_file_bytes(files: Sequence[Path], source: str | Path) -> None:
+    """Refuse files larger in all than the pixel budget can fill (:data:`INFLATED_BYTES_PER_PIXEL` bytes a pixel),
+    before reading any: a folder or file that large would be held in memory before its headers are checked."""
+    total = sum(f.stat().st_size for f in files)
+    limit = INFLATED_BYTES_PER_PIXEL * max_pixels()
+    if total > limit:
+        raise DataError(
+            source, f"holds {total:,} bytes of DICOM files, over the {limit:,} that the "
+            f"{max_pixels():,} pixel budget allows ({INFLATED_BYTES_PER_PIXEL} bytes per pixel); give one series, or "
+            f"raise ${MAX_PIXELS_ENV} or --max-pixels"
+        )
+
+
+def _series_files(path: Path) -> list[Path]:
+    """The files of the DICOM input ``path``: a folder's DICOM files, or the file itself; checked by size."""
     if path.is_dir():
-        parsed = (_parse(f.read_bytes(), f, strict=False) for f in sorted(path.iterdir()) if f.is_file())
-        return volume_from_datasets([ds for ds in parsed if ds is not None], path)
-    if not path.is_file():
+        files = dicom_files(path)
+        if not files:
+            raise DataError(path, "no DICOM files (*.dcm, *.dicom, *.ima, or starting with the DICOM preamble) directly "
+                            "in this folder; give a folder holding the files of one series")
+    elif path.is_file():
+        files = [path]
+    else:
         raise DataError(path, "file not found")
+    _check_file_bytes(files, path)
+    return files
+
+
+def read_dicom(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarray, ImageMeta]:
+    """Read a DICOM file (one slice or a multi-frame volume), a zip of one series, or a folder holding one series.
+
+    A folder's DICOM files are those of :func:`dicom_files`; others (notes, ``DICOMDIR`` without pixels) are
+    skipped. Files larger in all than the pixel budget allows are refused before they are read.
+    """
+    path = Path(path)
+    files = _series_files(path)
+    if path.is_dir():
+        parsed = (_parse(f.read_bytes(), f, strict=False) for f in files)
+        return volume_from_datasets([ds for ds in parsed if ds is not None], path)
     return read_dicom_bytes(path.read_bytes(), path, max_bytes)
+
+
+def series_headers(path: str | Path) -> list:
+    """The headers (no pixel data) of the DICOM file or series folder ``path`` read by :func:`read_dicom`, in the
+    order of its volume's slices: what a DICOM-SEG of its prediction references."""
+    import pydicom
+
+    path = Path(path)
+    headers = []
+    for f in _series_files(path):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - read_dicom skipped it (a folder) or refused it (a file) the same way
+            continue
+        if "Rows" in ds:
+            headers.append(ds)
+    if len(headers) == 1:
+        return headers
+    return order_slices(headers, path)[0]

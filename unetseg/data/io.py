@@ -96,14 +96,23 @@ class ImageMeta:
 
 
 def file_kind(path: str | Path) -> str:
-    """``"nifti"`` or ``"image2d"`` from the file name, else :class:`DataError`."""
+    """``"nifti"`` or ``"image2d"`` from the file name; ``"dicom"`` for a folder (a DICOM series) or a DICOM file
+    (:func:`unetseg.data.dicom.is_dicom_file`: by suffix or preamble); else :class:`DataError`.
+
+    A DICOM input is read as a volume: its :class:`ImageMeta` says ``kind="nifti"``.
+    """
+    from unetseg.data.dicom import is_dicom_file
+
     name = str(path).lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
     if name.endswith(IMAGE_2D_SUFFIXES):
         return "image2d"
+    if Path(path).is_dir() or is_dicom_file(Path(path)):
+        return "dicom"
     raise DataError(
-        path, f"unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}) or {', '.join(IMAGE_2D_SUFFIXES)}"
+        path, f"unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}), DICOM (.dcm, or a folder of one "
+        f"series) or {', '.join(IMAGE_2D_SUFFIXES)}"
     )
 
 
@@ -346,8 +355,14 @@ def mask_from_pixels(pixels: np.ndarray, source: str | Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
-    """Read any supported image by its suffix; see :func:`read_nifti_image` and :func:`read_image_2d`."""
-    return read_nifti_image(path) if file_kind(path) == "nifti" else read_image_2d(path)
+    """Read any supported image by its :func:`file_kind`; see :func:`read_nifti_image`, :func:`read_image_2d` and
+    :func:`unetseg.data.dicom.read_dicom` (a DICOM file or series folder, as a volume)."""
+    kind = file_kind(path)
+    if kind == "dicom":
+        from unetseg.data.dicom import read_dicom
+
+        return read_dicom(path)
+    return read_nifti_image(path) if kind == "nifti" else read_image_2d(path)
 
 
 def write_nifti_label(labels: np.ndarray, meta: ImageMeta, path: str | Path) -> Path:
