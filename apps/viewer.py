@@ -39,6 +39,7 @@ from unetseg.infer import Segmenter, model_card, resolve_checkpoint, shipped_mod
 log = logging.getLogger("unetseg.viewer")
 
 NO_SAMPLE = "(none)"
+UPLOAD_SHOWN = "Showing the uploaded file: remove it to view a sample case."
 WHAT = {"nifti": "volume", "image2d": "2D image"}
 NOSKIP = "_noskip"  # a shipped model ``x`` and its ablation twin ``x_noskip`` differ only in the long skips
 # Temporary files that ``unetseg.uploads`` reads uploads through: their paths must never reach the page.
@@ -205,7 +206,7 @@ def best_model(cards: dict[str, dict[str, Any]], kind: str) -> str | None:
     return max(made_for, key=lambda ref: validation_dice(cards[ref]), default=None)
 
 
-def default_model(refs: dict[str, str], kind: str) -> str:
+def default_model(refs: dict[str, str], kind: str | None) -> str:
     """The model for a ``kind`` of input: the best shipped one made for it, else the first that suits, else the first.
 
     Checkpoints typed into the sidebar are never picked by default, only by hand.
@@ -228,14 +229,19 @@ def no_twin_note(ref: str, shipped: bool) -> str:
     return f"{ref} has no {what} twin shipped{which}; choose the second model below."
 
 
-def pick_models(refs: dict[str, str], kind: str, input_key: str) -> tuple[str, str | None]:
+def pick_models(refs: dict[str, str], kind: str | None, input_key: str | None) -> tuple[str, str | None]:
     """Model picker (and a second one in compare mode); a new input selects a model suited to it.
+
+    Drawn in every run, with or without an input (``kind``, ``input_key`` None): Streamlit drops the state of a
+    widget that a run does not draw, and the browser then shows it at its first option. Replacing an upload
+    passes through a run with no file; a picker missing from it came back as ``dsb2018_2d`` (the first option),
+    which the next rerun (e.g. a ground-truth upload) sent back as the user's choice.
 
     In compare mode the second model is the first one's twin (``x`` <-> ``x_noskip``), set afresh whenever
     the first model or the input changes; a model without a twin says so and gets the best other model
     for the input, which the user may change.
     """
-    if st.session_state.get("_models_for") != input_key:  # a new input: keep the choice only if it suits
+    if input_key is not None and st.session_state.get("_models_for") != input_key:  # a new input: keep it if it suits
         st.session_state["_models_for"] = input_key
         current = st.session_state.get("model")
         if current not in refs or not suits(cached_card(refs[current]), kind):
@@ -263,7 +269,8 @@ def pick_models(refs: dict[str, str], kind: str, input_key: str) -> tuple[str, s
 
 def uploaders() -> tuple[Any, Any]:
     """The image and ground-truth upload widgets, drawn before anything that may fail (a widget not drawn in a
-    run loses its file)."""
+    run loses its file). A ground truth belongs to the image on show when it arrived: a new image starts with an
+    empty ground-truth uploader, so another image's label is never scored against it."""
     upload = st.file_uploader(
         "Scan or image: NIfTI (.nii, .nii.gz), DICOM (.dcm, or a .zip of one series), PNG, JPG, TIF",
         key="image_upload",
@@ -271,9 +278,40 @@ def uploaders() -> tuple[Any, Any]:
         "Files are read in memory and never saved in the working directory.",
     )
     label_upload = st.file_uploader(
-        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs", key="label_upload"
+        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs",
+        key=label_widget_key(image_on_show(upload)),
     )
     return upload, label_upload
+
+
+def image_on_show(upload) -> tuple | None:
+    """What identifies the image on show before it is read: the upload's file id, else the sample picked."""
+    if upload is not None:
+        return ("upload", upload.file_id)
+    case = st.session_state.get("sample_case", NO_SAMPLE)
+    return None if case == NO_SAMPLE else ("sample", st.session_state.get("sample_dataset"), case)
+
+
+def label_widget_key(shown: tuple | None) -> str:
+    """The ground-truth uploader's key: a fresh one (an empty uploader) when the image changed under its file.
+
+    A file uploader cannot be emptied through ``st.session_state``; a new key is a new, empty widget. The file
+    belongs to the image on show when it was first seen (a label dropped before any image goes with the next).
+    """
+    state = st.session_state
+    generation = state.get("_label_generation", 0)
+    key = "label_upload" if generation == 0 else f"label_upload_{generation}"
+    label = state.get(key)
+    owner = state.get("_label_owner")  # (file id, image it came with)
+    if label is None:
+        state.pop("_label_owner", None)
+    elif owner is None or owner[0] != label.file_id or owner[1] is None:
+        state["_label_owner"] = (label.file_id, shown)
+    elif owner[1] != shown:
+        state.pop("_label_owner")
+        state["_label_generation"] = generation + 1
+        key = f"label_upload_{generation + 1}"
+    return key
 
 
 def choose_input(upload, sample_refs: dict[str, list]) -> tuple[str, str, bytes, Any] | None:
@@ -290,7 +328,8 @@ def choose_input(upload, sample_refs: dict[str, list]) -> tuple[str, str, bytes,
     return None
 
 
-def sidebar_samples() -> dict[str, list]:
+def sidebar_samples(upload_on_show: bool) -> dict[str, list]:
+    """The sample-case pickers; greyed out, with a note, while an upload is on show (they do not apply to it)."""
     root = st.sidebar.text_input("Data root (sample cases)", value=str(default_data_root()), key="data_root").strip()
     try:
         found = samples(root)
@@ -300,9 +339,11 @@ def sidebar_samples() -> dict[str, list]:
     if not found:
         st.sidebar.caption(f"No sample cases under {root or '(empty)'}.")
         return {}
-    dataset = st.sidebar.selectbox("Sample data set", list(found), key="sample_dataset")
+    dataset = st.sidebar.selectbox("Sample data set", list(found), key="sample_dataset", disabled=upload_on_show)
     st.sidebar.selectbox("Sample case (used when nothing is uploaded)", [NO_SAMPLE] + [r.case_id for r in found[dataset]],
-                         key="sample_case")
+                         key="sample_case", disabled=upload_on_show)
+    if upload_on_show:
+        st.sidebar.caption(UPLOAD_SHOWN)
     return found
 
 
@@ -431,25 +472,23 @@ def main() -> None:
 def page() -> None:
     upload, label_upload = uploaders()
     refs = sidebar_models()
-    sample_refs = sidebar_samples()
+    sample_refs = sidebar_samples(upload is not None)
     chosen = choose_input(upload, sample_refs)
     if not refs:
         st.error("No models found: no shipped models are installed; give a checkpoint path in the sidebar.")
         return
-    if chosen is None:
-        st.info("Upload a scan or image, or pick a sample case in the sidebar.")
-        return
-    key, name, data, sample = chosen
-    try:
-        uploads.check_bytes(name, data)  # before the cache: the size limit holds for files read earlier too
-        image, meta = decode_upload(key, name, data)
-    except DataError as exc:
-        st.error(public(str(exc), name))
-        return
-    source = Input(key, name, image, meta, sample)
-    first, second = pick_models(refs, meta.kind, key)
+    source, problem = read_input(chosen)
+    # The sidebar's widgets come before every early return below: a run that does not draw them drops their state.
+    first, second = pick_models(refs, source.meta.kind if source else None, source.key if source else None)
     opacity = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
     uncertainty = st.sidebar.checkbox("Uncertainty (flip test-time augmentation)", key="uncertainty")
+    if problem:
+        st.error(problem)
+        return
+    if source is None:
+        st.info("Upload a scan or image, or pick a sample case in the sidebar.")
+        return
+    key, name, image, meta, sample = source.key, source.name, source.image, source.meta, source.sample
     spacing = f", spacing {' x '.join(f'{s:g}' for s in meta.spacing)} mm" if source.volume else ""
     st.caption(f"{'Sample' if sample else 'Upload'}: **{name}** - {WHAT[meta.kind]} of shape {image.shape[1:]}{spacing}")
 
@@ -487,6 +526,19 @@ def page() -> None:
     sizes(labels, seg, source)
     download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
+
+
+def read_input(chosen: tuple[str, str, bytes, Any] | None) -> tuple[Input | None, str | None]:
+    """The chosen file read (cached): ``(Input, None)``, ``(None, one-line error)`` or ``(None, None)`` if none."""
+    if chosen is None:
+        return None, None
+    key, name, data, sample = chosen
+    try:
+        uploads.check_bytes(name, data)  # before the cache: the size limit holds for files read earlier too
+        image, meta = decode_upload(key, name, data)
+    except DataError as exc:
+        return None, public(str(exc), name)
+    return Input(key, name, image, meta, sample), None
 
 
 def model_runs_on(seg: Segmenter, ref: str, kind: str) -> bool:

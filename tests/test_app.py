@@ -286,6 +286,61 @@ def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root,
     assert model_calls == ["predict"] * 3  # one prediction per model
 
 
+def label_uploader(at: AppTest):
+    """The ground-truth upload widget, whatever its key (a new image gives it a fresh one)."""
+    found = [u for u in at.get("file_uploader") if u.label.startswith("Ground truth")]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_model_choice_and_compare_mode_survive_the_run_without_a_file_when_an_upload_is_replaced(app, data_root):
+    """Replacing an upload passes through a run with no file. The pickers must be drawn in it: a run that does not
+    draw a widget drops its state, and the browser then showed the model picker at its first option (dsb2018_2d),
+    which the next rerun (B's ground truth) sent back as the choice; the overlay vanished."""
+    require_shipped(VOLUME_MODEL, "hippocampus_2d", "hippocampus_2d_noskip")
+    a, _ = hippocampus_files(data_root)
+    b, b_label = hippocampus_files(data_root, "hippocampus_004")
+    upload(app, "image_upload", a.name, a.read_bytes())
+    app.selectbox(key="model").set_value("hippocampus_2d").run()
+    app.checkbox(key="compare").check().run()
+    app.slider(key="opacity").set_value(0.8).run()
+    app.file_uploader(key="image_upload").set_value(None).run()  # what the browser sends between A and B
+    ok(app)
+    assert app.info[0].value.startswith("Upload a scan or image")
+    assert app.selectbox(key="model").value == "hippocampus_2d"  # drawn without a file, its state kept
+    assert app.checkbox(key="compare").value and app.slider(key="opacity").value == 0.8
+    upload(app, "image_upload", b.name, b.read_bytes())
+    ok(app)
+    assert app.selectbox(key="model").value == "hippocampus_2d"  # a volume model: kept for the new volume
+    assert captions(app)[:2] == ["hippocampus_2d: axial slice 19", "hippocampus_2d_noskip: axial slice 19"]
+    label_uploader(app).set_value((b_label.name, b_label.read_bytes(), "application/octet-stream")).run()
+    ok(app)
+    assert app.selectbox(key="model").value == "hippocampus_2d"
+    assert captions(app)[0] == "hippocampus_2d: axial slice 19" and table_with(app, "Dice")["Dice"].min() > 0.5
+
+
+def test_a_new_image_starts_with_an_empty_ground_truth_and_sample_pickers_step_aside(app, data_root):
+    require_shipped(VOLUME_MODEL, "dsb2018_2d")
+    app.sidebar.text_input(key="data_root").set_value(str(data_root)).run()
+    image_path, label_path = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    label_uploader(app).set_value((label_path.name, label_path.read_bytes(), "application/octet-stream")).run()
+    assert table_with(app, "Dice")["class"].tolist() == ["anterior", "posterior"]
+    assert app.selectbox(key="sample_dataset").disabled and app.selectbox(key="sample_case").disabled
+    assert any(c.value == "Showing the uploaded file: remove it to view a sample case." for c in app.sidebar.caption)
+    path = dsb_png(data_root)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    ok(app)  # before: "Ground truth not used: hippocampus_003.nii.gz: unknown label values [2]"
+    assert label_uploader(app).value is None and not [t for t in app.table if "Dice" in t.value.columns]
+    assert not any(c.startswith("errors of") for c in captions(app))
+    app.file_uploader(key="image_upload").set_value(None).run()
+    assert not app.selectbox(key="sample_dataset").disabled  # no upload: the sample pickers apply again
+    label_uploader(app).set_value((label_path.name, label_path.read_bytes(), "application/octet-stream")).run()
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())  # a label dropped first goes with the image
+    ok(app)
+    assert table_with(app, "Dice")["class"].tolist() == ["anterior", "posterior"]
+
+
 def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tuple[Segmenter, dict]:
     """The shipped model and its ``unetseg evaluate`` row for one real case."""
     segmenter = Segmenter.from_checkpoint(model)
