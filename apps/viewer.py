@@ -511,7 +511,7 @@ def page() -> None:
         panels += compare_panels(second, refs, source, labels, view)
     if truth is not None:
         errors = display.error_overlay(view.base, view.cut(labels), view.cut(truth), opacity=max(opacity, 0.3))
-        panels.append((errors, f"errors of {first}: red false positive, blue false negative, amber wrong class"))
+        panels.append((errors, f"errors of {first}: {display.ERROR_KEY}"))
     if uncertainty:
         vote = flip_disagreement(key, refs[first], image)
         share = float((vote > 0).mean())
@@ -565,7 +565,7 @@ def compare_panels(second: str, refs: dict[str, str], source: Input, labels: np.
     return [
         (display.overlay(view.base, view.cut(labels_b), seg_b.num_classes, view.opacity), f"{second}: {view.where}"),
         (display.blend(display.to_rgb(view.base), here, display.DISAGREEMENT, 0.8),
-         f"disagreement (magenta): {int(here.sum())} here, {int(differ.sum())} in all ({float(differ.mean()):.2%})"),
+         f"disagreement (green): {int(here.sum())} here, {int(differ.sum())} in all ({float(differ.mean()):.2%})"),
     ]
 
 

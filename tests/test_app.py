@@ -255,9 +255,9 @@ def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement
     a, b = predicted("hippocampus_2d", image_path), predicted("hippocampus_2d_noskip", image_path)
     z = nib.load(image_path).shape[2] // 2
     here = int((a[:, :, z] != b[:, :, z]).sum())
-    assert shown[2] == f"disagreement (magenta): {here} here, {int((a != b).sum())} in all ({float((a != b).mean()):.2%})"
+    assert shown[2] == f"disagreement (green): {here} here, {int((a != b).sum())} in all ({float((a != b).mean()):.2%})"
     app.slider(key="slice").set_value(0).run()
-    assert captions(app)[2].startswith(f"disagreement (magenta): {int((a[:, :, 0] != b[:, :, 0]).sum())} here")
+    assert captions(app)[2].startswith(f"disagreement (green): {int((a[:, :, 0] != b[:, :, 0]).sum())} here")
     assert model_calls == ["predict"] * 3  # the default model on upload, then each model of the pair once
 
 
@@ -273,7 +273,7 @@ def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root,
     assert app.selectbox(key="model_b").value == "hippocampus_2d"  # the next best volume model
     shown = captions(app)
     assert shown[0].startswith(f"{VOLUME_MODEL}:") and shown[1].startswith("hippocampus_2d:")
-    assert shown[2].startswith("disagreement (magenta): ")
+    assert shown[2].startswith("disagreement (green): ")
     app.selectbox(key="model_b").set_value("hippocampus_2d_noskip").run()  # the user's choice
     ok(app)
     assert captions(app)[1].startswith("hippocampus_2d_noskip:")

@@ -130,7 +130,7 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     for name in ("anterior", "posterior"):
         assert f"{row[f'dice_{name}']:.4f}" in text, (name, text)
     page.get_by_text("Compare two models").click()  # hippocampus_3d has no no-skip twin: paired with the next best
-    page.get_by_text("disagreement (magenta)").wait_for(timeout=60_000)
+    page.get_by_text("disagreement (green)").wait_for(timeout=60_000)
     assert page.get_by_text("hippocampus_2d: axial slice").count() >= 1
     page.wait_for_timeout(1000)  # let the last images paint
     shot = REPO / SCREENSHOT_TARGET if SCREENSHOT_TARGET else tmp_path / "app_screenshot.png"

@@ -20,7 +20,51 @@ def test_class_colors_background_black_foreground_distinct_and_wrapping():
 
 
 def test_legend_lists_foreground_classes_with_hex_colours():
-    assert display.legend(("background", "anterior", "posterior")) == [("anterior", "#e6194b"), ("posterior", "#3cb44b")]
+    assert display.legend(("background", "anterior", "posterior")) == [("anterior", "#e69f00"), ("posterior", "#56b4e9")]
+
+
+# Machado, Oliveira & Fernandes (2009), severity 1.0, on linear RGB: what a protanope, deuteranope, tritanope sees.
+CVD = {
+    "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+}
+
+
+def seen(rgb, vision: str | None) -> np.ndarray:
+    """sRGB colour (0-255) as seen with normal vision (None) or simulated colour-blindness."""
+    c = np.asarray(rgb, dtype=float) / 255
+    if vision is None:
+        return c * 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4) @ np.array(CVD[vision]).T
+    linear = np.clip(linear, 0, 1)
+    return 255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+def apart(a, b) -> float:
+    """The smallest RGB distance between two colours over normal vision and the three simulated colour-blindnesses."""
+    return min(float(np.linalg.norm(seen(a, v) - seen(b, v))) for v in (None, *CVD))
+
+
+def test_class_colours_stay_apart_for_colour_blind_viewers():
+    fg = [tuple(c) for c in display.PALETTE[1:].tolist()]
+    assert len(set(fg)) == len(fg) and (0, 0, 0) not in fg
+    # The first three (hippocampus: anterior, posterior; DSB: nucleus) far apart for everyone. The old palette's red
+    # and green (anterior, posterior) were 35 apart for a deuteranope.
+    assert min(apart(a, b) for i, a in enumerate(fg[:3]) for b in fg[i + 1:3]) > 60
+    assert min(apart(a, b) for i, a in enumerate(fg) for b in fg[i + 1:]) > 25
+
+
+def test_error_colours_are_distinct_and_never_a_class_colour():
+    errors = [display.FALSE_POSITIVE, display.FALSE_NEGATIVE, display.WRONG_CLASS]
+    marks = errors + [display.DISAGREEMENT]
+    assert len(set(marks)) == len(marks)
+    classes = [tuple(c) for c in display.class_colors(len(display.PALETTE) + 3).tolist()]
+    assert not set(marks) & set(classes)  # "red" once meant both the anterior class and a false positive
+    assert min(apart(m, c) for m in marks for c in classes[1:]) > 50  # not even close, for any viewer
+    assert min(apart(a, b) for i, a in enumerate(errors) for b in errors[i + 1:]) > 150  # one errors panel
+    names = display.ERROR_KEY.split(", ")
+    assert [n.split(" ", 1)[1] for n in names] == ["false positive", "false negative", "wrong class"]
 
 
 def test_apply_window_maps_level_and_width_to_grey_and_clips():

@@ -24,26 +24,28 @@ PLANES = ("axial", "coronal", "sagittal")
 # In RAS+ voxel order the plane normal is: sagittal -> axis 0 (R), coronal -> 1 (A), axial -> 2 (S).
 PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 
-# Class colours (RGB), background first; tab10-like, chosen to stay apart on grey images.
+# Class colours (RGB), background first: Okabe & Ito's colour-blind-safe set ("Color Universal Design", 2008),
+# ordered so the first classes stay furthest apart under protanopia, deuteranopia and tritanopia.
 PALETTE = np.array(
     [
         [0, 0, 0],
-        [230, 25, 75],  # red
-        [60, 180, 75],  # green
-        [0, 130, 200],  # blue
-        [255, 225, 25],  # yellow
-        [145, 30, 180],  # purple
-        [70, 240, 240],  # cyan
-        [245, 130, 48],  # orange
-        [240, 50, 230],  # magenta
-        [210, 245, 60],  # lime
+        [230, 159, 0],  # orange
+        [86, 180, 233],  # sky blue
+        [0, 158, 115],  # bluish green
+        [240, 228, 66],  # yellow
+        [0, 114, 178],  # blue
+        [213, 94, 0],  # vermillion
+        [204, 121, 167],  # reddish purple
     ],
     dtype=np.uint8,
 )
-FALSE_POSITIVE = (255, 64, 64)  # predicted foreground where the truth is background
-FALSE_NEGATIVE = (64, 128, 255)  # truth foreground the prediction missed
-WRONG_CLASS = (255, 200, 0)  # foreground in both, but a different class
-DISAGREEMENT = (255, 0, 255)
+# Error and disagreement colours: none is a class colour, so a colour means one thing across panels, and the three
+# error kinds stay apart under colour-blindness too (tests/test_display.py simulates it).
+FALSE_POSITIVE = (255, 0, 64)  # red: predicted foreground where the truth is background
+FALSE_NEGATIVE = (0, 255, 255)  # cyan: truth foreground the prediction missed
+WRONG_CLASS = (128, 0, 255)  # violet: foreground in both, but a different class
+DISAGREEMENT = (0, 255, 128)  # spring green: two predictions differ (compare mode, flip-TTA uncertainty)
+ERROR_KEY = "red false positive, cyan false negative, violet wrong class"
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -58,7 +60,7 @@ def class_colors(num_classes: int) -> np.ndarray:
 
 
 def hex_color(rgb: Sequence[int]) -> str:
-    """``(230, 25, 75)`` -> ``"#e6194b"`` for legends."""
+    """``(230, 159, 0)`` -> ``"#e69f00"`` for legends."""
     return "#" + "".join(f"{int(c):02x}" for c in rgb)
 
 
@@ -137,7 +139,7 @@ def error_masks(prediction: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarr
 
 
 def error_overlay(base: np.ndarray, prediction: np.ndarray, truth: np.ndarray, opacity: float = 0.6) -> np.ndarray:
-    """False positives (red), false negatives (blue) and wrong classes (amber) over ``base``."""
+    """False positives, false negatives and wrong classes over ``base``, in the colours :data:`ERROR_KEY` names."""
     rgb = to_rgb(base)
     masks = error_masks(prediction, truth)
     for name, color in (("false_positive", FALSE_POSITIVE), ("false_negative", FALSE_NEGATIVE), ("wrong_class", WRONG_CLASS)):
