@@ -375,6 +375,7 @@ class View:
     base: np.ndarray  # windowed uint8 picture (H, W) or (H, W, 3)
     aspect: tuple[float, float]
     opacity: float
+    letters: dict[str, str] | None = None  # orientation markers at the picture's edges (volumes)
 
     @property
     def where(self) -> str:
@@ -417,7 +418,8 @@ def view_controls(source: Input, opacity: float) -> View:
         width = st.slider("Width", step, 2 * span, key="width", step=step)
     picture = display.plane_slice(image, plane, index) if plane else image
     base = display.apply_window(display.channels_last(picture), level, width)
-    return View(source, plane, index, base, aspect, opacity)
+    letters = display.edge_letters(source.meta.affine, source.image.shape[1:], plane) if plane else None
+    return View(source, plane, index, base, aspect, opacity, letters)
 
 
 def show_panels(panels: list[tuple[np.ndarray, str]], view: View, first_row: list) -> None:
@@ -432,7 +434,10 @@ def show_panels(panels: list[tuple[np.ndarray, str]], view: View, first_row: lis
 
 
 def show(slot, picture: np.ndarray, caption: str, view: View) -> None:
-    slot.image(png(display.upscale(picture, target=420, aspect=view.aspect)), caption=caption, width="stretch")
+    picture = display.upscale(picture, target=420, aspect=view.aspect)
+    if view.letters:
+        picture = display.mark_edges(picture, view.letters)
+    slot.image(png(picture), caption=caption, width="stretch")
 
 
 def png(picture: np.ndarray) -> bytes:

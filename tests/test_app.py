@@ -187,6 +187,9 @@ def test_a_volume_gets_the_3d_model_by_default_and_a_mask_of_its_shape(app, data
         return labels
 
     monkeypatch.setattr(Segmenter, "predict", recording_predict)
+    markers = []
+    mark_edges = display.mark_edges
+    monkeypatch.setattr(display, "mark_edges", lambda picture, letters: markers.append(letters) or mark_edges(picture, letters))
     upload(app, "image_upload", "odd.nii.gz", gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
     ok(app)
     assert app.selectbox(key="model").value == VOLUME_MODEL
@@ -199,9 +202,12 @@ def test_a_volume_gets_the_3d_model_by_default_and_a_mask_of_its_shape(app, data
     sizes = table_with(app, "volume (mm³)")
     assert sizes["voxels"].tolist() == counts[1:].tolist()
     assert sizes["volume (mm³)"].tolist() == pytest.approx((counts[1:] * 1.2 * 1.5).tolist())
+    assert markers and all(m == {"left": "L", "right": "R", "top": "A", "bottom": "P"} for m in markers)  # every panel
+    markers.clear()
     app.radio(key="plane").set_value("sagittal").run()
     ok(app)
     assert captions(app)[0] == f"{VOLUME_MODEL}: sagittal slice {volume.shape[0] // 2}"
+    assert markers and all(m == {"left": "P", "right": "A", "top": "S", "bottom": "I"} for m in markers)
 
 
 def test_slider_plane_window_and_opacity_never_rerun_the_model(app, data_root, model_calls):

@@ -232,3 +232,53 @@ def test_upscale_thickens_a_thin_picture_so_the_page_can_shrink_it(shape):
     assert height >= 1
     Image.fromarray(np.ascontiguousarray(out)).resize((min(page, out.shape[1]), height))  # what raised before
     assert display.upscale(np.zeros((600, 800)), target=480).shape == (600, 800)  # ordinary pictures unchanged
+
+
+@pytest.mark.parametrize(
+    "affine, axial, sagittal",
+    [
+        (np.diag([1.0, 1.0, 1.0, 1.0]), "LRAP", "PASI"),  # RAS voxels
+        (np.diag([-1.0, 2.0, 3.0, 1.0]), "LRAP", "PASI"),  # x flipped (LAS, radiological files): still R on the right
+        (np.array([[0, 0, -1.0, 0], [-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]]), "LRAP", "PASI"),  # permuted
+    ],
+)
+def test_edge_letters_name_where_the_patient_lies_at_each_edge(affine, axial, sagittal):
+    shape = (5, 6, 7)
+    for plane, expected in (("axial", axial), ("sagittal", sagittal)):
+        letters = display.edge_letters(affine, shape, plane)
+        assert "".join(letters[e] for e in ("left", "right", "top", "bottom")) == expected
+    assert display.edge_letters(affine, shape, "coronal") == {"left": "L", "right": "R", "top": "S", "bottom": "I"}
+    # The letters agree with the pixels: a voxel at the patient's right-anterior-superior corner (largest world
+    # x, y, z) shows at the picture's "R"/"A"/"S" edges, whatever the voxel order of the file.
+    corner = np.argmax(np.array([(affine @ [i, j, k, 1])[:3].sum() for i, j, k in np.ndindex(shape)]))
+    volume = np.zeros(shape)
+    volume[np.unravel_index(corner, shape)] = 1
+    ras = display.to_ras(volume, affine)
+    for plane in display.PLANES:
+        index = int(np.argwhere(ras)[0][display.PLANE_AXIS[plane]])
+        row, col = np.argwhere(display.plane_slice(ras, plane, index))[0]
+        letters = display.edge_letters(affine, shape, plane)
+        picture = display.plane_slice(ras, plane, 0)
+        assert letters["right" if col == picture.shape[1] - 1 else "left"] in "RAS"
+        assert letters["top" if row == 0 else "bottom"] in "RAS"
+        assert col in (0, picture.shape[1] - 1) and row in (0, picture.shape[0] - 1)
+
+
+def test_edge_letters_of_an_oblique_affine_take_the_closest_direction():
+    angle = np.deg2rad(30)  # rotated 30 degrees about z: x still mostly R, y mostly A
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0, 0], [np.sin(angle), np.cos(angle), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    assert display.edge_letters(rot, (4, 4, 4), "axial") == {"left": "L", "right": "R", "top": "A", "bottom": "P"}
+    assert display.direction_letter((0, -0.9, 0.2)) == "P"
+    with pytest.raises(ValueError, match="plane"):
+        display.edge_letters(np.eye(4), (4, 4, 4), "oblique")
+
+
+def test_mark_edges_writes_letters_at_the_edges_only():
+    picture = np.full((200, 300, 3), 100, np.uint8)
+    marked = display.mark_edges(picture, {"left": "R", "right": "L", "top": "A", "bottom": "P"})
+    assert marked.shape == picture.shape and marked.dtype == np.uint8
+    changed = np.any(marked != picture, axis=2)
+    assert not changed[40:160, 40:260].any()  # the middle is untouched
+    for region in (changed[80:120, :30], changed[80:120, -30:], changed[:30, 130:170], changed[-30:, 130:170]):
+        assert region.any()
+    assert (marked == 255).all(axis=2).any() and (marked == 0).all(axis=2).any()  # white letters, black outline

@@ -230,6 +230,58 @@ def ras_spacing(spacing: Sequence[float], affine: np.ndarray) -> tuple[float, fl
     return out[0], out[1], out[2]
 
 
+# The patient direction at the negative and positive end of each RAS+ world axis.
+AXIS_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def direction_letter(vector: Sequence[float]) -> str:
+    """The patient direction a world (RAS+) vector points to most: ``(0, -0.9, 0.2)`` -> ``"P"``."""
+    vector = np.asarray(vector, dtype=float)
+    axis = int(np.argmax(np.abs(vector)))
+    return AXIS_LETTERS[axis][int(vector[axis] > 0)]
+
+
+def edge_letters(affine: np.ndarray, shape: Sequence[int], plane: str) -> dict[str, str]:
+    """Orientation markers of a :func:`plane_slice` picture of ``to_ras(array, affine)``: the patient direction at
+    its ``left``, ``right``, ``top`` and ``bottom`` edge, read from the affine (``shape``: the array's ``(X, Y, Z)``).
+
+    Picture columns run along one voxel axis of the reoriented volume and rows (bottom to top) along another; the
+    world direction of each axis is a column of the reoriented affine.
+    """
+    affine = np.asarray(affine, dtype=float)
+    ornt = orientations.io_orientation(affine)
+    shown = affine @ orientations.inv_ornt_aff(ornt, tuple(shape)[-3:])  # the affine of to_ras(array)
+    axis = PLANE_AXIS[_check_plane(plane)]
+    horizontal, vertical = (a for a in range(3) if a != axis)
+    right, up = direction_letter(shown[:3, horizontal]), direction_letter(shown[:3, vertical])
+    return {"left": _opposite(right), "right": right, "top": up, "bottom": _opposite(up)}
+
+
+def _opposite(letter: str) -> str:
+    return next(pair[1 - pair.index(letter)] for pair in AXIS_LETTERS if letter in pair)
+
+
+def mark_edges(picture: np.ndarray, letters: dict[str, str]) -> np.ndarray:
+    """Write orientation ``letters`` (see :func:`edge_letters`) at the middle of each edge of an RGB picture.
+
+    White with a black outline, sized to the picture (draw them after enlarging it for display).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = picture.shape[:2]
+    size = int(np.clip(min(height, width) // 14, 10, 28))
+    image = Image.fromarray(to_rgb(picture))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=size)
+    pad = max(2, size // 4)
+    spots = {"left": ((pad, height / 2), "lm"), "right": ((width - pad, height / 2), "rm"),
+             "top": ((width / 2, pad), "mt"), "bottom": ((width / 2, height - pad), "mb")}
+    for edge, (xy, anchor) in spots.items():
+        draw.text(xy, letters[edge], fill=(255, 255, 255), font=font, anchor=anchor, stroke_width=max(1, size // 8),
+                  stroke_fill=(0, 0, 0))
+    return np.asarray(image)
+
+
 def num_slices(shape: Sequence[int], plane: str) -> int:
     """How many slices a RAS+ volume of ``shape (X, Y, Z)`` has in ``plane``."""
     return int(shape[-3:][PLANE_AXIS[_check_plane(plane)]])
