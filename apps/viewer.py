@@ -376,16 +376,17 @@ class View:
     aspect: tuple[float, float]
     opacity: float
     letters: dict[str, str] | None = None  # orientation markers at the picture's edges (volumes)
+    box: tuple[slice, slice] = (slice(None), slice(None))  # the zoomed part of the picture (``base`` is cut to it)
 
     @property
     def where(self) -> str:
         return f"{self.plane} slice {self.index}" if self.plane else "image"
 
     def cut(self, array: np.ndarray) -> np.ndarray:
-        """The picture of ``array`` (labels ``(*S)`` or image ``(C, *S)``) in this view."""
-        if not self.plane:
-            return array
-        return display.plane_slice(display.to_ras(array, self.source.meta.affine), self.plane, self.index)
+        """The picture of a label map ``array (*S)`` in this view: its slice, zoomed."""
+        if self.plane:
+            array = display.plane_slice(display.to_ras(array, self.source.meta.affine), self.plane, self.index)
+        return array[self.box]
 
 
 def view_controls(source: Input, opacity: float) -> View:
@@ -394,12 +395,13 @@ def view_controls(source: Input, opacity: float) -> View:
     lo, span = float(image.min()), max(float(image.max() - image.min()), 1e-6)
     step = span / 200
     # Streamlit drops a widget's state in runs that do not draw it (e.g. after a bad file), hence the key checks.
-    if st.session_state.get("_view_for") != source.key or not {"level", "width", "plane"} <= st.session_state.keys():
+    if st.session_state.get("_view_for") != source.key or not {"level", "width", "plane", "zoom"} <= st.session_state.keys():
         st.session_state["_view_for"] = source.key
         level, width = display.default_window(image)
         st.session_state["level"], st.session_state["width"] = level, min(max(width, step), 2 * span)
         st.session_state["plane"] = "axial"
         st.session_state["_slice_for"] = None
+        st.session_state["zoom"], st.session_state["zoom_across"], st.session_state["zoom_down"] = 1, 50, 50
     plane, index, aspect = None, 0, (1.0, 1.0)
     if source.volume:
         cols = st.columns([2, 3])
@@ -419,7 +421,19 @@ def view_controls(source: Input, opacity: float) -> View:
     picture = display.plane_slice(image, plane, index) if plane else image
     base = display.apply_window(display.channels_last(picture), level, width)
     letters = display.edge_letters(source.meta.affine, source.image.shape[1:], plane) if plane else None
-    return View(source, plane, index, base, aspect, opacity, letters)
+    box = zoom_controls(base.shape)
+    return View(source, plane, index, base[box], aspect, opacity, letters, box)
+
+
+def zoom_controls(shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """Zoom (and where to) in the sidebar: a large image is shown a few hundred pixels wide, so its detail needs it."""
+    zoom = st.sidebar.select_slider("Zoom", [1, 2, 4, 8, 16], key="zoom", format_func=lambda z: f"{z}x",
+                                    help=f"The picture is {shape[1]} x {shape[0]} pixels; zoom in to see them.")
+    if zoom == 1:
+        return slice(None), slice(None)
+    across = st.sidebar.slider("Zoom centre, left to right (%)", 0, 100, key="zoom_across")
+    down = st.sidebar.slider("Zoom centre, top to bottom (%)", 0, 100, key="zoom_down")
+    return display.zoom_box(shape, zoom, (down / 100, across / 100))
 
 
 def show_panels(panels: list[tuple[np.ndarray, str]], view: View, first_row: list) -> None:

@@ -453,6 +453,30 @@ def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root
     assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
 
 
+def test_zoom_shows_part_of_a_large_image_at_full_detail_without_predicting_again(app, data_root, monkeypatch, model_calls):
+    """A 1024 x 1024 image fills a column a few hundred pixels wide: the zoom shows a part of it, pixel for pixel."""
+    require_shipped("dsb2018_2d")
+    shown = []
+    upscale = display.upscale
+    monkeypatch.setattr(display, "upscale", lambda picture, *a, **k: shown.append(picture) or upscale(picture, *a, **k))
+    path = dsb_png(data_root)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    ok(app)
+    whole = shown[-2]  # the overlay, then the input beside it
+    assert whole.shape == (256, 256, 3) and app.select_slider(key="zoom").value == 1
+    app.select_slider(key="zoom").set_value(4).run()
+    ok(app)
+    assert np.array_equal(shown[-2], whole[96:160, 96:160])  # the middle quarter of each side
+    app.slider(key="zoom_across").set_value(0).run()
+    app.slider(key="zoom_down").set_value(100).run()
+    assert np.array_equal(shown[-2], whole[192:, :64])  # bottom left
+    assert model_calls == ["predict"]
+    assert captions(app)[0] == "dsb2018_2d: image"
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())  # a new input starts unzoomed
+    assert app.select_slider(key="zoom").value == 1 and "zoom_across" not in [s.key for s in app.slider]
+
+
 def test_a_large_image_shows_a_progress_bar_over_its_windows(app, monkeypatch):
     """Over the inference memory budget an image is segmented window by window: a bar, not only a spinner."""
     from streamlit.delta_generator import DeltaGenerator

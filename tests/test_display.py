@@ -282,3 +282,12 @@ def test_mark_edges_writes_letters_at_the_edges_only():
     for region in (changed[80:120, :30], changed[80:120, -30:], changed[:30, 130:170], changed[-30:, 130:170]):
         assert region.any()
     assert (marked == 255).all(axis=2).any() and (marked == 0).all(axis=2).any()  # white letters, black outline
+
+
+def test_zoom_box_shows_a_part_of_the_picture_kept_inside_it():
+    assert display.zoom_box((1024, 1024), 1) == (slice(0, 1024), slice(0, 1024))
+    assert display.zoom_box((1024, 1024), 4) == (slice(384, 640), slice(384, 640))  # the middle quarter of each side
+    assert display.zoom_box((1040, 1388), 4, (0.0, 1.0)) == (slice(0, 260), slice(1041, 1388))  # a corner, inside
+    assert display.zoom_box((5, 3), 8) == (slice(2, 3), slice(1, 2))  # never under one pixel
+    with pytest.raises(ValueError, match="zoom"):
+        display.zoom_box((4, 4), 0.5)

@@ -308,6 +308,19 @@ def pixel_aspect(spacing: Sequence[float], plane: str) -> tuple[float, float]:
     return float(spacing[vertical]), float(spacing[horizontal])
 
 
+def zoom_box(shape: Sequence[int], zoom: float, centre: tuple[float, float] = (0.5, 0.5)) -> tuple[slice, slice]:
+    """Rows and columns of an ``(H, W)`` picture to show at ``zoom`` x: ``1/zoom`` of each side (at least a pixel),
+    centred at ``centre`` (row, column as fractions of the picture, 0.5 = the middle) and kept inside it."""
+    if zoom < 1:
+        raise ValueError(f"zoom must be >= 1, got {zoom}")
+    box = []
+    for size, where in zip(shape[:2], centre):
+        part = max(1, round(size / zoom))
+        start = int(np.clip(round(where * size - part / 2), 0, size - part))
+        box.append(slice(start, start + part))
+    return box[0], box[1]
+
+
 def upscale(picture: np.ndarray, target: int = 480, aspect: tuple[float, float] = (1.0, 1.0), max_factor: int = 16) -> np.ndarray:
     """Nearest-neighbour enlarge ``(H, W[, 3])`` so its longer side is about ``target`` pixels.
 
