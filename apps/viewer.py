@@ -35,6 +35,7 @@ from unetseg.data.io import ImageMeta
 from unetseg.errors import DataError, UnetsegError
 from unetseg.evaluate import score_case, summarize
 from unetseg.infer import Segmenter, model_card, resolve_checkpoint, shipped_models
+from unetseg.instances import instance_table, split_instances
 
 log = logging.getLogger("unetseg.viewer")
 
@@ -543,6 +544,8 @@ def page() -> None:
     if truth is not None:
         ground_truth_metrics(source, refs[first], label_key(label_upload, sample), labels, truth, seg)
     sizes(labels, seg, source)
+    if not source.volume and seg.num_classes == 2:  # one foreground class in a 2D image: count its objects
+        objects(key, refs[first], labels, seg.class_names[1], name)
     download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
 
@@ -624,6 +627,32 @@ def sizes(labels: np.ndarray, seg: Segmenter, source: Input) -> None:
     rows = display.class_sizes(labels, seg.class_names, source.meta.affine if source.volume else None)
     names = {"voxels": "voxels", "volume_mm3": "volume (mm³)", "pixels": "area (pixels)"}
     st.table(pd.DataFrame(rows).rename(columns=names).style.format({"volume (mm³)": "{:,.1f}"}))
+
+
+@st.cache_data(max_entries=8, show_spinner="Counting objects ...")
+def object_rows(key: str, model_key: str, _labels: np.ndarray) -> list[dict[str, Any]]:
+    """One row per object of the predicted foreground, split as ``unetseg evaluate`` splits nuclei."""
+    return instance_table(split_instances(_labels == 1))
+
+
+def objects(key: str, model_ref_key: str, labels: np.ndarray, class_name: str, name: str) -> None:
+    """The number of objects (nuclei) in the predicted foreground and a table of their areas, also as CSV."""
+    rows = object_rows(key, model_ref_key, labels)
+    what = "nuclei" if class_name == "nucleus" else f"{class_name} objects"
+    st.subheader(f"Predicted {what}")
+    cols = st.columns([1, 3])
+    cols[0].metric(f"Number of {what}", len(rows),
+                   help="Touching objects split by a watershed on the distance transform (unetseg.instances), "
+                   "as unetseg evaluate counts them")
+    if not rows:
+        return
+    table = pd.DataFrame(rows).rename(columns={"label": class_name})
+    area = table["area_px"]
+    cols[0].caption(f"area (pixels): median {area.median():g}, range {area.min()}-{area.max()}")
+    cols[1].dataframe(table, hide_index=True, height=240)
+    cols[0].download_button(f"Download the table ({Path(name).stem}_{what.replace(' ', '_')}.csv)",
+                            table.to_csv(index=False), file_name=f"{Path(name).stem}_{what.replace(' ', '_')}.csv",
+                            mime="text/csv", key="objects_csv")
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

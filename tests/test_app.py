@@ -453,6 +453,26 @@ def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root
     assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
 
 
+def test_dsb_image_shows_the_nucleus_count_and_a_table_of_their_areas(app, data_root):
+    from unetseg.instances import instance_table, split_instances
+
+    require_shipped("dsb2018_2d")
+    path = dsb_png(data_root)
+    upload(app, "image_upload", path.name, path.read_bytes())
+    ok(app)
+    expected = instance_table(split_instances(predicted("dsb2018_2d", path) == 1))
+    assert len(expected) > 5  # several nuclei in this image
+    count = next(m for m in app.metric if m.label == "Number of nuclei")
+    assert count.value == str(len(expected))
+    [table] = [d.value for d in app.dataframe if "area_px" in d.value.columns]
+    assert table["nucleus"].tolist() == [r["label"] for r in expected]
+    assert table["area_px"].tolist() == [r["area_px"] for r in expected]
+    assert app.download_button(key="objects_csv").label.endswith(f"({DSB_CASE}_nuclei.csv)")
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    assert not [m for m in app.metric if m.label == "Number of nuclei"]  # volumes: sizes in mm³ only
+
+
 def test_zoom_shows_part_of_a_large_image_at_full_detail_without_predicting_again(app, data_root, monkeypatch, model_calls):
     """A 1024 x 1024 image fills a column a few hundred pixels wide: the zoom shows a part of it, pixel for pixel."""
     require_shipped("dsb2018_2d")
