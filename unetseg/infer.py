@@ -1,8 +1,9 @@
-"""Inference: checkpoints, the :class:`Segmenter`, and prediction of files.
+"""Inference: the :class:`Segmenter`, and prediction of files.
 
-A checkpoint is a plain dict (safe for ``torch.load(weights_only=True)``)
-holding the model's constructor arguments and the preprocessing settings, so
-inference needs nothing else.
+A checkpoint (:mod:`unetseg.checkpoint`) holds the model's constructor
+arguments and the preprocessing settings, so inference needs nothing else.
+Its functions (``load_checkpoint``, ``resolve_checkpoint``, ...) are still
+importable from here, where they used to live.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import copy
 import itertools
 import json
 import math
-import os
-import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -26,6 +24,19 @@ from monai.inferers import sliding_window_inference
 from skimage.measure import label as connected_components
 from torch import nn
 
+from unetseg.checkpoint import (  # noqa: F401  (re-exported: unetseg.infer was their home)
+    CHECKPOINT_FORMAT,
+    PRETRAINED_DIR,
+    REQUIRED_ENTRIES,
+    Checkpoint,
+    build_model,
+    check_payload,
+    checkpoint_tta_flips,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    shipped_models,
+)
 from unetseg.data import io
 from unetseg.data.datasets import to_channels
 from unetseg.data.preprocess import (
@@ -35,149 +46,11 @@ from unetseg.data.preprocess import (
     volume_to_slices,
 )
 from unetseg.data.transforms import flip_combinations
+from unetseg.device import resolve_device  # noqa: F401  (re-exported)
 from unetseg.errors import DataError, UnetsegError
 from unetseg.limits import env_positive_number, positive_number
 from unetseg.model import UNet
 from unetseg.model.blocks import ConvBlock
-
-CHECKPOINT_FORMAT = "unetseg-checkpoint-v1"
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-
-
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` atomically: to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def shipped_models() -> list[str]:
-    """Names of the trained models that ship with the package."""
-    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "model.pt").is_file()) if PRETRAINED_DIR.is_dir() else []
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint path, or the ``model.pt`` of a shipped model of that name."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if path.is_dir() and (path / "best.pt").is_file():
-        return path / "best.pt"
-    shipped = PRETRAINED_DIR / str(name_or_path) / "model.pt"
-    if shipped.is_file():
-        return shipped
-    raise UnetsegError(
-        f"checkpoint {str(name_or_path)!r} not found; give a .pt path, a run folder, "
-        f"or a shipped model: {', '.join(shipped_models()) or '(none installed)'}"
-    )
-
-
-def load_checkpoint(name_or_path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only=True``); never executes pickled code."""
-    path = resolve_checkpoint(name_or_path)
-    try:
-        with warnings.catch_warnings():  # a refused pickle is reported below as one line, not torch's warning
-            warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or a pickle with code in it
-        raise DataError(path, f"not a loadable unetseg checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(path, f"not a unetseg checkpoint (expected format {CHECKPOINT_FORMAT})")
-    check_payload(payload, path)
-    return payload
-
-
-# What every checkpoint holds, with the type it must have.
-REQUIRED_ENTRIES: dict[str, type | tuple[type, ...]] = {
-    "model_args": dict, "state_dict": dict, "preprocessing": dict, "class_names": (list, tuple),
-}
-
-
-def check_payload(payload: dict[str, Any], source: str | Path) -> None:
-    """Raise :class:`DataError` (one line naming ``source``) unless the checkpoint's entries are all there and its
-    weights fit the network its ``model_args`` describe (a strict load into a fresh network, on the CPU)."""
-    for key, kind in REQUIRED_ENTRIES.items():
-        if not isinstance(payload.get(key), kind):
-            raise DataError(source, f"damaged checkpoint: entry {key!r} is missing or not a {getattr(kind, '__name__', 'list')}; "
-                                    "re-export it from its run folder")
-    try:
-        model = build_model(payload["model_args"])
-        model.load_state_dict(payload["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        detail = lines[1] if lines[0].startswith("Error(s) in loading") and len(lines) > 1 else lines[0]
-        raise DataError(source, f"the weights do not fit the network the checkpoint describes ({detail[:200]}); "
-                                "it was saved by other code or damaged") from None
-    problem = _settings_problem(payload, model)
-    if problem:
-        raise DataError(source, f"damaged checkpoint: {problem}; re-export it from its run folder")
-
-
-def _settings_problem(payload: dict[str, Any], model: UNet) -> str | None:
-    """What is wrong with a checkpoint's class names, preprocessing or TTA flips for its network, else None."""
-    names, pre, args = payload["class_names"], payload["preprocessing"], payload["model_args"]
-    outputs, inputs = args.get("out_channels", 3), args.get("in_channels", 1)  # UNet's defaults
-    if len(names) != outputs or not all(isinstance(n, str) for n in names):
-        return f"{len(names)} class names for a network with {outputs} outputs"
-    if pre.get("normalization") not in ("percentile", "zscore"):
-        return f"preprocessing normalization {pre.get('normalization')!r} is not 'percentile' or 'zscore'"
-    if pre.get("in_channels") != inputs:
-        return f"preprocessing in_channels {pre.get('in_channels')!r} differs from the network's {inputs}"
-    patch = pre.get("patch_size")
-    if not (isinstance(patch, (list, tuple)) and len(patch) == model.spatial_dims
-            and all(isinstance(v, int) and v > 0 for v in patch)):
-        return f"preprocessing patch_size {patch!r} is not {model.spatial_dims} positive sizes"
-    if model.spatial_dims == 2 and pre.get("slice_axis", 2) not in (0, 1, 2):
-        return f"preprocessing slice_axis {pre.get('slice_axis')!r} is not 0, 1 or 2"
-    flips = payload.get("tta_flips", [[]])
-    if not (isinstance(flips, (list, tuple)) and flips and all(isinstance(f, (list, tuple)) for f in flips)
-            and tuple(flips[0]) == () and all(0 <= a < model.spatial_dims for f in flips for a in f)):
-        return f"tta_flips {flips!r} must be a list of axis lists (0..{model.spatial_dims - 1}) starting with []"
-    return None
-
-
-def checkpoint_tta_flips(payload: dict[str, Any]) -> list[tuple[int, ...]]:
-    """The flip test-time-augmentation members of a checkpoint: the mirrorings its model was trained with.
-
-    Training stores them as ``tta_flips``. Older checkpoints are read by what
-    their training really did: 2D augmentation came from albumentations with
-    one seed per transform, so horizontal and vertical flips always fired
-    together (a model that saw only 180-degree rotations); 3D flipped each axis
-    on its own.
-    """
-    if "tta_flips" in payload:
-        return [tuple(int(a) for a in f) for f in payload["tta_flips"]]
-    augment = payload.get("config", {}).get("augment", {})
-    if not augment.get("flip", True) or augment.get("strength", 1.0) <= 0:
-        return [()]
-    dims = int(payload["model_args"]["spatial_dims"])
-    return [(), (0, 1)] if dims == 2 else flip_combinations(range(dims))
-
-
-def build_model(model_args: dict[str, Any]) -> UNet:
-    """Rebuild a :class:`UNet` from the constructor arguments stored in a checkpoint."""
-    return UNet(**model_args)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnetsegError(f"device {device!r}: no CUDA device is available; use cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UnetsegError(f"device {device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -473,15 +346,16 @@ class Segmenter(Predictor):
     @classmethod
     def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
         """Build from a checkpoint path, run folder, or shipped model name."""
-        return cls.from_payload(load_checkpoint(name_or_path), device)
+        return cls.from_payload(Checkpoint.load(name_or_path), device)
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any], device: str = "cpu") -> Segmenter:
-        """Build from a checkpoint dict that :func:`load_checkpoint` returned."""
-        model = build_model(payload["model_args"])
-        model.load_state_dict(payload["state_dict"])
-        return cls(model, payload["preprocessing"], payload["class_names"], device, dataset=payload.get("dataset"),
-                   tta_flips=checkpoint_tta_flips(payload))
+    def from_payload(cls, checkpoint: Checkpoint | dict[str, Any], device: str = "cpu") -> Segmenter:
+        """Build from a :class:`~unetseg.checkpoint.Checkpoint`, or a checkpoint dict that :func:`load_checkpoint`
+        returned. A freshly loaded Checkpoint hands over the network it was checked with (no second build)."""
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = Checkpoint.from_dict(checkpoint)
+        return cls(checkpoint.build_model(), checkpoint.preprocessing.to_dict(), checkpoint.class_names, device,
+                   dataset=checkpoint.dataset, tta_flips=checkpoint.flips)
 
     @property
     def spatial_dims(self) -> int:
