@@ -272,15 +272,19 @@ def uploaders() -> tuple[Any, Any]:
     """The image and ground-truth upload widgets, drawn before anything that may fail (a widget not drawn in a
     run loses its file). A ground truth belongs to the image on show when it arrived: a new image starts with an
     empty ground-truth uploader, so another image's label is never scored against it."""
-    upload = st.file_uploader(
-        "Scan or image: NIfTI (.nii, .nii.gz), DICOM (.dcm, or a .zip of one series), PNG, JPG, TIF",
+    left, right = st.columns(2)  # side by side: the first picture starts above the fold of a 1280 x 720 window
+    upload = left.file_uploader(
+        "Scan or image: NIfTI, DICOM, PNG, JPG, TIF",
         key="image_upload",
-        help=f"Up to {uploads.max_upload_bytes() / 1e6:g} MB (set {uploads.MAX_UPLOAD_ENV} to change). "
+        help="NIfTI (.nii, .nii.gz), DICOM (one .dcm, or a .zip of one series), PNG, JPG, TIF, BMP. "
+        f"Up to {uploads.max_upload_bytes() / 1e6:g} MB (set {uploads.MAX_UPLOAD_ENV} to change). "
         "Files are read in memory and never saved in the working directory.",
     )
-    label_upload = st.file_uploader(
-        "Ground truth (optional): NIfTI label map, mask PNG/TIF, or a .zip of DSB mask PNGs",
+    label_upload = right.file_uploader(
+        "Ground truth (optional): label map or mask",
         key=label_widget_key(image_on_show(upload)),
+        help="A NIfTI label map, a mask PNG/TIF, or a .zip of DSB mask PNGs (one per nucleus), "
+        "for the image on the left; a new image starts with none.",
     )
     return upload, label_upload
 
@@ -416,7 +420,7 @@ def view_controls(source: Input, opacity: float) -> View:
         else:
             cols[1].caption(f"The {plane} plane has a single slice.")
         aspect = display.pixel_aspect(display.ras_spacing(source.meta.spacing, source.meta.affine), plane)
-    with st.expander("Window / level (intensity)"):
+    with st.sidebar.expander("Window / level (intensity)"):
         level = st.slider("Level", lo, lo + span, key="level", step=step)
         width = st.slider("Width", step, 2 * span, key="width", step=step)
     picture = display.plane_slice(image, plane, index) if plane else image
@@ -478,7 +482,7 @@ def legend_html(class_names: tuple[str, ...]) -> str:
 
 def main() -> None:
     st.set_page_config(page_title="unetseg viewer", layout="wide")
-    st.title("unetseg viewer")
+    st.sidebar.title("unetseg viewer")  # in the sidebar: the page's height goes to the pictures
     try:
         page()
     except UnetsegError as exc:  # user-caused: one line, no traceback
