@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from unetseg.checkpoint import Checkpoint
 from unetseg.config import Config, apply_overrides
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import CV_MANIFEST, fold_dir, read_cv_manifest
 from unetseg.evaluate import EVALUATION_FILES, evaluate, read_per_case, summarize, write_evaluation
-from unetseg.infer import load_checkpoint
 from unetseg.runlog import dumps, write_json
 
 
@@ -59,7 +59,7 @@ def _plain(cfg: Config) -> dict[str, Any]:
 
 def _finished(run: Path, epochs: int) -> bool:
     last = run / "last.pt"
-    return last.is_file() and int(load_checkpoint(last)["epoch"]) + 1 >= epochs
+    return last.is_file() and int(Checkpoint.load(last).epoch) + 1 >= epochs
 
 
 def cross_validate(
@@ -119,7 +119,7 @@ def cross_validate(
 
 
 def _class_names(run: Path) -> list[str]:
-    return list(load_checkpoint(run / "best.pt")["class_names"])
+    return list(Checkpoint.load(run / "best.pt").class_names)
 
 
 def _up_to_date(scores: Path, checkpoint: Path) -> bool:

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from unetseg.checkpoint import Checkpoint
 from unetseg.errors import UnetsegError
-from unetseg.infer import Predictor, Segmenter, dataset_kind, load_checkpoint
+from unetseg.infer import Predictor, Segmenter, dataset_kind
 
 # A cross-validation folder (unetseg.cv) is an ensemble too: its manifest names it, its folds are its members.
 CV_MANIFEST = "cv.json"
@@ -100,12 +101,15 @@ class Ensemble(Predictor):
     @classmethod
     def from_checkpoints(cls, names_or_paths: Sequence[str | Path], device: str = "cpu") -> Ensemble:
         """Load each checkpoint (path, run folder or shipped model name) as a member."""
-        return cls.from_payloads([load_checkpoint(n) for n in names_or_paths], [str(n) for n in names_or_paths],
+        return cls.from_payloads([Checkpoint.load(n) for n in names_or_paths], [str(n) for n in names_or_paths],
                                  device)
 
     @classmethod
-    def from_payloads(cls, payloads: Sequence[dict[str, Any]], names: Sequence[str], device: str = "cpu") -> Ensemble:
-        """Build from checkpoint dicts that :func:`~unetseg.infer.load_checkpoint` returned."""
+    def from_payloads(
+        cls, payloads: Sequence[Checkpoint | dict[str, Any]], names: Sequence[str], device: str = "cpu"
+    ) -> Ensemble:
+        """Build from :class:`~unetseg.checkpoint.Checkpoint` s, or the dicts
+        :func:`~unetseg.checkpoint.load_checkpoint` returns."""
         return cls([Segmenter.from_payload(p, device) for p in payloads], names)
 
     @property

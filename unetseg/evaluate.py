@@ -10,14 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from unetseg.checkpoint import Checkpoint, Preprocessing
 from unetseg.data.datasets import Case, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import Ensemble, expand_checkpoints
-from unetseg.infer import Segmenter, load_checkpoint
+from unetseg.infer import Segmenter
 from unetseg.instances import average_precision, split_instances
 from unetseg.losses import case_metrics
+from unetseg.model import UNet
 from unetseg.runlog import write_json
 
 
@@ -40,6 +43,14 @@ def evaluate_cases(
             row.update(score_instances(prediction == 1, case.instances))
         rows.append(row)
     return rows
+
+
+def network_predictor(
+    model: UNet, preprocessing: Preprocessing, class_names: Sequence[str], device: str | torch.device = "cpu"
+) -> Segmenter:
+    """A predictor for :func:`evaluate_cases` of a network being trained: it predicts as the network's checkpoint
+    will (the same preprocessing), and always with the network's current weights. Puts the network in eval mode."""
+    return Segmenter(model, preprocessing.to_dict(), class_names, device)
 
 
 def score_instances(foreground: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -149,13 +160,13 @@ def evaluate(
     if split not in ("val", "all"):
         raise UnetsegError(f"--split must be 'val' or 'all', got {split!r}")
     checkpoints = expand_checkpoints([checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint))
-    payloads = [load_checkpoint(c) for c in checkpoints]
+    loaded = [Checkpoint.load(c) for c in checkpoints]
     names = [str(c) for c in checkpoints]
     checkpoint = " + ".join(names)
-    segmenter = (Segmenter.from_payload(payloads[0], device=device) if len(payloads) == 1
-                 else Ensemble.from_payloads(payloads, names, device=device))
-    payload = shared_training(payloads, names, same_validation=split == "val")
-    trained_on = payload.get("dataset")
+    segmenter = (Segmenter.from_payload(loaded[0], device=device) if len(loaded) == 1
+                 else Ensemble.from_payloads(loaded, names, device=device))
+    trained = shared_training(loaded, names, same_validation=split == "val")
+    trained_on = trained.dataset
     dataset = dataset or trained_on
     if dataset is None:
         raise UnetsegError(f"{checkpoint}: the checkpoint does not say which data set it was trained on; pass --dataset")
@@ -177,7 +188,7 @@ def evaluate(
                 f"{checkpoint}: its validation cases are {trained_on} cases, not {dataset}; "
                 f"pass --dataset {trained_on}, or --split all to score every {dataset} case"
             )
-        wanted = set(payload.get("split", {}).get("val", []))
+        wanted = _validation_cases(trained)
         if not wanted:
             raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
         refs = [r for r in refs if r.case_id in wanted]
@@ -203,27 +214,31 @@ def evaluate(
 
 
 def shared_training(
-    payloads: Sequence[dict[str, Any]], names: Sequence[str], same_validation: bool = True
-) -> dict[str, Any]:
-    """The first checkpoint's payload, once all are found to share its ``dataset`` (and, with
+    checkpoints: Sequence[Checkpoint], names: Sequence[str], same_validation: bool = True
+) -> Checkpoint:
+    """The first checkpoint, once all are found to share its ``dataset`` (and, with
     ``same_validation``, its validation cases), for scoring them together.
 
     Raises :class:`UnetsegError` when they were trained on different data sets
     or validated on different cases: k-fold models each trained on the others'
     validation cases, so no validation split is unseen by all of them.
     """
-    first = payloads[0]
-    for name, payload in zip(names[1:], payloads[1:]):
-        if payload.get("dataset") != first.get("dataset"):
+    first = checkpoints[0]
+    for name, other in zip(names[1:], checkpoints[1:]):
+        if other.dataset != first.dataset:
             raise UnetsegError(f"{names[0]} and {name} were trained on different data sets "
-                               f"({first.get('dataset')} and {payload.get('dataset')})")
-        if same_validation and set(payload.get("split", {}).get("val", [])) != set(first.get("split", {}).get("val", [])):
+                               f"({first.dataset} and {other.dataset})")
+        if same_validation and _validation_cases(other) != _validation_cases(first):
             raise UnetsegError(
                 f"{names[0]} and {name} were validated on different cases (k-fold models?): each trained on cases "
                 "the other holds back, so their ensemble has no unseen validation split; score it with --split all "
                 "on a --data-root of cases none of them trained on"
             )
     return first
+
+
+def _validation_cases(checkpoint: Checkpoint) -> set[str]:
+    return set((checkpoint.split or {}).get("val", []))
 
 
 def read_per_case(path: str | Path) -> list[dict[str, Any]]:

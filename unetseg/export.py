@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from unetseg.checkpoint import PRETRAINED_DIR, Checkpoint
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate
-from unetseg.infer import PRETRAINED_DIR, load_checkpoint, save_checkpoint
 from unetseg.runlog import read_jsonl, write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
@@ -78,15 +78,13 @@ def export_run(
         raise UnetsegError(f"{run_dir}: not a finished unetseg run ({', '.join(missing)} missing); train it to the end "
                            "(or --resume it) and export again")
     training = training_record(run_dir)  # before any file is written: a run without validation rows stops here
-    payload = load_checkpoint(run_dir / "best.pt")
+    checkpoint = Checkpoint.load(run_dir / "best.pt")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Everything is built in a hidden folder beside the target and moved into place at the end, so a failure
     # leaves no half-written model (which `models` and the viewer would offer) and never mixes old and new files.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        keep = ("format", "unetseg_version", "model_args", "state_dict", "preprocessing", "class_names", "tta_flips",
-                "dataset", "split", "epoch", "config")
-        model_path = save_checkpoint({k: payload[k] for k in keep if k in payload}, staging / "model.pt")
+        model_path = checkpoint.without_training_state().save(staging / "model.pt")
         size = model_path.stat().st_size
         if size > MAX_SHIPPED_BYTES:
             raise UnetsegError(f"{run_dir}: model is {size / 2**20:.1f} MB; shipped models must stay under "

@@ -37,7 +37,8 @@ from torch import nn
 import unetseg
 from unetseg.data.preprocess import pad_to_shape, round_up_to_multiple, slices_to_volume, volume_to_slices
 from unetseg.errors import UnetsegError
-from unetseg.infer import build_model, checkpoint_tta_flips, inference_network, load_checkpoint, resolve_checkpoint
+from unetseg.checkpoint import Checkpoint, resolve_checkpoint
+from unetseg.infer import inference_network
 from unetseg.runlog import write_json
 
 FORMATS = ("onnx", "torchscript")
@@ -57,29 +58,27 @@ def require_onnx(what: str = "ONNX export") -> None:
             raise UnetsegError(f"{what} needs the optional package {module!r}: {ONNX_INSTALL}") from None
 
 
-def exported_network(payload: dict[str, Any]) -> nn.Module:
+def exported_network(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's network as :class:`Segmenter` runs it (batch norm folded, eval), in plain memory layout."""
-    model = build_model(payload["model_args"])
-    model.load_state_dict(payload["state_dict"])
-    return inference_network(model.eval()).to(memory_format=torch.contiguous_format).eval()
+    return inference_network(checkpoint.build_model().eval()).to(memory_format=torch.contiguous_format).eval()
 
 
-def model_metadata(payload: dict[str, Any], source: str, fmt: str) -> dict[str, Any]:
-    """What a user needs besides the model file: input contract, preprocessing, classes, provenance."""
-    args = payload["model_args"]
-    multiple = build_model(args).size_multiple
+def model_metadata(checkpoint: Checkpoint, source: str, fmt: str, multiple: int) -> dict[str, Any]:
+    """What a user needs besides the model file: input contract, preprocessing, classes, provenance (``multiple``:
+    the network's size multiple)."""
+    args = checkpoint.model_args
     return {
         "format": METADATA_FORMAT,
         "model_format": fmt,
         "unetseg_version": unetseg.__version__,
         "source_checkpoint": source,
-        "dataset": payload.get("dataset"),
-        "class_names": list(payload["class_names"]),
-        "preprocessing": dict(payload["preprocessing"]),
-        "spatial_dims": int(args["spatial_dims"]),
+        "dataset": checkpoint.dataset,
+        "class_names": list(checkpoint.class_names),
+        "preprocessing": checkpoint.preprocessing.to_dict(),
+        "spatial_dims": checkpoint.spatial_dims,
         "in_channels": int(args.get("in_channels", 1)),
         "size_multiple": multiple,
-        "tta_flips": [list(f) for f in checkpoint_tta_flips(payload)],
+        "tta_flips": [list(f) for f in checkpoint.flips],
         "model_args": args,
         "input": f"image: float32 (N, C, *S), normalised per channel as preprocessing.normalization says; each "
                  f"spatial side a multiple of {multiple}, not all of them {multiple} (pad at the high end with 0)",
@@ -111,9 +110,9 @@ def export_model(
         raise UnetsegError(f"--out {out} is a folder; give a file name, e.g. {out / ('model.' + ('onnx' if fmt == 'onnx' else 'pt'))}")
     if not overwrite and (out.exists() or sidecar.exists()):
         raise UnetsegError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    payload = load_checkpoint(checkpoint)
-    metadata = model_metadata(payload, str(resolve_checkpoint(checkpoint)), fmt)
-    net = exported_network(payload)
+    loaded = Checkpoint.load(checkpoint)
+    net = exported_network(loaded)
+    metadata = model_metadata(loaded, str(resolve_checkpoint(checkpoint)), fmt, net.size_multiple)
     dims, multiple = metadata["spatial_dims"], metadata["size_multiple"]
     example = torch.zeros(1, metadata["in_channels"], *[2 * multiple] * dims)
     out.parent.mkdir(parents=True, exist_ok=True)

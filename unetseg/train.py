@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from unetseg import __version__
+from unetseg.checkpoint import TRAINING_ENTRIES, Checkpoint, Preprocessing, TrainingState, build_model, model_arguments
 from unetseg.config import Config, save_config
 from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
 from unetseg.eventlog import EVENT_DIR, EventLog
-from unetseg.evaluate import evaluate_cases, summarize
-from unetseg.infer import CHECKPOINT_FORMAT, Segmenter, build_model, load_checkpoint, resolve_device, save_checkpoint
+from unetseg.device import resolve_device
+from unetseg.evaluate import evaluate_cases, network_predictor, summarize
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import plot_training_curves
@@ -68,34 +69,17 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 def model_args(cfg: Config, info: DatasetInfo) -> dict[str, Any]:
     """Constructor arguments of the run's :class:`UNet` (stored in checkpoints)."""
-    m = cfg.model
-    return {
-        "spatial_dims": m.spatial_dims,
-        "in_channels": info.in_channels,
-        "out_channels": info.num_classes,
-        "channels": list(m.channels),
-        "skips": m.skips if isinstance(m.skips, bool) else list(m.skips),
-        "merge": m.merge,
-        "residual": m.residual,
-        "norm": m.norm,
-        "dropout": m.dropout,
-        "act": m.act,
-    }
+    return model_arguments(cfg.model, info.in_channels, info.num_classes)
 
 
-def preprocessing_settings(cfg: Config, info: DatasetInfo) -> dict[str, Any]:
+def preprocessing_settings(cfg: Config, info: DatasetInfo) -> Preprocessing:
     """What inference must do to an image before the network sees it."""
-    return {
-        "normalization": cfg.data.normalization,
-        "slice_axis": cfg.data.slice_axis,
-        "patch_size": list(cfg.data.patch_size),
-        "in_channels": info.in_channels,
-    }
+    return Preprocessing.from_config(cfg.data, info.in_channels)
 
 
-def tta_flips(cfg: Config) -> list[list[int]]:
+def tta_flips(cfg: Config) -> tuple[tuple[int, ...], ...]:
     """The flips a model of ``cfg`` is trained with, as stored in its checkpoints for flip test-time augmentation."""
-    return [list(f) for f in flip_combinations(resolve_flip_axes(cfg.augment, cfg.model.spatial_dims))]
+    return tuple(flip_combinations(resolve_flip_axes(cfg.augment, cfg.model.spatial_dims)))
 
 
 COLLAPSE_DICE = 0.01  # validation Dice below this: the class is (next to) never predicted
@@ -147,14 +131,15 @@ def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
 RESUME_ENTRIES = ("optimizer", "scheduler", "epoch", "best_metric", "best_epoch")
 
 
-def check_resumable(state: dict[str, Any], args: dict[str, Any], path: Path) -> None:
+def check_resumable(state: Checkpoint, args: dict[str, Any], path: Path) -> None:
     """Raise :class:`UnetsegError` unless ``last.pt`` holds a training state (not an exported or best-only
     checkpoint) of the network that the run folder's ``config.yaml`` describes (``args``)."""
-    missing = [key for key in RESUME_ENTRIES if key not in state]
+    present = {*state.extra, *(TRAINING_ENTRIES if state.training else ()), *(("epoch",) if state.epoch is not None else ())}
+    missing = [key for key in RESUME_ENTRIES if key not in present]
     if missing:
         raise UnetsegError(f"{path}: holds no training state ({', '.join(missing)} missing; a best.pt or exported "
                            "model copied over last.pt?); start a new run instead of --resume")
-    saved = {k: state["model_args"].get(k, "relu" if k == "act" else None) for k in args}  # no act: ReLU then
+    saved = {k: state.model_args.get(k, "relu" if k == "act" else None) for k in args}  # no act: ReLU then
     changed = sorted(k for k in args if saved[k] != args[k])
     if changed:
         raise UnetsegError(f"{path.parent / 'config.yaml'}: describes a different network than {path.name} "
@@ -315,12 +300,12 @@ def fit(
     )
     start_epoch, best, best_epoch = 0, -1.0, -1
     if resume:
-        state = load_checkpoint(last_path)
+        state = Checkpoint.load(last_path)
         check_resumable(state, args, last_path)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.training.optimizer)
+        scheduler.load_state_dict(state.training.scheduler)
+        start_epoch, best, best_epoch = state.epoch + 1, state.training.best_metric, state.training.best_epoch
         if di.is_main:
             _truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
             _truncate_jsonl(out / "gradients.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
@@ -333,7 +318,8 @@ def fit(
     net = DistributedDataParallel(model) if di.world_size > 1 else model
     loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch, cfg.train.dice_background)
     trained_flips = tta_flips(cfg)  # the mirrorings augmentation uses: what flip TTA may average
-    segmenter = Segmenter(model, preprocessing_settings(cfg, info), info.class_names, device, tta_flips=trained_flips)
+    preprocessing = preprocessing_settings(cfg, info)
+    segmenter = network_predictor(model, preprocessing, info.class_names, device)
     use_amp = device.type == "cuda"
     history = read_jsonl(out / "metrics.jsonl") if resume else []
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
@@ -417,27 +403,15 @@ def fit(
         if di.is_main:
             append_jsonl(out / "metrics.jsonl", row)
             events.epoch(row)
-            payload = {
-                "format": CHECKPOINT_FORMAT,
-                "unetseg_version": __version__,
-                "model_args": args,
-                "state_dict": model.state_dict(),
-                "preprocessing": preprocessing_settings(cfg, info),
-                "class_names": list(info.class_names),
-                "tta_flips": trained_flips,
-                "dataset": cfg.data.dataset,
-                "split": split,
-                "epoch": epoch,
-                "metrics": row,
-                "config": cfg.to_dict(),
-            }
-            if improved:
-                save_checkpoint(payload, out / "best.pt")
-            save_checkpoint(
-                {**payload, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "best_metric": best, "best_epoch": best_epoch},
-                last_path,
+            checkpoint = Checkpoint(
+                model_args=args, state_dict=model.state_dict(), preprocessing=preprocessing,
+                class_names=tuple(info.class_names), tta_flips=trained_flips, dataset=cfg.data.dataset,
+                split=split, epoch=epoch, metrics=row, config=cfg.to_dict(), unetseg_version=__version__,
             )
+            if improved:
+                checkpoint.save(out / "best.pt")
+            training = TrainingState(optimizer.state_dict(), scheduler.state_dict(), best, best_epoch)
+            replace(checkpoint, training=training).save(last_path)
             plot_training_curves(out / "metrics.jsonl", out / "curves.png")
             if progress:
                 dice = f" val Dice {row['val_mean_dice']:.4f}" if "val_mean_dice" in row else ""
