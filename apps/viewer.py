@@ -400,7 +400,8 @@ def view_controls(source: Input, opacity: float) -> View:
     lo, span = float(image.min()), max(float(image.max() - image.min()), 1e-6)
     step = span / 200
     # Streamlit drops a widget's state in runs that do not draw it (e.g. after a bad file), hence the key checks.
-    if st.session_state.get("_view_for") != source.key or not {"level", "width", "plane", "zoom"} <= st.session_state.keys():
+    defaults_kept = {"level", "width", "plane", "zoom"} <= st.session_state.keys()
+    if st.session_state.get("_view_for") != source.key or not defaults_kept:
         st.session_state["_view_for"] = source.key
         level, width = display.default_window(image)
         st.session_state["level"], st.session_state["width"] = level, min(max(width, step), 2 * span)

@@ -189,7 +189,8 @@ def test_a_volume_gets_the_3d_model_by_default_and_a_mask_of_its_shape(app, data
     monkeypatch.setattr(Segmenter, "predict", recording_predict)
     markers = []
     mark_edges = display.mark_edges
-    monkeypatch.setattr(display, "mark_edges", lambda picture, letters: markers.append(letters) or mark_edges(picture, letters))
+    monkeypatch.setattr(display, "mark_edges", lambda picture, letters: markers.append(letters) or mark_edges(picture,
+                                                                                                          letters))
     upload(app, "image_upload", "odd.nii.gz", gzip.compress(nib.Nifti1Image(volume, affine).to_bytes()))
     ok(app)
     assert app.selectbox(key="model").value == VOLUME_MODEL
@@ -473,7 +474,8 @@ def test_dsb_image_shows_the_nucleus_count_and_a_table_of_their_areas(app, data_
     assert not [m for m in app.metric if m.label == "Number of nuclei"]  # volumes: sizes in mm³ only
 
 
-def test_zoom_shows_part_of_a_large_image_at_full_detail_without_predicting_again(app, data_root, monkeypatch, model_calls):
+def test_zoom_shows_part_of_a_large_image_at_full_detail_without_predicting_again(app, data_root, monkeypatch,
+                                                                                  model_calls):
     """A 1024 x 1024 image fills a column a few hundred pixels wide: the zoom shows a part of it, pixel for pixel."""
     require_shipped("dsb2018_2d")
     shown = []

@@ -266,7 +266,8 @@ def test_edge_letters_name_where_the_patient_lies_at_each_edge(affine, axial, sa
 
 def test_edge_letters_of_an_oblique_affine_take_the_closest_direction():
     angle = np.deg2rad(30)  # rotated 30 degrees about z: x still mostly R, y mostly A
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0, 0], [np.sin(angle), np.cos(angle), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
     assert display.edge_letters(rot, (4, 4, 4), "axial") == {"left": "L", "right": "R", "top": "A", "bottom": "P"}
     assert display.direction_letter((0, -0.9, 0.2)) == "P"
     with pytest.raises(ValueError, match="plane"):
