@@ -62,6 +62,8 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     ('overrides: ["train.epochs=x"]', "overrides: train.epochs='x' is not of type int"),
     ("overrides: [epochs]", "overrides 'epochs': expected section.field=value"),
     ("config: no_such", "config 'no_such' not found"),
+    ("variants: [skip, skpi]", "variants names unknown variant(s) ['skpi']; the matrix has"),
+    ("analysis: {lesion_variants: [residul]}", "analysis.lesion_variants names unknown variant(s) ['residul']"),
 ])
 def test_a_study_file_with_a_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, capsys, line, needle):
     study = tmp_path / "study.yaml"

@@ -142,8 +142,12 @@ def resolved_study(raw: dict[str, Any]) -> StudySpec:
 
 def load_study(name_or_path: str, quick: bool = False) -> StudySpec:
     """Load a shipped study by name (``hippocampus_2d``) or a study YAML by path."""
+    from unetseg.ablation.variants import check_variant_names  # variants builds on this module's StudySpec
+
     raw, path = read_named_yaml(name_or_path, STUDY_DIR, "study")
-    return study_from_dict(raw, quick=quick, source=str(path))
+    spec = study_from_dict(raw, quick=quick, source=str(path))
+    check_variant_names(spec, str(path))
+    return spec
 
 
 def save_study(spec: StudySpec, path: str | Path) -> None:

@@ -16,7 +16,7 @@ Every run of a study shares data, split, schedule and step budget; only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from unetseg.ablation.study import StudySpec
 from unetseg.config import Config, apply_overrides, load_config
@@ -99,6 +99,19 @@ def build_variants(spec: StudySpec) -> list[Variant]:
             raise UnetsegError(f"study {spec.name}: unknown variant(s) {sorted(unknown)}; matrix has {sorted(known)}")
         out = [v for v in out if v.name in spec.variants]
     return out
+
+
+def check_variant_names(spec: StudySpec, source: str) -> None:
+    """Raise :class:`UnetsegError` (naming ``source`` and the field) when ``variants`` or an analysis's variant list
+    names a variant the study's matrix does not have, so a typo stops the study before its first run."""
+    known = {v.name for v in build_variants(replace(spec, variants=None))}
+    fields = {"variants": spec.variants or []}
+    fields.update({f"analysis.{k}": getattr(spec.analysis, k)
+                   for k in ("landscape_variants", "lesion_variants", "qualitative_variants")})
+    for name, listed in fields.items():
+        unknown = sorted(set(listed) - known)
+        if unknown:
+            raise UnetsegError(f"{source}: {name} names unknown variant(s) {unknown}; the matrix has {sorted(known)}")
 
 
 def base_config(spec: StudySpec) -> Config:
