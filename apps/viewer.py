@@ -143,10 +143,14 @@ def upload_digest(upload) -> str:
 # ---------------------------------------------------------------- sidebar
 
 
+MODEL_HELP = "In brackets: the model's validation mean Dice (unetseg models lists them all)."
+
+
 def model_label(ref: str, keys: dict[str, str]) -> str:
+    """``name (0.887)``: short enough for the sidebar (``name · Dice 0.887`` was cut off for the longer names)."""
     metrics = cached_card(keys[ref]).get("metrics") or {}
     dice = metrics.get("mean_dice")
-    return f"{ref} · Dice {dice:.3f}" if isinstance(dice, float) else ref
+    return f"{ref} ({dice:.3f})" if isinstance(dice, float) else ref
 
 
 def sidebar_models() -> dict[str, str]:
@@ -251,7 +255,8 @@ def pick_models(refs: dict[str, str], kind: str | None, input_key: str | None) -
     if st.session_state.get("model") not in refs:
         st.session_state["model"] = default_model(refs, kind)
     options = list(refs)
-    first = st.sidebar.selectbox("Model", options, key="model", format_func=lambda r: model_label(r, refs))
+    first = st.sidebar.selectbox("Model", options, key="model", format_func=lambda r: model_label(r, refs),
+                                 help=MODEL_HELP)
     if not st.sidebar.checkbox("Compare two models", key="compare"):
         return first, None
     twin = twin_of(first)
@@ -261,7 +266,8 @@ def pick_models(refs: dict[str, str], kind: str | None, input_key: str | None) -
         st.session_state["model_b"] = twin if twin in refs else default_model(others, kind)
     if twin not in refs:
         st.sidebar.info(no_twin_note(first, first in shipped_models()))
-    second = st.sidebar.selectbox("Second model", options, key="model_b", format_func=lambda r: model_label(r, refs))
+    second = st.sidebar.selectbox("Second model", options, key="model_b", format_func=lambda r: model_label(r, refs),
+                                  help=MODEL_HELP)
     return first, second
 
 

@@ -800,3 +800,13 @@ def top_level_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     return names | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_model_labels_are_short_enough_for_the_sidebar_and_say_what_their_figure_is(app):
+    import re
+
+    box = app.selectbox(key="model")
+    assert len(box.options) >= 2
+    assert all(re.fullmatch(r"\S+ \(0\.\d{3}\)", label) for label in box.options), box.options
+    assert max(len(label) for label in box.options) <= 30  # "name · Dice 0.852" was cut off in the sidebar
+    assert "validation mean Dice" in box.help
