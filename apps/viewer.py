@@ -30,12 +30,18 @@ import pandas as pd
 import streamlit as st
 
 from unetseg import display, uploads
-from unetseg.data.datasets import default_data_root
-from unetseg.data.io import ImageMeta
 from unetseg.errors import DataError, UnetsegError
-from unetseg.evaluate import score_case, summarize
-from unetseg.infer import Segmenter, model_card, resolve_checkpoint, shipped_models
-from unetseg.instances import instance_table, split_instances
+from unetseg.infer import (
+    Segmenter,
+    instance_table,
+    model_card,
+    resolve_checkpoint,
+    score_case,
+    shipped_models,
+    split_instances,
+    summarize,
+)
+from unetseg.uploads import ImageMeta, default_data_root
 
 log = logging.getLogger("unetseg.viewer")
 

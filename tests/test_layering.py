@@ -35,23 +35,7 @@ PUBLIC_FACE = frozenset({
 })
 
 # (importing file or module, imported module, imported name) -> why it is allowed for now.
-KNOWN_VIOLATIONS: dict[tuple[str, str, str | None], str] = {
-    ("apps/viewer.py", "unetseg.data.datasets", "default_data_root"):
-        "the viewer's sample-case browser needs the data root; apps/viewer.py is being edited by another session "
-        "(issue 12): it should come through the public face (e.g. unetseg.uploads)",
-    ("apps/viewer.py", "unetseg.data.io", "ImageMeta"):
-        "a type annotation for what unetseg.uploads.read_upload returns; uploads should re-export it "
-        "(apps/viewer.py is being edited by another session)",
-    ("apps/viewer.py", "unetseg.evaluate", "score_case"):
-        "the viewer scores a prediction against an uploaded ground truth; scoring one image belongs in the "
-        "public face (display or infer) - issue 12 item 7 lists apps importing evaluate directly",
-    ("apps/viewer.py", "unetseg.evaluate", "summarize"):
-        "as score_case: the viewer's mean-Dice figure of one image",
-    ("apps/viewer.py", "unetseg.instances", "instance_table"):
-        "object (nucleus) splitting is array work, which STYLE.md puts behind unetseg.infer; added by the viewer's "
-        "nucleus count (commit 8c62d74), reported; unetseg.infer or display should offer it",
-    ("apps/viewer.py", "unetseg.instances", "split_instances"): "as instance_table",
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, str | None], str] = {}
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ from unetseg.data.preprocess import (
 from unetseg.data.transforms import flip_combinations
 from unetseg.device import resolve_device  # noqa: F401  (re-exported)
 from unetseg.errors import DataError, UnetsegError
+from unetseg.instances import instance_table, split_instances  # noqa: F401 (the viewer's nuclei, see below)
 from unetseg.limits import env_positive_number, positive_number
+from unetseg.metrics import score_case, summarize  # noqa: F401 (the viewer's scores, see below)
 from unetseg.model import UNet
 from unetseg.model.blocks import ConvBlock
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from unetseg.data import io
-from unetseg.data.datasets import CaseRef, dataset_info, list_cases, read_dsb_mask
+from unetseg.data.datasets import CaseRef, dataset_info, default_data_root, list_cases, read_dsb_mask  # noqa: F401
+from unetseg.data.io import ImageMeta  # noqa: F401 (what a decoded upload's metadata is, for the viewer)
 from unetseg.data.dicom import (
     DICOM_SUFFIXES,
     MAX_ZIP_MEMBERS,
