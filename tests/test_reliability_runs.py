@@ -257,3 +257,11 @@ def test_the_api_refuses_shapes_it_would_read_wrongly():
         colour.predict(np.zeros((0, 10, 10), np.float32))
     with pytest.raises(DataError, match="non-empty array of real numbers, got complex64"):
         colour.predict(np.zeros((8, 8), np.complex64))
+
+
+def test_an_exported_model_folder_is_readable_by_every_user(tiny_run, tmp_path, data_root):
+    from unetseg import export
+
+    target = export.export_run(tiny_run, "m", data_root=data_root, dest=tmp_path / "models")
+    assert target.stat().st_mode & 0o777 == 0o755  # the staging folder was private (mkdtemp: 0700)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in target.iterdir())

@@ -97,6 +97,7 @@ def export_run(
         write_json(staging / "metrics.json", summary)
         if target.exists():  # only with overwrite (checked above)
             shutil.rmtree(target)
+        staging.chmod(0o755)  # mkdtemp makes it private (0700); a shipped model is read by every user
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
