@@ -268,18 +268,15 @@ def test_compare_mode_shows_skip_and_noskip_side_by_side_with_their_disagreement
     assert model_calls == ["predict"] * 3  # the default model on upload, then each model of the pair once
 
 
-def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root, model_calls):
-    require_shipped(VOLUME_MODEL, "hippocampus_2d", "hippocampus_2d_noskip")
-    assert f"{VOLUME_MODEL}_noskip" not in shipped_models(), "the 3D no-skip twin ships now: pick a model without one"
+def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root, model_calls, tiny_run):
+    require_shipped(VOLUME_MODEL, f"{VOLUME_MODEL}_noskip", "hippocampus_2d", "hippocampus_2d_noskip")
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())
     app.checkbox(key="compare").check().run()
     ok(app)
-    assert [i.value for i in app.info] == [
-        f"{VOLUME_MODEL} has no no-skip twin shipped (no {VOLUME_MODEL}_noskip); choose the second model below."]
-    assert app.selectbox(key="model_b").value == "hippocampus_2d"  # the next best volume model
+    assert not app.info and app.selectbox(key="model_b").value == f"{VOLUME_MODEL}_noskip"  # its twin
     shown = captions(app)
-    assert shown[0].startswith(f"{VOLUME_MODEL}:") and shown[1].startswith("hippocampus_2d:")
+    assert shown[0].startswith(f"{VOLUME_MODEL}:") and shown[1].startswith(f"{VOLUME_MODEL}_noskip:")
     assert shown[2].startswith("disagreement (green): ")
     app.selectbox(key="model_b").set_value("hippocampus_2d_noskip").run()  # the user's choice
     ok(app)
@@ -290,7 +287,13 @@ def test_compare_mode_pairs_twins_and_says_when_a_model_has_none(app, data_root,
     ok(app)
     assert app.selectbox(key="model_b").value == "hippocampus_2d" and not app.info
     assert captions(app)[:2] == ["hippocampus_2d_noskip: axial slice 2", "hippocampus_2d: axial slice 2"]
-    assert model_calls == ["predict"] * 3  # one prediction per model
+    # a checkpoint of the user's own has no twin: the viewer says so and offers the best volume model
+    app.sidebar.text_input(key="checkpoint_path").set_value(str(tiny_run)).run()
+    app.selectbox(key="model").set_value(str(tiny_run)).run()
+    ok(app)
+    assert [i.value for i in app.info] == [f"{tiny_run} has no no-skip twin shipped; choose the second model below."]
+    assert app.selectbox(key="model_b").value == VOLUME_MODEL
+    assert model_calls == ["predict"] * 5  # one prediction per model
 
 
 def label_uploader(at: AppTest):

@@ -11,7 +11,8 @@ import yaml
 from unetseg.cli import main
 from unetseg.infer import PRETRAINED_DIR, Segmenter, shipped_models
 
-SHIPPED = ["hippocampus_2d", "hippocampus_2d_noskip", "hippocampus_3d", "dsb2018_2d", "dsb2018_2d_noskip"]
+SHIPPED = ["hippocampus_2d", "hippocampus_2d_noskip", "hippocampus_3d", "hippocampus_3d_noskip", "dsb2018_2d",
+           "dsb2018_2d_noskip"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -29,7 +30,7 @@ def test_shipped_model_is_complete_and_small(name):
     Segmenter.from_checkpoint(name)  # loads by name
 
 
-@pytest.mark.parametrize("base", ["hippocampus_2d", "dsb2018_2d"])
+@pytest.mark.parametrize("base", ["hippocampus_2d", "hippocampus_3d", "dsb2018_2d"])
 def test_noskip_models_differ_only_by_skips(base):
     a = yaml.safe_load((PRETRAINED_DIR / base / "config.yaml").read_text())
     b = yaml.safe_load((PRETRAINED_DIR / f"{base}_noskip" / "config.yaml").read_text())
