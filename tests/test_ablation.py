@@ -258,16 +258,43 @@ def test_weight_change_rebuilds_the_initial_weights_of_a_tiny_run(tmp_path, data
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory, data_root):
-    """``unetseg ablate --quick`` into a temporary study folder and report folder."""
+    """``unetseg ablate --quick`` into a temporary study folder and report folder, trained as a job array would:
+    ``--shard 1/2`` and ``--shard 2/2`` into the shared folder, then the same command without ``--shard``."""
     tmp = tmp_path_factory.mktemp("ablation")
     study, report = tmp / "study", tmp / "report"
     args = ["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(study), "--report-dir", str(report),
             "--data-root", str(data_root), "--quiet"]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
+        for shard in ("1/2", "2/2"):
+            assert main([*args, "--shard", shard]) == 0
+            assert not (report / "report.md").exists()  # a shard trains and stops
         assert main(args) == 0
     return {"study": study, "report": report, "args": args, "spec": load_study("hippocampus_2d", quick=True),
             "stderr": stderr.getvalue()}
+
+
+def test_shards_share_the_runs_and_the_last_call_only_analyses(quick_study):
+    spec = quick_study["spec"]
+    tasks = [(v.name, seed) for v in build_variants(spec) for seed in spec.seeds]
+    log = read_jsonl(quick_study["study"] / "log.jsonl")
+    shards = [i for i, row in enumerate(log) if row["event"] == "shard"]
+    assert [log[i]["shard"] for i in shards] == ["1/2", "2/2"]
+    trained = [[(r["variant"], r["seed"]) for r in log[start:end] if r["event"] == "run"]
+               for start, end in zip([0, shards[0]], shards)]
+    assert trained == [tasks[0::2], tasks[1::2]]  # each run once, by the shard that owns it
+    assert all(r["action"] == "trained" for r in log[: shards[1]] if r["event"] == "run")
+    last = [r for r in log[shards[1]:] if r["event"] == "run"]
+    assert len(last) == len(tasks) and {r["action"] for r in last} == {"skipped"}
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "2"])
+def test_a_bad_shard_is_one_line(shard, tmp_path, capsys):
+    assert main(["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(tmp_path / "s"),
+                 "--shard", shard]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected K/N with 1 <= K <= N" in err
+    assert not (tmp_path / "s").exists()
 
 
 def test_quiet_study_draws_no_progress_bars(quick_study):
@@ -311,8 +338,14 @@ def test_report_numbers_match_run_folders(quick_study):
     """Every table cell is recomputed here from per_case.json with plain numpy, independently of report.py."""
     spec, report = quick_study["spec"], quick_study["report"]
     text = (report / "report.md").read_text()
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
-    header = next(line for line in text.splitlines() if line.startswith("| variant")).strip("| ").split(" | ")
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant"))
+    header = lines[start].strip("| ").split(" | ")
+    rows = []  # the results table: the rows after its header and rule, up to the first line that is not a row
+    for line in lines[start + 2:]:
+        if not line.startswith("| `"):
+            break
+        rows.append(line.split(" | "))
     table = {r[0].strip("| `"): dict(zip(header, (c.strip(" |") for c in r))) for r in rows}
     assert list(table) == [v.name for v in build_variants(spec)]
 

@@ -166,6 +166,10 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--report-only", action="store_true", help="redraw figures and report from the report folder only")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default: %(default)s)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="train only every N-th run, starting with the K-th, into the shared --out folder, and stop: "
+                   "N machines (a scheduler's job array) share the matrix; then run the same command without --shard "
+                   "to analyse and report (finished runs are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -525,8 +529,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from unetseg.ablation.runner import ablate
 
             report = ablate(args.config, args.quick, args.out, args.report_dir, args.data_root,
-                            args.report_only, args.jobs, progress=not args.quiet, command=["unetseg", *argv])
-            print(f"report: {report}")
+                            args.report_only, args.jobs, progress=not args.quiet, command=["unetseg", *argv],
+                            shard=args.shard)
+            if report is None:
+                print(f"shard {args.shard} trained; once every shard is done, run the same command without --shard "
+                      "to analyse and report")
+            else:
+                print(f"report: {report}")
     except UnetsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -229,9 +229,35 @@ def _check_study_file(spec: StudySpec, study_dir: Path) -> None:
         )
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``; else :class:`UnetsegError` saying what it should be."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise UnetsegError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. --shard 2/8 for the second of 8 "
+                           "machines (a SLURM array: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)")
+    return k, n
+
+
+def shard_tasks(tasks: list, shard: tuple[int, int] | None) -> list:
+    """The tasks of shard ``(K, N)``: every N-th, starting with the K-th (all tasks when ``shard`` is None)."""
+    if shard is None:
+        return tasks
+    k, n = shard
+    return tasks[k - 1::n]
+
+
 def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, data_root: str | Path | None = None,
-              jobs: int = 1, progress: bool = True, command: list[str] | None = None) -> Path:
+              jobs: int = 1, progress: bool = True, command: list[str] | None = None,
+              shard: tuple[int, int] | None = None) -> Path | None:
     """Run (or continue) a whole study and write its report; returns the report's path.
+
+    With ``shard = (K, N)`` only every N-th run (starting with the K-th) is trained, into the same
+    ``study_dir``, and nothing else: N machines sharing the folder (a scheduler's job array) train the whole
+    matrix between them, and the same call without ``shard`` afterwards keeps every finished run and does the
+    analyses and the report. Returns None for a shard.
 
     Args:
         spec: the resolved study.
@@ -256,7 +282,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
     start = time.time()
     _append_log(study_dir, {"event": "start", "time": start, "machine": machine_info(jobs, threads),
                             "command": " ".join(command) if command else None})
-    tasks = [(v, s) for v in variants for s in spec.seeds]
+    tasks = shard_tasks([(v, s) for v in variants for s in spec.seeds], shard)
     spec_dict = spec.to_dict()
     runs_bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
 
@@ -276,6 +302,10 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
             for future in as_completed(futures):
                 finished(future.result())
     runs_bar.close()
+    if shard is not None:
+        _append_log(study_dir, {"event": "shard", "shard": f"{shard[0]}/{shard[1]}", "runs": len(tasks), "start": start,
+                                "end": time.time(), "machine": machine_info(jobs, threads)})
+        return None
     run_analyses(spec, variants, study_dir, root, progress)
     _append_log(study_dir, {"event": "invocation", "start": start, "end": time.time(),
                             "seconds": round(time.time() - start, 2), "machine": machine_info(jobs, threads)})
@@ -285,18 +315,21 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
 
 def ablate(config: str, quick: bool = False, out: str | None = None, report_dir: str | None = None,
            data_root: str | None = None, report_only: bool = False, jobs: int = 1, progress: bool = True,
-           command: list[str] | None = None) -> Path:
+           command: list[str] | None = None, shard: str | None = None) -> Path | None:
     """What ``unetseg ablate`` does; returns the path of the written ``report.md``.
 
     Defaults: study folder ``runs/ablation/<name>[-quick]``; report folder
     ``docs/ablation/<name>`` for a full study, ``<out>/report`` for ``--quick``.
-    ``report_only`` redraws figures and report from the report folder alone.
+    ``report_only`` redraws figures and report from the report folder alone. ``shard`` (``"K/N"``) trains
+    only that share of the runs and returns None (see :func:`run_study`).
     """
     from unetseg.ablation.report import write_report
 
     spec = load_study(config, quick=quick)
     study_dir = Path(out or f"runs/ablation/{spec.name}{'-quick' if quick else ''}")
     target = Path(report_dir or (study_dir / "report" if quick else f"docs/ablation/{spec.name}"))
+    if report_only and shard is not None:
+        raise UnetsegError("--shard trains a share of the runs; it does not go with --report-only")
     if report_only:
         if not (target / "study.yaml").is_file():
             raise UnetsegError(f"{target}: no study artefacts to report on; run the study first or pass --report-dir")
@@ -306,4 +339,5 @@ def ablate(config: str, quick: bool = False, out: str | None = None, report_dir:
         return write_report(target)
     if jobs < 1:
         raise UnetsegError(f"--jobs must be at least 1, got {jobs}")
-    return run_study(spec, study_dir, target, data_root, jobs, progress, command)
+    return run_study(spec, study_dir, target, data_root, jobs, progress, command,
+                     shard=parse_shard(shard) if shard is not None else None)
