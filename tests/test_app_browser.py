@@ -3,7 +3,7 @@
 
 Uploads a real hippocampus case and its label through the page's own upload
 widgets, checks that the overlay image loads and that the Dice values equal
-``unetseg evaluate``'s for the case (default model hippocampus_3d), turns on compare mode (paired with hippocampus_2d),
+``unetseg evaluate``'s for the case (default model hippocampus_3d), turns on compare mode (paired with its twin hippocampus_3d_noskip),
 saves the page (to ``$UNETSEG_SCREENSHOT``, e.g. ``docs/app_screenshot.png``, else a temp folder), and checks that a broken file
 shows one error and no traceback, after which the page recovers. Also: at 1280 x 720 the first picture is above
 the fold, and a second volume followed at once by its label keeps the volume model (a picker reset once made it
@@ -61,7 +61,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
 @pytest.fixture(scope="module")
 def server(data_root, tmp_path_factory):
     """The viewer as users start it, from the repository root, on a free local port."""
-    require_shipped("hippocampus_3d", "hippocampus_2d")
+    require_shipped("hippocampus_3d", "hippocampus_3d_noskip", "hippocampus_2d")
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or shutil.which("streamlit")
     assert streamlit, "the streamlit command is not installed in this environment"
     port = free_port()
@@ -133,9 +133,9 @@ def test_upload_case_and_label_shows_overlay_and_dice_then_survives_a_bad_file(s
     text = table.inner_text()
     for name in ("anterior", "posterior"):
         assert f"{row[f'dice_{name}']:.4f}" in text, (name, text)
-    page.get_by_text("Compare two models").click()  # hippocampus_3d has no no-skip twin: paired with the next best
+    page.get_by_text("Compare two models").click()  # paired with its no-skip twin
     page.get_by_text("disagreement (green)").wait_for(timeout=60_000)
-    assert page.get_by_text("hippocampus_2d: axial slice").count() >= 1
+    assert page.get_by_text("hippocampus_3d_noskip: axial slice").count() >= 1
     page.wait_for_timeout(1000)  # let the last images paint
     shot = REPO / SCREENSHOT_TARGET if SCREENSHOT_TARGET else tmp_path / "app_screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
