@@ -95,3 +95,16 @@ def test_dsb_tta_per_case_figures_reproduce_on_five_cases(name, data_root):
         case = load_case(by_id[row["case_id"]], info, seg.preprocessing["normalization"])
         score = score_case(seg.predict(case.image, tta=True, normalized=True), case.label, seg.class_names)
         assert score["dice_nucleus"] == pytest.approx(float(row["dice_nucleus"]), abs=1e-6)
+
+
+def test_hippocampus_2d_beats_the_monai_basicunet_baseline_on_its_own_split():
+    """The baseline record is written by benchmarks/basicunet_baseline.py (BasicUNet trained on this model's split)."""
+    from pathlib import Path
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "docs" / "baseline" / "basicunet_hippocampus.json")
+                        .read_text())
+    assert record["val_cases"] == recorded("hippocampus_2d")["num_cases"] == 42
+    assert record["recipe"]["epochs"] == len(record["history"]) == 12 and not record["recipe"]["max_steps"]
+    baseline = max(r["mean_dice"] for r in record["history"])  # its best epoch, not only its last
+    assert recorded("hippocampus_2d")["mean_dice"] > baseline
+    assert recorded("hippocampus_2d_noskip")["mean_dice"] > baseline
