@@ -17,6 +17,7 @@ fold models (:func:`unetseg.ensemble.fold_checkpoints`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +53,6 @@ def check_cv_dir(out: Path, cfg: Config, folds: int) -> None:
 
 def _plain(cfg: Config) -> dict[str, Any]:
     """The config as plain JSON values (tuples as lists), as the manifest stores it."""
-    import json
-
     return json.loads(dumps(dataclasses.asdict(cfg)))
 
 
@@ -107,8 +106,8 @@ def cross_validate(
         if not _up_to_date(scores, run / "best.pt"):
             evaluate(run, data_root, split="val", out_dir=scores, progress=progress)
         fold_rows = read_per_case(scores / EVALUATION_FILES[0])
-        per_fold.append({"fold": fold, "num_cases": len(fold_rows),
-                         "mean_dice": summarize(fold_rows, _class_names(run))["mean_dice"]})
+        fold_summary = json.loads((scores / EVALUATION_FILES[1]).read_text())  # evaluate's own summary of these rows
+        per_fold.append({"fold": fold, "num_cases": len(fold_rows), "mean_dice": fold_summary["mean_dice"]})
         rows.extend({"fold": fold, **r} for r in fold_rows)
     summary = summarize(rows, _class_names(fold_dir(out, 0)))
     fold_dice = np.array([f["mean_dice"] for f in per_fold], dtype=float)
