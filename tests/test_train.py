@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from unetseg.errors import UnetsegError
-from unetseg.train import fit, lr_factor
+from unetseg.train import TimeBudget, fit, lr_factor
 
 from .conftest import tiny_config
 
@@ -81,6 +81,35 @@ def test_lr_schedules():
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(55, 100, 10, "poly") == pytest.approx(0.5**0.9)
     assert np.all(np.diff([lr_factor(s, 100, 10, "cosine") for s in range(10, 100)]) <= 0)
+
+
+def test_time_budget_decays_the_rate_and_stops_before_an_epoch_would_overrun():
+    budget = TimeBudget(minutes=1.0)  # 60 s; the last epoch took 6 s of 10 steps
+    budget.plan_epoch(elapsed_s=30.0, last_epoch_s=6.0, steps=10)
+    assert budget.progress(0) == pytest.approx(0.5) and budget.progress(10) == pytest.approx(0.6)
+    # The schedule follows the time once it is further spent than the steps (here 10 % of the steps).
+    assert lr_factor(110, 1010, 10, "cosine", budget.progress(5)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.55)))
+    assert lr_factor(110, 1010, 10, "cosine", 0.0) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.1)))
+    assert not budget.spent(elapsed_s=50.0, epoch_s=6.0) and budget.spent(elapsed_s=55.0, epoch_s=6.0)
+    none = TimeBudget(None)
+    none.plan_epoch(1e9, 1e9, 10)
+    assert none.progress(5) == 0.0 and not none.spent(1e9, 1e9)
+
+
+def test_time_limited_run_stops_early_and_validates_its_last_epoch(tmp_path, data_root, capsys):
+    # 50 epochs planned, 1.2 s allowed: a few epochs fit, the one after which another would overrun is the last.
+    cfg = tiny_config(["train.epochs=50", "train.steps_per_epoch=4", "train.val_every=10", "train.max_minutes=0.02",
+                       "train.warmup_steps=1"])
+    run = fit(cfg, tmp_path / "run", data_root=data_root, progress=True)
+    rows = metrics(run)
+    assert 1 <= len(rows) < 50 and [r["epoch"] for r in rows] == list(range(len(rows)))
+    assert "val_mean_dice" in rows[-1]  # the last epoch is validated even off the val_every rhythm
+    assert rows[-1]["elapsed_s"] + rows[-1]["epoch_s"] > 1.2
+    assert all(r["elapsed_s"] + r["epoch_s"] <= 1.2 + r["epoch_s"] for r in rows[:-1])
+    assert f"train.max_minutes=0.02 reached: stopped after epoch {len(rows)} of 50" in capsys.readouterr().err
+    if len(rows) >= 3:  # from the second epoch on the schedule follows the clock, not the 200 planned steps
+        assert rows[-1]["lr"] < rows[0]["lr"] * 0.9
+    assert (run / "best.pt").is_file()
 
 
 def test_3d_training_on_whole_volumes(tmp_path, data_root):

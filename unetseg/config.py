@@ -65,6 +65,8 @@ class AugmentConfig:
     affine: bool = True  # rotation +-15 deg, scale 0.85-1.15, shift 5 % (times strength)
     elastic: bool = False  # elastic deformation (slower)
     intensity: bool = True  # brightness / contrast, and gamma when normalization is "percentile"
+    color: bool = False  # RGB 2D only: stain variation (hue / saturation shifts p 0.5, channel shuffle and grey p 0.2 each)
+    invert: bool = False  # 2D only: intensities inverted (1 - x, with "percentile") with probability 0.25
 
 
 @dataclass
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu" or "cuda"
     num_workers: int = 0  # DataLoader workers; 0 keeps augmentation in the main process (deterministic)
     steps_per_epoch: int | None = None  # None: one pass over the training samples
+    max_minutes: float | None = None  # time budget: stop before an epoch would end past it; the schedule then spans it
     val_every: int = 1  # validate every N epochs (and always after the last)
     val_max_cases: int | None = None  # validate on the first N validation cases only
     grad_log_every: int = 0  # log per-layer gradient norms every N steps (0: off)
@@ -109,7 +112,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, 
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases"},
+POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases", "max_minutes"},
             "data": {"max_cases"}}
 NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",
                           "dice_ce_lambda_ce", "seed"},
@@ -257,6 +260,11 @@ def check_consistency(cfg: Config, source: str) -> None:
         resolve_flip_axes(cfg.augment, m.spatial_dims)
     except ValueError as exc:
         raise UnetsegError(f"{source}: {exc}") from None
+    if m.spatial_dims == 3 and (cfg.augment.color or cfg.augment.invert):
+        raise UnetsegError(f"{source}: augment.color and augment.invert are 2D augmentations; set them false for a 3D network")
+    if cfg.augment.color and DATASETS[d.dataset].in_channels != 3:
+        raise UnetsegError(f"{source}: augment.color varies the colour of RGB images; the {d.dataset} data set's network "
+                           f"takes {DATASETS[d.dataset].in_channels} channel(s): set it false")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:

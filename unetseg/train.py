@@ -102,16 +102,47 @@ def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[s
     return [k for k in class_names[1:] if all(low(r.get(f"val_dice_{k}", 1.0)) for r in validated)]
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then cosine or poly(0.9) decay to 0."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, time_progress: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine or poly(0.9) decay to 0.
+
+    The decay follows whichever budget is further spent: the steps (``step / total_steps``) or the time
+    (``time_progress``, the share of ``train.max_minutes`` used; 0 without a time budget).
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress))
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "poly":
         return (1 - progress) ** 0.9
     raise UnetsegError(f"train.schedule must be 'cosine' or 'poly', got {schedule!r}")
+
+
+class TimeBudget:
+    """``train.max_minutes`` as the learning-rate schedule and the stopping rule see it.
+
+    The share of the budget a step has used is planned once per epoch, from the time already spent and the
+    length of the last epoch, so it is a function of the step within the epoch (the same on every rank)
+    rather than of the clock at each step. Without a budget every share is 0 and no epoch is the last.
+    """
+
+    def __init__(self, minutes: float | None) -> None:
+        self.seconds = minutes * 60 if minutes else None
+        self._start, self._per_step = 0.0, 0.0
+
+    def plan_epoch(self, elapsed_s: float, last_epoch_s: float | None, steps: int) -> None:
+        """Start an epoch of ``steps`` steps after ``elapsed_s`` seconds; the last one took ``last_epoch_s``."""
+        if self.seconds:
+            self._start = elapsed_s / self.seconds
+            self._per_step = (last_epoch_s or 0.0) / self.seconds / max(1, steps)
+
+    def progress(self, step_in_epoch: int) -> float:
+        """Share of the budget used at a step of the current epoch (0 without a budget)."""
+        return min(1.0, self._start + step_in_epoch * self._per_step) if self.seconds else 0.0
+
+    def spent(self, elapsed_s: float, epoch_s: float) -> bool:
+        """Whether another epoch as long as ``epoch_s`` would end past the budget."""
+        return bool(self.seconds) and elapsed_s + epoch_s > self.seconds
 
 
 def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -272,158 +303,221 @@ def fit(
     if di.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", di.local_rank)
         torch.cuda.set_device(device)
-    last_path = out / "last.pt"
     restart = check_out_dir(out, resume)
 
     torch.manual_seed(cfg.train.seed)
     info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
     if di.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_out_dir(out, restart)
-        write_json(out / "split.json", split, indent=1)  # first: marks the folder as a run's
-        save_config(cfg, out / "config.yaml")
-        if command is not None:
-            with (out / "command.txt").open("a") as f:
-                f.write(" ".join(command) + "\n")
-
-    args = model_args(cfg, info)
-    model: UNet = build_model(args).to(device)
-    images, labels = training_samples(train_cases, cfg.model.spatial_dims, cfg.data.slice_axis)
-    transform = build_augmentation(cfg.augment, cfg.data.normalization, cfg.model.spatial_dims, seed=cfg.train.seed)
-    dataset = PatchDataset(images, labels, cfg.data.patch_size, transform, seed=cfg.train.seed * 1000 + di.rank)
-    batches_per_epoch = cfg.train.steps_per_epoch or max(1, len(dataset) // (cfg.train.batch_size * di.world_size))
-    total_steps = batches_per_epoch * cfg.train.epochs
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg.train.warmup_steps, cfg.train.schedule)
-    )
-    start_epoch, best, best_epoch = 0, -1.0, -1
-    if resume:
-        state = Checkpoint.load(last_path)
-        check_resumable(state, args, last_path)
-        model.load_state_dict(state.state_dict)
-        optimizer.load_state_dict(state.training.optimizer)
-        scheduler.load_state_dict(state.training.scheduler)
-        start_epoch, best, best_epoch = state.epoch + 1, state.training.best_metric, state.training.best_epoch
-        if di.is_main:
-            _truncate_jsonl(out / "metrics.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
-            _truncate_jsonl(out / "gradients.jsonl", lambda r: r.get("epoch", start_epoch) < start_epoch)
-        if progress and di.is_main:
-            where = (f"at epoch {start_epoch + 1} of {cfg.train.epochs}" if start_epoch < cfg.train.epochs else
-                     f"- it already finished its {cfg.train.epochs} epochs, nothing to train (to train longer, start a "
-                     "new run with more epochs)")
-            print(f"resuming {cfg.name} {where} (best validation Dice so far {best:.4f}, epoch {best_epoch + 1})",
-                  file=sys.stderr, flush=True)
-    net = DistributedDataParallel(model) if di.world_size > 1 else model
-    loss_fn = make_loss(cfg.train.dice_ce_lambda_ce, cfg.train.dice_batch, cfg.train.dice_background)
-    trained_flips = tta_flips(cfg)  # the mirrorings augmentation uses: what flip TTA may average
-    preprocessing = preprocessing_settings(cfg, info)
-    segmenter = network_predictor(model, preprocessing, info.class_names, device)
-    use_amp = device.type == "cuda"
-    history = read_jsonl(out / "metrics.jsonl") if resume else []
-    t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    events = EventLog(out, cfg.train.tensorboard and di.is_main,
-                      purge_step=start_epoch * batches_per_epoch + 1 if resume else None)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        torch.manual_seed(cfg.train.seed * 100_003 + epoch)
-        dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-        n_samples = batches_per_epoch * cfg.train.batch_size
-        if di.world_size > 1:
-            sampler = DistributedSampler(dataset, di.world_size, di.rank, shuffle=True, seed=cfg.train.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, replacement=n_samples > len(dataset), num_samples=n_samples, generator=generator)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.train.batch_size,
-            sampler=sampler,
-            num_workers=cfg.train.num_workers,
-            drop_last=True,
-            worker_init_fn=lambda wid, e=epoch: dataset.set_epoch(e, wid + 1),
-            persistent_workers=False,
-        )
-        net.train()
-        losses: list[float] = []
-        t_epoch = time.perf_counter()
-        bar = tqdm(loader, total=batches_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=not (progress and di.is_main))
-        for step_in_epoch, (x, y) in enumerate(bar):
-            if step_in_epoch >= batches_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y[:, None])
-            if not torch.isfinite(loss.detach()):
-                raise UnetsegError(
-                    f"training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step_in_epoch + 1}: "
-                    f"lower train.lr (now {cfg.train.lr}) or check the data for NaN or infinite values; "
-                    f"no checkpoint of this epoch was saved in {out}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            global_step = epoch * batches_per_epoch + step_in_epoch
-            if cfg.train.grad_log_every and global_step % cfg.train.grad_log_every == 0 and di.is_main:
-                append_jsonl(out / "gradients.jsonl", {"epoch": epoch, "step": global_step, "layers": gradient_norms(model)})
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            rate = (step_in_epoch + 1) * cfg.train.batch_size * di.world_size / (time.perf_counter() - t_epoch)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", samples_s=f"{rate:.0f}")
-        train_time = time.perf_counter() - t_epoch
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": (epoch + 1) * batches_per_epoch,
-            "train_loss": _mean_across_ranks(float(np.mean(losses)), di, device),
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": len(losses) * cfg.train.batch_size * di.world_size / train_time,
-        }
-        is_last = epoch == cfg.train.epochs - 1
-        if val_cases and ((epoch + 1) % cfg.train.val_every == 0 or is_last):
-            model.eval()
-            rows = _gather_rows(evaluate_cases(segmenter, val_cases[di.rank :: di.world_size], progress=False), di)
-            summary = summarize(rows, info.class_names)
-            row["val_mean_dice"] = summary["mean_dice"]
-            row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["classes"].items()})
-            row.update({f"val_hd95_{k}": v["hd95_mean"] for k, v in summary["classes"].items()})
-            collapsed = collapsed_classes([*history, row], info.class_names)
-            if collapsed:
-                row["warning"] = (f"validation Dice of {', '.join(collapsed)} below {COLLAPSE_DICE} for two validations in a row: "
-                                  "the network has stopped predicting it; model.act=leaky_relu with train.dice_background=false "
-                                  "got most such runs going (docs/collapse.md), or try another train.seed")
-        row["elapsed_s"] = time.perf_counter() - t_start
-        improved = row.get("val_mean_dice", -1.0) > best or not val_cases
-        if improved:
-            best, best_epoch = row["val_mean_dice"], epoch
-        history.append(row)
-        if di.is_main:
-            append_jsonl(out / "metrics.jsonl", row)
-            events.epoch(row)
-            checkpoint = Checkpoint(
-                model_args=args, state_dict=model.state_dict(), preprocessing=preprocessing,
-                class_names=tuple(info.class_names), tta_flips=trained_flips, dataset=cfg.data.dataset,
-                split=split, epoch=epoch, metrics=row, config=cfg.to_dict(), unetseg_version=__version__,
-            )
-            if improved:
-                checkpoint.save(out / "best.pt")
-            training = TrainingState(optimizer.state_dict(), scheduler.state_dict(), best, best_epoch)
-            replace(checkpoint, training=training).save(last_path)
-            plot_training_curves(out / "metrics.jsonl", out / "curves.png")
-            if progress:
-                dice = f" val Dice {row['val_mean_dice']:.4f}" if "val_mean_dice" in row else ""
-                tqdm.write(
-                    f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f}{dice} "
-                    f"({row['samples_per_s']:.0f} samples/s, {row['elapsed_s']:.0f} s)"
-                )
-            if "warning" in row:
-                tqdm.write(f"warning: epoch {epoch + 1}: {row['warning']}", file=sys.stderr)
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+        start_run_folder(cfg, out, split, restart, command)
+    training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume)
+    for epoch in range(training.start_epoch, cfg.train.epochs):
+        row, out_of_time = training.epoch(epoch)
+        if out_of_time and epoch < cfg.train.epochs - 1 and progress and di.is_main:
+            tqdm.write(f"train.max_minutes={cfg.train.max_minutes} reached: stopped after epoch {epoch + 1} "
+                       f"of {cfg.train.epochs}", file=sys.stderr)
+        if out_of_time or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
-    events.close()
+    training.events.close()
     if di.world_size > 1:
         dist.barrier()
     return out
+
+
+def start_run_folder(cfg: Config, out: Path, split: dict[str, list[str]], restart: bool,
+                     command: Sequence[str] | None) -> None:
+    """Create the run folder (removing a killed run's leftovers) and write split, config and command."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_out_dir(out, restart)
+    write_json(out / "split.json", split, indent=1)  # first: marks the folder as a run's
+    save_config(cfg, out / "config.yaml")
+    if command is not None:
+        with (out / "command.txt").open("a") as f:
+            f.write(" ".join(command) + "\n")
+
+
+class _Training:
+    """The state of one run between epochs: model, optimiser, schedule, data, history; :func:`fit` drives it."""
+
+    def __init__(self, cfg: Config, out: Path, info: DatasetInfo, split: dict[str, list[str]], train_cases: list[Case],
+                 val_cases: list[Case], device: torch.device, di: DistInfo, progress: bool, resume: bool) -> None:
+        self.cfg, self.out, self.info, self.split, self.val_cases = cfg, out, info, split, val_cases
+        self.device, self.di, self.progress = device, di, progress
+        self.args = model_args(cfg, info)
+        self.model: UNet = build_model(self.args).to(device)
+        images, labels = training_samples(train_cases, cfg.model.spatial_dims, cfg.data.slice_axis)
+        transform = build_augmentation(cfg.augment, cfg.data.normalization, cfg.model.spatial_dims, seed=cfg.train.seed)
+        self.dataset = PatchDataset(images, labels, cfg.data.patch_size, transform, seed=cfg.train.seed * 1000 + di.rank)
+        t = cfg.train
+        self.batches_per_epoch = t.steps_per_epoch or max(1, len(self.dataset) // (t.batch_size * di.world_size))
+        total_steps = self.batches_per_epoch * t.epochs
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.budget = TimeBudget(t.max_minutes)
+        self.step_in_epoch = -1  # the schedule reads it: a step's share of the time budget is planned per epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.schedule,
+                                                self.budget.progress(self.step_in_epoch + 1))
+        )
+        self.start_epoch, self.best, self.best_epoch = 0, -1.0, -1
+        self.net = DistributedDataParallel(self.model) if di.world_size > 1 else self.model
+        self.loss_fn = make_loss(t.dice_ce_lambda_ce, t.dice_batch, t.dice_background)
+        self.trained_flips = tta_flips(cfg)  # the mirrorings augmentation uses: what flip TTA may average
+        self.preprocessing = preprocessing_settings(cfg, info)
+        self.segmenter = network_predictor(self.model, self.preprocessing, info.class_names, device)
+        self.history: list[dict[str, Any]] = []
+        self.t_start = time.perf_counter()
+        self.last_epoch_s: float | None = None
+        if resume:
+            self._resume()
+        self.events = EventLog(out, t.tensorboard and di.is_main,
+                               purge_step=self.start_epoch * self.batches_per_epoch + 1 if resume else None)
+
+    def _resume(self) -> None:
+        """Continue from ``last.pt``: weights, optimiser, schedule, best so far, logs cut back to its epoch."""
+        last_path = self.out / "last.pt"
+        state = Checkpoint.load(last_path)
+        check_resumable(state, self.args, last_path)
+        self.model.load_state_dict(state.state_dict)
+        self.optimizer.load_state_dict(state.training.optimizer)
+        self.scheduler.load_state_dict(state.training.scheduler)
+        self.start_epoch, self.best, self.best_epoch = state.epoch + 1, state.training.best_metric, state.training.best_epoch
+        start, epochs = self.start_epoch, self.cfg.train.epochs
+        if self.di.is_main:
+            _truncate_jsonl(self.out / "metrics.jsonl", lambda r: r.get("epoch", start) < start)
+            _truncate_jsonl(self.out / "gradients.jsonl", lambda r: r.get("epoch", start) < start)
+        if self.progress and self.di.is_main:
+            where = (f"at epoch {start + 1} of {epochs}" if start < epochs else
+                     f"- it already finished its {epochs} epochs, nothing to train (to train longer, start a "
+                     "new run with more epochs)")
+            print(f"resuming {self.cfg.name} {where} (best validation Dice so far {self.best:.4f}, epoch "
+                  f"{self.best_epoch + 1})", file=sys.stderr, flush=True)
+        self.history = read_jsonl(self.out / "metrics.jsonl")
+        self.t_start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.last_epoch_s = self.history[-1].get("epoch_s") if self.history else None
+
+    def epoch(self, epoch: int) -> tuple[dict[str, Any], bool]:
+        """Train, validate when due, log and save one epoch; returns its metrics row and whether the time
+        budget ends the run after it."""
+        t_epoch_start = time.perf_counter()
+        self.budget.plan_epoch(_mean_across_ranks(t_epoch_start - self.t_start, self.di, self.device),
+                               self.last_epoch_s, self.batches_per_epoch)
+        losses, train_time = self.train_steps(epoch)
+        t, di = self.cfg.train, self.di
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": (epoch + 1) * self.batches_per_epoch,
+            "train_loss": _mean_across_ranks(float(np.mean(losses)), di, self.device),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": len(losses) * t.batch_size * di.world_size / train_time,
+        }
+        # Out of time: this epoch becomes the last (validated, saved) when one more as long would end past it.
+        now = time.perf_counter()
+        out_of_time = _mean_across_ranks(float(self.budget.spent(now - self.t_start, now - t_epoch_start)),
+                                         di, self.device) > 0
+        if self.val_cases and ((epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time):
+            self.validate(row)
+        row["elapsed_s"] = time.perf_counter() - self.t_start
+        row["epoch_s"] = self.last_epoch_s = time.perf_counter() - t_epoch_start
+        improved = row.get("val_mean_dice", -1.0) > self.best or not self.val_cases
+        if improved:
+            self.best, self.best_epoch = row["val_mean_dice"], epoch
+        self.history.append(row)
+        if di.is_main:
+            self.save(epoch, row, improved)
+        return row, out_of_time
+
+    def epoch_loader(self, epoch: int) -> DataLoader:
+        """This epoch's batches: a seeded sample (with replacement when the epoch outnumbers the samples)."""
+        t, di = self.cfg.train, self.di
+        torch.manual_seed(t.seed * 100_003 + epoch)
+        self.dataset.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
+        n_samples = self.batches_per_epoch * t.batch_size
+        if di.world_size > 1:
+            sampler = DistributedSampler(self.dataset, di.world_size, di.rank, shuffle=True, seed=t.seed)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(self.dataset, replacement=n_samples > len(self.dataset), num_samples=n_samples,
+                                    generator=generator)
+        return DataLoader(
+            self.dataset,
+            batch_size=t.batch_size,
+            sampler=sampler,
+            num_workers=t.num_workers,
+            drop_last=True,
+            worker_init_fn=lambda wid, e=epoch: self.dataset.set_epoch(e, wid + 1),
+            persistent_workers=False,
+        )
+
+    def train_steps(self, epoch: int) -> tuple[list[float], float]:
+        """One epoch of optimisation; returns the step losses and the seconds it took."""
+        t, di, out = self.cfg.train, self.di, self.out
+        use_amp = self.device.type == "cuda"
+        self.net.train()
+        losses: list[float] = []
+        t_epoch = time.perf_counter()
+        bar = tqdm(self.epoch_loader(epoch), total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+                   leave=False, disable=not (self.progress and di.is_main))
+        for self.step_in_epoch, (x, y) in enumerate(bar):
+            if self.step_in_epoch >= self.batches_per_epoch:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = self.net(x)
+            loss = self.loss_fn(logits.float(), y[:, None])
+            if not torch.isfinite(loss.detach()):
+                raise UnetsegError(
+                    f"training loss became {float(loss.detach())} at epoch {epoch + 1}, step {self.step_in_epoch + 1}: "
+                    f"lower train.lr (now {t.lr}) or check the data for NaN or infinite values; "
+                    f"no checkpoint of this epoch was saved in {out}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            global_step = epoch * self.batches_per_epoch + self.step_in_epoch
+            if t.grad_log_every and global_step % t.grad_log_every == 0 and di.is_main:
+                append_jsonl(out / "gradients.jsonl", {"epoch": epoch, "step": global_step,
+                                                       "layers": gradient_norms(self.model)})
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(float(loss.detach()))
+            rate = (self.step_in_epoch + 1) * t.batch_size * di.world_size / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", samples_s=f"{rate:.0f}")
+        return losses, time.perf_counter() - t_epoch
+
+    def validate(self, row: dict[str, Any]) -> None:
+        """Score the validation cases (each rank its share) into ``row``, with a warning when a class collapsed."""
+        di, names = self.di, self.info.class_names
+        self.model.eval()
+        rows = _gather_rows(evaluate_cases(self.segmenter, self.val_cases[di.rank :: di.world_size], progress=False), di)
+        summary = summarize(rows, names)
+        row["val_mean_dice"] = summary["mean_dice"]
+        row.update({f"val_dice_{k}": v["dice_mean"] for k, v in summary["classes"].items()})
+        row.update({f"val_hd95_{k}": v["hd95_mean"] for k, v in summary["classes"].items()})
+        collapsed = collapsed_classes([*self.history, row], names)
+        if collapsed:
+            row["warning"] = (f"validation Dice of {', '.join(collapsed)} below {COLLAPSE_DICE} for two validations in a row: "
+                              "the network has stopped predicting it; model.act=leaky_relu with train.dice_background=false "
+                              "got most such runs going (docs/collapse.md), or try another train.seed")
+
+    def save(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
+        """Append the row to the logs, write best.pt (when improved) and last.pt atomically, redraw the curves."""
+        out, cfg = self.out, self.cfg
+        append_jsonl(out / "metrics.jsonl", row)
+        self.events.epoch(row)
+        checkpoint = Checkpoint(
+            model_args=self.args, state_dict=self.model.state_dict(), preprocessing=self.preprocessing,
+            class_names=tuple(self.info.class_names), tta_flips=self.trained_flips, dataset=cfg.data.dataset,
+            split=self.split, epoch=epoch, metrics=row, config=cfg.to_dict(), unetseg_version=__version__,
+        )
+        if improved:
+            checkpoint.save(out / "best.pt")
+        training = TrainingState(self.optimizer.state_dict(), self.scheduler.state_dict(), self.best, self.best_epoch)
+        replace(checkpoint, training=training).save(out / "last.pt")
+        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+        if self.progress:
+            dice = f" val Dice {row['val_mean_dice']:.4f}" if "val_mean_dice" in row else ""
+            tqdm.write(f"epoch {epoch + 1}/{cfg.train.epochs} loss {row['train_loss']:.4f}{dice} "
+                       f"({row['samples_per_s']:.0f} samples/s, {row['elapsed_s']:.0f} s)")
+        if "warning" in row:
+            tqdm.write(f"warning: epoch {epoch + 1}: {row['warning']}", file=sys.stderr)
