@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage import io as skio
 
-from unetseg.config import AugmentConfig
+from unetseg.config import AugmentConfig, apply_overrides, load_config
 from unetseg.data import io
 from unetseg.data.datasets import (
     PatchDataset,
@@ -23,7 +23,7 @@ from unetseg.data.datasets import (
 )
 from unetseg.data.preprocess import normalize_intensity, pad_to_shape, slices_to_volume, volume_to_slices
 from unetseg.data.transforms import augment, build_augmentation, flip_combinations
-from unetseg.errors import DataError
+from unetseg.errors import DataError, UnetsegError
 
 # ---- real data ---------------------------------------------------------------------------
 
@@ -245,6 +245,36 @@ def test_2d_transforms_fire_at_their_own_rates_independently():
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             assert abs((draws[:, i] & draws[:, j]).mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n), (names[i], names[j])
+
+
+def test_colour_and_inversion_fire_at_their_rates_and_keep_intensities_in_range():
+    rng = np.random.default_rng(1)
+    image = rng.random((3, 64, 64)).astype(np.float32)
+    mask = (image[0] > 0.5).astype(np.int64)
+    cfg = AugmentConfig(flip=False, affine=False, intensity=False, color=True, invert=True)
+    augmenter = build_augmentation(cfg, "percentile", spatial_dims=2, seed=0)
+    names = ["HueSaturationValue", "ChannelShuffle", "ToGray", "InvertImg"]
+    assert augmenter.names == names
+    n = 600
+    draws = np.array([[name in fired for name in names] for fired in (fired_2d(augmenter, image, mask) for _ in range(n))])
+    for rate, expected in zip(draws.mean(axis=0), (0.5, 0.2, 0.2, 0.25)):
+        assert abs(rate - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (names, draws.mean(axis=0))
+    inverted = build_augmentation(AugmentConfig(flip=False, affine=False, intensity=False, invert=True, strength=4.0),
+                                  "percentile", spatial_dims=2, seed=0)
+    out, out_mask = inverted(image, mask)  # strength 4: p = 1
+    np.testing.assert_allclose(out, 1 - image, atol=1e-6)
+    np.testing.assert_array_equal(out_mask, mask)  # intensity only: the mask is untouched
+    for _ in range(20):
+        out, _ = augmenter(image, mask)
+        assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_colour_and_inversion_are_refused_where_they_cannot_apply():
+    with pytest.raises(UnetsegError, match="augment.color varies the colour of RGB images"):
+        apply_overrides(load_config("hippocampus_2d"), ["augment.color=true"])
+    with pytest.raises(UnetsegError, match="2D augmentations"):
+        apply_overrides(load_config("hippocampus_3d"), ["augment.invert=true"])
+    assert apply_overrides(load_config("dsb2018_2d"), ["augment.color=true", "augment.invert=true"]).augment.color
 
 
 def test_2d_flips_come_in_all_four_combinations():

@@ -104,6 +104,14 @@ def _albumentations_2d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[
         )
         if normalization == "percentile":
             transforms.append(A.RandomGamma(gamma_limit=(100 - 30 * s, 100 + 30 * s), p=min(1.0, 0.3 * s)))
+    if cfg.color:  # stain and colour variation of RGB microscopy; intensities stay in [0, 1]
+        transforms += [
+            A.HueSaturationValue(hue_shift_limit=20 * s, sat_shift_limit=30 * s, val_shift_limit=0, p=min(1.0, 0.5 * s)),
+            A.ChannelShuffle(p=min(1.0, 0.2 * s)),
+            A.ToGray(num_output_channels=3, p=min(1.0, 0.2 * s)),
+        ]
+    if cfg.invert:  # dark objects on a bright background (brightfield) from bright ones on a dark one
+        transforms.append(A.InvertImg(p=min(1.0, 0.25 * s)))
     return A.Compose(transforms), [type(t).__name__ for t in transforms]
 
 
@@ -118,6 +126,8 @@ def _monai_3d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[int, ...]
         RandShiftIntensityd,
     )
 
+    if cfg.color or cfg.invert:
+        raise ValueError("augment.color and augment.invert are 2D (image) augmentations; switch them off for a 3D network")
     s = float(cfg.strength)
     both = ("image", "label")
     transforms: list = [RandFlipd(both, prob=0.5, spatial_axis=a) for a in flip_axes]
