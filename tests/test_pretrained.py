@@ -73,9 +73,10 @@ def test_hippocampus_figures_reproduce_with_and_without_tta(name, data_root, tmp
         assert plain["mean_dice"] == pytest.approx(recorded(name)["mean_dice"], abs=1e-6)
 
 
-def test_hippocampus_3d_is_the_most_accurate_hippocampus_model():
+def test_hippocampus_3d_is_the_most_accurate_hippocampus_model_and_reaches_the_target():
     dice = {n: recorded(n)["mean_dice"] for n in SHIPPED if n.startswith("hippocampus")}
     assert max(dice, key=dice.get) == "hippocampus_3d", dice
+    assert dice["hippocampus_3d"] >= 0.89  # the accuracy target (nnU-Net's 3D level is about 0.90 / 0.89)
     assert Segmenter.from_checkpoint("hippocampus_3d").spatial_dims == 3
 
 
