@@ -24,8 +24,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from unetseg.config import DataConfig, ModelConfig
 from unetseg.data.transforms import flip_combinations
 from unetseg.errors import DataError, UnetsegError
 from unetseg.model import UNet
+from unetseg.runlog import staged_file
 
 CHECKPOINT_FORMAT = "unetseg-checkpoint-v1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -271,15 +270,8 @@ def save_checkpoint(payload: Mapping[str, Any] | Checkpoint, path: str | Path) -
         payload = payload.to_dict()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         torch.save(dict(payload), tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +38,7 @@ from unetseg.data.preprocess import pad_to_shape, round_up_to_multiple, slices_t
 from unetseg.errors import UnetsegError
 from unetseg.checkpoint import Checkpoint, resolve_checkpoint
 from unetseg.infer import inference_network
-from unetseg.runlog import write_json
+from unetseg.runlog import staged_file, write_json
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18  # ConvTranspose, InstanceNormalization and every other op here; ONNX Runtime >= 1.14 runs it
@@ -116,7 +115,7 @@ def export_model(
     dims, multiple = metadata["spatial_dims"], metadata["size_multiple"]
     example = torch.zeros(1, metadata["in_channels"], *[2 * multiple] * dims)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _staged(out) as tmp:
+    with staged_file(out) as tmp:
         if fmt == "onnx":
             _write_onnx(net, example, multiple, tmp, metadata, opset)
         else:
@@ -129,20 +128,6 @@ def metadata_path(model_file: str | Path) -> Path:
     """The JSON written beside a model file: ``model.onnx`` -> ``model.onnx.json``."""
     model_file = Path(model_file)
     return model_file.with_name(model_file.name + ".json")
-
-
-@contextlib.contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed to ``path`` when the block succeeds, removed when it fails."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_onnx(net: nn.Module, example: torch.Tensor, multiple: int, path: Path, metadata: dict[str, Any],

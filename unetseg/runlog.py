@@ -8,10 +8,12 @@ become plain numbers and lists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,27 @@ def dumps(value: Any, indent: int | None = None) -> str:
     return json.dumps(strict(value), indent=indent, allow_nan=False)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, so a kill leaves the old file or the new one."""
+@contextlib.contextmanager
+def staged_file(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """A new temporary file beside ``path`` (``.<name>.<random>``) for the block to write, renamed to ``path``
+    (with permissions ``mode``) when the block succeeds and removed when it fails: a kill or an error leaves
+    the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, mode)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`staged_file`."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
