@@ -13,6 +13,7 @@ from skimage import io as skio
 from unetseg.config import AugmentConfig, apply_overrides, load_config
 from unetseg.data import io
 from unetseg.data.datasets import (
+    DATASETS,
     PatchDataset,
     dataset_info,
     list_cases,
@@ -86,6 +87,14 @@ def test_synthetic_msd_reader_keeps_affine_and_spacing(tmp_path):
     assert case.image.shape == (1, 11, 16, 9)
     assert case.meta.spacing == (1.5, 1.0, 2.0)
     assert abs(float(case.image.mean())) < 1e-4 and abs(float(case.image.std()) - 1) < 1e-3
+
+
+def test_data_set_names_are_one_list():
+    from unetseg.data.download import ARCHIVES
+    from unetseg.data.names import DATASET_NAMES, PUBLIC_DATASETS
+
+    assert tuple(DATASETS) == DATASET_NAMES and tuple(ARCHIVES) == PUBLIC_DATASETS
+    assert all(DATASETS[name].folder for name in PUBLIC_DATASETS)
 
 
 def test_missing_dataset_json_names_file(tmp_path):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from unetseg.data.names import DATASET_NAMES, PUBLIC_DATASETS
 from unetseg.errors import UnetsegError
 
 EPILOG = "Data root: --data-root, else $UNETSEG_DATA_ROOT, else data/ in the repository."
@@ -105,7 +106,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     _add_inference_options(p)
-    p.add_argument("--dataset", choices=["hippocampus", "dsb2018", "folder"],
+    p.add_argument("--dataset", choices=DATASET_NAMES,
                    help="data set to score on (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", help="folder holding the data set folders")
     p.add_argument("--split", default="val", choices=["val", "all"],
@@ -122,7 +123,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
         help="download an original data set archive",
         description="Download and extract the original public archive with MONAI's helpers (MD5-checked where published).",
     )
-    p.add_argument("dataset", choices=["hippocampus", "dsb2018"])
+    p.add_argument("dataset", choices=PUBLIC_DATASETS)
     p.add_argument("--data-root", "--root", dest="data_root",
                    help="where to extract, the same folder the other commands read (default: $UNETSEG_DATA_ROOT, "
                    "else data/); a data set already there is kept and not downloaded again")

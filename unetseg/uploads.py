@@ -26,6 +26,7 @@ import numpy as np
 from unetseg.data import io
 from unetseg.data.datasets import CaseRef, dataset_info, default_data_root, list_cases, read_dsb_mask  # noqa: F401
 from unetseg.data.io import ImageMeta  # noqa: F401 (what a decoded upload's metadata is, for the viewer)
+from unetseg.data.names import PUBLIC_DATASETS
 from unetseg.data.dicom import (
     DICOM_SUFFIXES,
     MAX_ZIP_MEMBERS,
@@ -266,7 +267,7 @@ def prediction_download(labels: np.ndarray, meta: io.ImageMeta, num_classes: int
 def list_samples(root: str | Path | None) -> dict[str, list[CaseRef]]:
     """Labelled sample cases under a data root, per data set (``hippocampus``, ``dsb2018``) that is there."""
     found: dict[str, list[CaseRef]] = {}
-    for name in ("hippocampus", "dsb2018"):
+    for name in PUBLIC_DATASETS:
         try:
             refs, _ = list_cases(dataset_info(name), root)
         except UnetsegError:
