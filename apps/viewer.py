@@ -240,6 +240,10 @@ def no_twin_note(ref: str, shipped: bool) -> str:
     return f"{ref} has no {what} twin shipped{which}; choose the second model below."
 
 
+def _picked_by_hand() -> None:
+    st.session_state["_model_by_hand"] = True
+
+
 def pick_models(refs: dict[str, str], kind: str | None, input_key: str | None) -> tuple[str, str | None]:
     """Model picker (and a second one in compare mode); a new input selects a model suited to it.
 
@@ -252,17 +256,21 @@ def pick_models(refs: dict[str, str], kind: str | None, input_key: str | None) -
     the first model or the input changes; a model without a twin says so and gets the best other model
     for the input, which the user may change.
     """
-    if input_key is not None and st.session_state.get("_models_for") != input_key:  # a new input: keep it if it suits
+    if input_key is not None and st.session_state.get("_models_for") != input_key:  # a new input
         st.session_state["_models_for"] = input_key
         current = st.session_state.get("model")
-        if current not in refs or not suits(cached_card(refs[current]), kind):
+        # The user's own pick stays when it suits the input; a pick the viewer made (before any input, or for
+        # another input) gives way to the best model for this one.
+        if current not in refs or not st.session_state.get("_model_by_hand") or not suits(cached_card(refs[current]), kind):
             st.session_state["model"] = default_model(refs, kind)
+            st.session_state["_model_by_hand"] = False
         st.session_state.pop("_pair_for", None)
     if st.session_state.get("model") not in refs:
         st.session_state["model"] = default_model(refs, kind)
+        st.session_state["_model_by_hand"] = False
     options = list(refs)
     first = st.sidebar.selectbox("Model", options, key="model", format_func=lambda r: model_label(r, refs),
-                                 help=MODEL_HELP)
+                                 help=MODEL_HELP, on_change=_picked_by_hand)
     if not st.sidebar.checkbox("Compare two models", key="compare"):
         return first, None
     twin = twin_of(first)

@@ -7,7 +7,10 @@ with its Dice, object counts and size. The figure goes to ``--out``. It also
 prints the recorded Dice by kind of image (:func:`image_kind`).
 
     python benchmarks/worst_cases.py --data-root ../shared/data [--model dsb2018_2d] [--count 6] \
-        [--out docs/figures/dsb2018_2d_worst.jpg]
+        [--cases ID ...] [--out docs/figures/dsb2018_2d_worst.jpg]
+
+``--cases`` draws the given validation cases instead (e.g. an earlier model's worst ones, to compare
+before and after), with the model's recorded Dice of each.
 """
 
 from __future__ import annotations
@@ -27,10 +30,17 @@ from unetseg.infer import PRETRAINED_DIR, Segmenter
 from unetseg.plots import subplots
 
 
-def worst_rows(model: str, count: int) -> list[dict[str, str]]:
-    """The ``count`` rows of the model's recorded ``per_case.csv`` with the lowest Dice, worst first."""
+def worst_rows(model: str, count: int, cases: list[str] | None = None) -> list[dict[str, str]]:
+    """The ``count`` rows of the model's recorded ``per_case.csv`` with the lowest Dice, worst first; or, with
+    ``cases``, the rows of those case ids in that order."""
     with (PRETRAINED_DIR / model / "per_case.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
+    if cases:
+        by_id = {r["case_id"]: r for r in rows}
+        missing = [c for c in cases if c not in by_id]
+        if missing:
+            raise SystemExit(f"not validation cases of {model}: {', '.join(missing)}")
+        return [by_id[c] for c in cases]
     dice_key = next(k for k in rows[0] if k.startswith("dice_"))
     return sorted(rows, key=lambda r: float(r[dice_key]))[:count]
 
@@ -64,6 +74,7 @@ def main() -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--model", default="dsb2018_2d")
     parser.add_argument("--count", type=int, default=6)
+    parser.add_argument("--cases", nargs="+", metavar="ID", help="draw these validation cases instead of the worst")
     parser.add_argument("--out", help="JPEG to write (default: docs/figures/<model>_worst.jpg)")
     args = parser.parse_args()
     out = Path(args.out or f"docs/figures/{args.model}_worst.jpg")
@@ -71,7 +82,7 @@ def main() -> None:
     refs, info = list_cases(dataset_info(seg.dataset), args.data_root)
     by_id = {r.case_id: r for r in refs}
     dice_by_kind(args.model, by_id)
-    rows = worst_rows(args.model, args.count)
+    rows = worst_rows(args.model, args.count, args.cases)
     fig, axes = subplots(len(rows), 2, figsize=(8, 3.3 * len(rows)), squeeze=False)
     for (ax_image, ax_errors), row in zip(axes, rows):
         case = load_case(by_id[row["case_id"]], info, seg.preprocessing["normalization"])
@@ -86,7 +97,8 @@ def main() -> None:
                             f"{row.get('objects_predicted', '?')} predicted", fontsize=8)
         for ax in (ax_image, ax_errors):
             ax.axis("off")
-    fig.suptitle(f"{args.model}: the {len(rows)} worst validation images", fontsize=9)
+    what = "the given validation images" if args.cases else f"the {len(rows)} worst validation images"
+    fig.suptitle(f"{args.model}: {what}", fontsize=9)
     fig.legend(handles=[Patch(color=np.array(c) / 255, label=name) for c, name in
                         ((FALSE_POSITIVE, "false positive"), (FALSE_NEGATIVE, "false negative"))],
                loc="upper right", fontsize=8)
