@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=os.environ.get("UNETSEG_DATA_ROOT", "../shared/data"))
     parser.add_argument("--repeats", type=int, default=3, help="fresh servers (default: %(default)s)")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint to add in the sidebar")
-    parser.add_argument("--volume-model", default="hippocampus_3d", help="model for the breakdown of volumes")
-    parser.add_argument("--image-model", default="dsb2018_2d", help="model for the breakdown of 2D images")
+    parser.add_argument("--volume-model", default="hippocampus_3d", help="model for the breakdown of volumes (default: %(default)s)")
+    parser.add_argument("--image-model", default="dsb2018_2d_noskip",
+                        help="model for the breakdown of 2D images (default: the viewer's default for them)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     data_root = Path(args.data_root).resolve()

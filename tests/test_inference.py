@@ -115,7 +115,7 @@ def test_an_image_no_larger_than_the_old_window_equals_one_plain_forward_pass(sh
 def test_a_budget_too_small_for_more_reproduces_the_old_sliding_window(capsys):
     seg = Segmenter.from_checkpoint("dsb2018_2d", device="cpu")
     seg.memory_mb = TINY_MB
-    image = seg.prepare(rgb((300, 410)), channel_axis=-1)  # larger than the old 256 x 256 window
+    image = seg.prepare(rgb((600, 700)), channel_axis=-1)  # larger than twice the 256 x 256 training patch
     members = [old_sliding_window(seg, image, f) for f in seg.tta_flips]
     np.testing.assert_allclose(seg.predict_proba(image, normalized=True), members[0], atol=2e-5)
     np.testing.assert_allclose(seg.predict_proba(image, tta=True, normalized=True), np.mean(members, axis=0), atol=2e-5)
@@ -127,17 +127,17 @@ def test_a_budget_too_small_for_more_reproduces_the_old_sliding_window(capsys):
 
 def test_whole_image_and_large_windows_agree_away_from_window_seams():
     seg = Segmenter.from_checkpoint("dsb2018_2d")
-    image = seg.prepare(rgb((520, 696), seed=1), channel_axis=-1)
+    image = seg.prepare(rgb((512, 904), seed=1), channel_axis=-1)  # sides on the 8-pixel grid: no padding
     whole = seg.predict_proba(image, normalized=True)
-    seg.memory_mb = (520 * 400 + 100) * seg.bytes_per_voxel / 2**20  # two windows side by side, not the old 256s
-    assert window_shape(image.shape[1:], seg.smallest_window, seg.max_voxels(), 8) == (520, 400)
+    seg.memory_mb = (512 * 520 + 100) * seg.bytes_per_voxel / 2**20  # two windows side by side, not 512 x 512s
+    assert window_shape(image.shape[1:], seg.smallest_window, seg.max_voxels(), 8) == (512, 520)
     passes = count_passes(seg)
     windowed = seg.predict_proba(image, normalized=True)
-    assert passes == [(1, 3, 520, 400)] * 2
-    # windows [0, 400) and [296, 696), on the network's 8-pixel grid: more than a receptive field (~100 pixels)
+    assert passes == [(1, 3, 512, 520)] * 2
+    # windows [0, 520) and [384, 904), on the network's 8-pixel grid: more than a receptive field (~100 pixels)
     # away from a window's inner edge, each window sees what the whole image shows, so the results are equal
-    np.testing.assert_allclose(windowed[..., :240], whole[..., :240], atol=2e-5)
-    np.testing.assert_allclose(windowed[..., 460:], whole[..., 460:], atol=2e-5)
+    np.testing.assert_allclose(windowed[..., :270], whole[..., :270], atol=2e-5)
+    np.testing.assert_allclose(windowed[..., 630:], whole[..., 630:], atol=2e-5)
     assert (windowed.argmax(0) == whole.argmax(0)).mean() > 0.995
 
 
@@ -145,20 +145,20 @@ def test_whole_image_and_large_windows_agree_away_from_window_seams():
 
 def test_flip_members_share_forward_passes_as_far_as_the_budget_allows():
     seg = Segmenter.from_checkpoint("dsb2018_2d")
-    assert len(seg.tta_flips) == 2
-    image = seg.prepare(rgb((600, 700)), channel_axis=-1)
+    assert len(seg.tta_flips) == 4
+    image = seg.prepare(rgb((400, 500)), channel_axis=-1)
     passes = count_passes(seg)
     together = seg.predict_proba(image, tta=True, normalized=True)
-    assert passes == [(2, 3, 600, 700)]  # the image and its mirrored copy in one pass
-    seg.memory_mb = 1.5 * 600 * 704 * seg.bytes_per_voxel / 2**20  # room for one copy, not two
+    assert passes == [(4, 3, 400, 500)]  # the image and its three mirrored copies in one pass
+    seg.memory_mb = 1.5 * 400 * 504 * seg.bytes_per_voxel / 2**20  # room for one copy, not two
     passes.clear()
     apart = seg.predict_proba(image, tta=True, normalized=True)
-    assert passes == [(1, 3, 600, 700)] * 2
+    assert passes == [(1, 3, 400, 500)] * 4
     np.testing.assert_allclose(apart, together, atol=2e-5)
     seg.memory_mb, seg.batch_size = None, 1  # batch_size caps a pass below the budget
     passes.clear()
     seg.predict_proba(image, tta=True, normalized=True)
-    assert passes == [(1, 3, 600, 700)] * 2
+    assert passes == [(1, 3, 400, 500)] * 4
 
 
 def test_memory_budget_from_argument_environment_and_default(monkeypatch):
@@ -167,9 +167,9 @@ def test_memory_budget_from_argument_environment_and_default(monkeypatch):
     monkeypatch.setenv(INFER_MEMORY_ENV, "512")
     assert infer_memory_mb() == 512 and infer_memory_mb(64) == 64
     seg = Segmenter.from_checkpoint("dsb2018_2d")
-    assert seg.bytes_per_voxel == 4 * (10 * 16 + 3 + 3 * 2)
+    assert seg.bytes_per_voxel == 4 * (10 * 32 + 3 + 3 * 2)  # widths from 32, 3 input channels, 2 classes
     assert seg.max_voxels() == 512 * 2**20 // seg.bytes_per_voxel
-    assert Segmenter(seg.model, seg.preprocessing, seg.class_names, memory_mb=64).max_voxels() == 64 * 2**20 // 676
+    assert Segmenter(seg.model, seg.preprocessing, seg.class_names, memory_mb=64).max_voxels() == 64 * 2**20 // 1316
     for bad in ("lots", "0", "-5", "nan", "inf"):
         monkeypatch.setenv(INFER_MEMORY_ENV, bad)
         with pytest.raises(UnetsegError, match=f"{INFER_MEMORY_ENV}='{bad}' is not a positive number of megabytes"):
@@ -188,7 +188,7 @@ def test_a_forward_pass_stays_within_its_memory_estimate():
         "torch.set_num_threads(1)\n"
         "from unetseg.infer import Segmenter\n"
         "seg = Segmenter.from_checkpoint('dsb2018_2d')\n"
-        "x = seg.prepare(np.random.default_rng(0).random((512, 640, 3)), channel_axis=-1)\n"
+        "x = seg.prepare(np.random.default_rng(0).random((256, 320, 3)), channel_axis=-1)\n"
         "seg._inference_network()\n"
         "before = peak()\n"
         "seg.predict_proba(x, tta=True, normalized=True)\n"
@@ -198,7 +198,7 @@ def test_a_forward_pass_stays_within_its_memory_estimate():
     assert run.returncode == 0, run.stderr[-2000:]
     grown = int(run.stdout)
     seg = Segmenter.from_checkpoint("dsb2018_2d")
-    estimate = 2 * 512 * 640 * seg.bytes_per_voxel
+    estimate = len(seg.tta_flips) * 256 * 320 * seg.bytes_per_voxel  # every member in one pass
     assert 0.3 * estimate < grown < estimate, (grown, estimate)
 
 
