@@ -16,7 +16,10 @@ that large) and on a 256 x 256 DSB image; hippocampus_2d and hippocampus_3d on a
 Times are the median (and minimum) of ``--repeats`` runs after one warm-up run, in seconds; a path whose first
 run takes more than 8 s is timed by that run alone.
 
-    python benchmarks/inference_speed.py [--repeats 3] [--out docs/inference_speed_results.md]
+    python benchmarks/inference_speed.py [--repeats 3] [--models NAME ...] [--new-only] [--out FILE]
+
+``--models`` times only those models' cases; ``--new-only`` leaves out the old path and MONAI's default (the slow
+columns, shown as "-"), for a quick look at the path ``predict`` takes.
 """
 
 from __future__ import annotations
@@ -187,6 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (default: %(default)s)")
     parser.add_argument("--data-root", help="folder holding the data set folders")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="time only these models' cases (default: all)")
+    parser.add_argument("--new-only", action="store_true", help="leave out the old path and MONAI's default")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -199,6 +204,8 @@ def main() -> None:
     layouts = []
     summary = {}
     for name, what, raw in cases(resolve_data_root(args.data_root)):
+        if args.models and name not in args.models:
+            continue
         seg = Segmenter.from_checkpoint(name)
         image = seg.prepare(raw, channel_axis=-1 if raw.ndim == 3 and name.startswith("dsb") else None)
         for tta in (False, True):
@@ -207,12 +214,17 @@ def main() -> None:
             rate = matmul_gflops()  # then at once the new path, in the same conditions
             bound = gflop / rate
             new_t, new_min = times(partial(seg.predict_proba, image, tta=tta, normalized=True), args.repeats)
-            old_t, _ = times(partial(old_predict_proba, seg, image, tta), args.repeats)
-            monai_t, _ = times(partial(monai_default, seg, image, tta), args.repeats)
-            diff = np.abs(seg.predict_proba(image, tta=tta, normalized=True) - old_predict_proba(seg, image, tta)).max()
+            if args.new_only:
+                old, monai, speedup, diff = "-", "-", "-", "-"
+            else:
+                old_t, _ = times(partial(old_predict_proba, seg, image, tta), args.repeats)
+                monai_t, _ = times(partial(monai_default, seg, image, tta), args.repeats)
+                old, monai, speedup = f"{old_t:.2f}", f"{monai_t:.2f}", f"{old_t / new_t:.1f}"
+                new = seg.predict_proba(image, tta=tta, normalized=True)
+                diff = f"{np.abs(new - old_predict_proba(seg, image, tta)).max():.1e}"
             lines.append(f"| {name} | {what} | {'x' + str(members) if tta else 'no'} | {gflop:.1f} | {rate:.0f} | "
-                         f"{bound:.2f} | {old_t:.2f} | {monai_t:.2f} | {new_t:.2f} ({new_min:.2f}) | "
-                         f"{new_t / bound:.1f} | {old_t / new_t:.1f} | {diff:.1e} |")
+                         f"{bound:.2f} | {old} | {monai} | {new_t:.2f} ({new_min:.2f}) | "
+                         f"{new_t / bound:.1f} | {speedup} | {diff} |")
             print(lines[-1], flush=True)
         summary[(name, what)] = (len(seg.tta_flips), *tta_cost(seg, image, 2 * args.repeats - 1))
         if what.startswith("1040") or name == "hippocampus_3d" or name == "hippocampus_2d":
