@@ -605,3 +605,10 @@ def test_signal_figures_quoted_in_the_docs_are_the_committed_measurement():
     assert len(figures) == 10 and all(f in section for f in figures)
     for figure in figures:
         assert figure in committed, f"{figure} is quoted in docs/ablation.md but not in {folder / 'report.md'}"
+
+
+def test_quick_report_says_n_a_where_a_figure_is_undefined(quick_study):
+    """Two-epoch runs collapse: the gap without collapsed runs is undefined, and the report says so (not "+nan")."""
+    text = (quick_study["report"] / "report.md").read_text()
+    assert "+nan" not in text and " nan" not in text
+    assert "collapsed runs left out: depth" in text

@@ -444,7 +444,10 @@ def findings(summary: dict[str, Any]) -> list[str]:
                       if widening else "The point estimates do **not** grow with depth, contrary to the degradation story."))
         seeds = "; ".join(f"depth {r['depth']}: {seed_level_text(r['gap'])}{comparison_flag(r['gap'])}" for r in summary["depth"])
         out.append(f"- The same gaps with seeds as the unit (mean of per-seed differences, 95 % t-interval): {seeds}.")
-        healthy = ", ".join(f"depth {r['depth']}: {r['gap_without_collapsed']:+.3f}" for r in summary["depth"])
+        def healthy_gap(gap: float | None) -> str:  # None: strict JSON's NaN, every seed of an arm collapsed
+            return f"{gap:+.3f}" if gap is not None and math.isfinite(gap) else "n/a (an arm has no run without a collapsed class)"
+
+        healthy = ", ".join(f"depth {r['depth']}: {healthy_gap(r['gap_without_collapsed'])}" for r in summary["depth"])
         out.append(f"- The same gap between seed means with collapsed runs left out: {healthy}.")
     collapse = summary["collapse"]
     if collapse["runs"]:
