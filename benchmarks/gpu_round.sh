@@ -16,7 +16,7 @@ set -u
 out=${1:?usage: gpu_round.sh OUT [MINUTES] [--set ...]}
 minutes=${2:-7}
 shift $(( $# >= 2 ? 2 : 1 ))
-data=${UNETSEG_DATA_ROOT:?set UNETSEG_DATA_ROOT to the folder holding Task04_Hippocampus}
+data=${UNETSEG_DATA_ROOT:?set UNETSEG_DATA_ROOT to the folder holding the data set folders}
 mkdir -p "$out/runs"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 round=${GPU_ROUND:-hippocampus_3d}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unetseg.infer import PRETRAINED_DIR
+from unetseg.runlog import read_jsonl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RUNS = DOCS / "gpu_round"
@@ -25,7 +26,7 @@ def table_rows(*starts: str) -> dict[str, list[str]]:
 
 
 def epochs_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(folder / "metrics.jsonl")
 
 
 def dice(path: Path) -> str:

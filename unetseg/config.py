@@ -233,7 +233,7 @@ def check_consistency(cfg: Config, source: str) -> None:
     Raises :class:`UnetsegError` naming the setting and what it must be.
     """
     from unetseg.data.datasets import DATASETS
-    from unetseg.data.transforms import resolve_flip_axes
+    from unetseg.data.transforms import check_augmentation
     from unetseg.model.blocks import activation  # the network's own rules
     from unetseg.model.unet import resolve_skips
 
@@ -257,11 +257,9 @@ def check_consistency(cfg: Config, source: str) -> None:
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise UnetsegError(f"{source}: train.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     try:
-        resolve_flip_axes(cfg.augment, m.spatial_dims)
+        check_augmentation(cfg.augment, m.spatial_dims)
     except ValueError as exc:
         raise UnetsegError(f"{source}: {exc}") from None
-    if m.spatial_dims == 3 and (cfg.augment.color or cfg.augment.invert):
-        raise UnetsegError(f"{source}: augment.color and augment.invert are 2D augmentations; set them false for a 3D network")
     if cfg.augment.color and DATASETS[d.dataset].in_channels != 3:
         raise UnetsegError(f"{source}: augment.color varies the colour of RGB images; the {d.dataset} data set's network "
                            f"takes {DATASETS[d.dataset].in_channels} channel(s): set it false")

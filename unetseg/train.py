@@ -415,8 +415,9 @@ class _Training:
                                          di, self.device) > 0
         if self.val_cases and ((epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time):
             self.validate(row)
-        row["elapsed_s"] = time.perf_counter() - self.t_start
-        row["epoch_s"] = self.last_epoch_s = time.perf_counter() - t_epoch_start
+        end = time.perf_counter()
+        row["elapsed_s"] = end - self.t_start
+        row["epoch_s"] = self.last_epoch_s = end - t_epoch_start
         improved = row.get("val_mean_dice", -1.0) > self.best or not self.val_cases
         if improved:
             self.best, self.best_epoch = row["val_mean_dice"], epoch

@@ -33,6 +33,14 @@ def resolve_flip_axes(cfg: AugmentConfig, spatial_dims: int) -> tuple[int, ...]:
     return tuple(sorted(set(axes)))
 
 
+def check_augmentation(cfg: AugmentConfig, spatial_dims: int) -> None:
+    """Raise ``ValueError`` for augmentation a ``spatial_dims``-D network cannot take: flip axes it lacks, or the
+    2D-only colour and inversion transforms on a 3D network."""
+    resolve_flip_axes(cfg, spatial_dims)
+    if spatial_dims == 3 and (cfg.color or cfg.invert):
+        raise ValueError("augment.color and augment.invert are 2D augmentations; set them false for a 3D network")
+
+
 def flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of ``axes``, the empty one (no flip) first: the mirrorings a model trained with
     independent flips along ``axes`` has seen, and so the members of its flip test-time augmentation."""
@@ -56,6 +64,7 @@ class Augmenter:
     """
 
     def __init__(self, cfg: AugmentConfig, normalization: str, spatial_dims: int = 2, seed: int = 0) -> None:
+        check_augmentation(cfg, spatial_dims)
         self.spatial_dims = spatial_dims
         self.flip_axes = resolve_flip_axes(cfg, spatial_dims)
         builder = _albumentations_2d if spatial_dims == 2 else _monai_3d
@@ -126,8 +135,6 @@ def _monai_3d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[int, ...]
         RandShiftIntensityd,
     )
 
-    if cfg.color or cfg.invert:
-        raise ValueError("augment.color and augment.invert are 2D (image) augmentations; switch them off for a 3D network")
     s = float(cfg.strength)
     both = ("image", "label")
     transforms: list = [RandFlipd(both, prob=0.5, spatial_axis=a) for a in flip_axes]
