@@ -79,7 +79,7 @@ def times(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 def network_input(seg: Segmenter, image: np.ndarray) -> torch.Tensor:
     """What the network sees of a normalised image ``(C, *S)``: ``(1, C, *S)``, or a 2D network's slices."""
     if seg.spatial_dims == 2 and image.ndim == 4:
-        return torch.from_numpy(np.ascontiguousarray(volume_to_slices(image, seg.preprocessing["slice_axis"])))
+        return torch.from_numpy(np.ascontiguousarray(volume_to_slices(image, seg.preprocessing.slice_axis)))
     return torch.from_numpy(image[None])
 
 
@@ -92,7 +92,7 @@ def flops(seg: Segmenter, image: np.ndarray, members: int) -> float:
 
 def old_predict_proba(seg: Segmenter, image: np.ndarray, tta: bool) -> np.ndarray:
     """``Segmenter.predict_proba`` as it was before the memory budget (commit de622d3), for comparison."""
-    roi = tuple(2 * p for p in seg.preprocessing["patch_size"])
+    roi = tuple(2 * p for p in seg.preprocessing.patch_size)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -111,7 +111,7 @@ def monai_default(seg: Segmenter, image: np.ndarray, tta: bool) -> np.ndarray:
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = sliding_window_inference(batch, seg.preprocessing["patch_size"], 4, seg.model)
+            logits = sliding_window_inference(batch, seg.preprocessing.patch_size, 4, seg.model)
             return torch.softmax(logits, dim=1)
 
     return _members_mean(seg, image, tta, forward, chunk=None)
@@ -128,7 +128,7 @@ def _members_mean(seg: Segmenter, image: np.ndarray, tta: bool, forward, chunk: 
         members.append((torch.flip(probs, dims) if dims else probs).numpy())
     probs = np.mean(members, axis=0)
     if seg.spatial_dims == 2 and image.ndim == 4:
-        return slices_to_volume(probs, seg.preprocessing["slice_axis"])
+        return slices_to_volume(probs, seg.preprocessing.slice_axis)
     return probs[0]
 
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     segmenter = Segmenter.from_checkpoint("dsb2018_2d")
     wanted = load_checkpoint("dsb2018_2d")["split"]["val"][: args.cases]
     refs, info = list_cases(dataset_info("dsb2018"), args.data_root)
-    cases = load_cases([r for r in refs if r.case_id in wanted], info, segmenter.preprocessing["normalization"],
+    cases = load_cases([r for r in refs if r.case_id in wanted], info, segmenter.preprocessing.normalization,
                        instances=True)
     pairs = [(segmenter.predict(c.image, normalized=True) == 1, c.instances) for c in cases]
     ways = {"connected components": lambda fg: connected_components(fg)}

@@ -54,7 +54,7 @@ def main() -> None:
                 continue
             seg = Segmenter.from_checkpoint(name)
             runs = paths(name, seg, Path(tmp))
-            image = seg.prepare(raw, channel_axis=-1 if seg.preprocessing["in_channels"] == 3 else None)  # RGB last
+            image = seg.prepare(raw, channel_axis=-1 if seg.preprocessing.in_channels == 3 else None)  # RGB last
             reference = runs["torch"](image)
             diffs = {path: float(np.abs(run(image) - reference).max()) for path, run in runs.items()}  # also warm-up
             seconds: dict[str, list[float]] = {path: [] for path in runs}

@@ -37,7 +37,7 @@ def main() -> None:
             seg.tta_flips = [tuple(int(c) for c in f) for f in args.flips]
         refs, info = list_cases(dataset_info(payload["dataset"]), args.data_root)
         refs = [r for r in refs if r.case_id in set(payload["split"]["val"])][: args.max_cases]
-        cases = load_cases(refs, info, seg.preprocessing["normalization"], progress=False)
+        cases = load_cases(refs, info, seg.preprocessing.normalization, progress=False)
         marked, member_dice = [], []
         for case in cases:
             members = seg.flip_predictions(case.image, normalized=True)

@@ -85,7 +85,7 @@ def main() -> None:
     rows = worst_rows(args.model, args.count, args.cases)
     fig, axes = subplots(len(rows), 2, figsize=(8, 3.3 * len(rows)), squeeze=False)
     for (ax_image, ax_errors), row in zip(axes, rows):
-        case = load_case(by_id[row["case_id"]], info, seg.preprocessing["normalization"])
+        case = load_case(by_id[row["case_id"]], info, seg.preprocessing.normalization)
         prediction = seg.predict(case.image, normalized=True)
         picture = np.moveaxis(apply_window(case.image, *default_window(case.image)), 0, -1)  # (H, W, C) uint8
         base = to_rgb(picture if picture.shape[-1] == 3 else picture[..., 0])

@@ -357,7 +357,7 @@ def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tupl
     """The shipped model and its ``unetseg evaluate`` row for one real case."""
     segmenter = Segmenter.from_checkpoint(model)
     refs, info = list_cases(dataset_info(dataset), data_root)
-    cases = load_cases([r for r in refs if r.case_id == case_id], info, segmenter.preprocessing["normalization"])
+    cases = load_cases([r for r in refs if r.case_id == case_id], info, segmenter.preprocessing.normalization)
     return segmenter, evaluate_cases(segmenter, cases, progress=False)[0]
 
 

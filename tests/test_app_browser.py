@@ -106,7 +106,7 @@ def expected_row(data_root: Path) -> dict:
     """``unetseg evaluate``'s per-case row for CASE with the default model for volumes (hippocampus_3d)."""
     segmenter = Segmenter.from_checkpoint("hippocampus_3d")
     refs, info = list_cases(dataset_info("hippocampus"), data_root)
-    cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing["normalization"])
+    cases = load_cases([r for r in refs if r.case_id == CASE], info, segmenter.preprocessing.normalization)
     return evaluate_cases(segmenter, cases, progress=False)[0]
 
 

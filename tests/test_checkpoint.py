@@ -140,7 +140,7 @@ def test_segmenter_from_a_dict_and_from_a_checkpoint_agree():
 
     a = Segmenter.from_payload(load_checkpoint("dsb2018_2d"))
     b = Segmenter.from_checkpoint("dsb2018_2d")
-    assert a.preprocessing == b.preprocessing == Checkpoint.load("dsb2018_2d").preprocessing.to_dict()
+    assert a.preprocessing == b.preprocessing == Checkpoint.load("dsb2018_2d").preprocessing
     assert a.class_names == b.class_names and a.dataset == "dsb2018"
     assert a.tta_flips == b.tta_flips == [(), (0,), (1,), (0, 1)]  # trained with each axis mirrored on its own
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_models_that_predict_or_read_differently_cannot_be_averaged():
     with pytest.raises(UnetsegError, match="hippocampus_2d and dsb2018_2d cannot be averaged: they predict different"):
         Ensemble.from_checkpoints(["hippocampus_2d", "dsb2018_2d"])
     first, other = Segmenter.from_checkpoint("hippocampus_2d"), Segmenter.from_checkpoint("hippocampus_2d_noskip")
-    other.preprocessing["normalization"] = "zscore"
+    other.preprocessing = replace(other.preprocessing, normalization="zscore")
     with pytest.raises(UnetsegError, match="preprocessing differs \\(normalization 'percentile' and 'zscore'\\)"):
         Ensemble([first, other])
 

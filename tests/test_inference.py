@@ -39,7 +39,7 @@ def plain_member(seg: Segmenter, image: np.ndarray, flip: tuple[int, ...]) -> np
     softmax, mirrored back; a 2D network on a volume sees its slices as one batch."""
     from unetseg.data.preprocess import slices_to_volume, volume_to_slices
 
-    axis = seg.preprocessing["slice_axis"]
+    axis = seg.preprocessing.slice_axis
     in_2d = seg.spatial_dims == 2 and image.ndim == 4
     x = torch.from_numpy(np.ascontiguousarray(volume_to_slices(image, axis) if in_2d else image[None]))
     dims = [d + 2 for d in flip]
@@ -52,7 +52,7 @@ def plain_member(seg: Segmenter, image: np.ndarray, flip: tuple[int, ...]) -> np
 
 def old_sliding_window(seg: Segmenter, image: np.ndarray, flip: tuple[int, ...]) -> np.ndarray:
     """One member of a 2D image larger than twice the training patch, as the code before the budget computed it."""
-    roi = tuple(2 * p for p in seg.preprocessing["patch_size"])
+    roi = tuple(2 * p for p in seg.preprocessing.patch_size)
     dims = [d + 2 for d in flip]
     x = torch.from_numpy(image[None])
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_a_volume_is_one_forward_pass_equal_to_the_plain_network_with_and_withou
     members = [plain_member(seg, image, f) for f in seg.tta_flips]
     np.testing.assert_allclose(seg.predict_proba(image, normalized=True), members[0], atol=2e-5)
     np.testing.assert_allclose(seg.predict_proba(image, tta=True, normalized=True), np.mean(members, axis=0), atol=2e-5)
-    slices = image.shape[1 + seg.preprocessing["slice_axis"]] if seg.spatial_dims == 2 else 1
+    slices = image.shape[1 + seg.preprocessing.slice_axis] if seg.spatial_dims == 2 else 1
     # one pass each: the whole volume (or all its slices), then the volume and its mirrored copies together
     assert [p[0] for p in passes] == [slices, slices * len(seg.tta_flips)]
     votes = seg.flip_predictions(image, normalized=True)

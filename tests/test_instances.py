@@ -71,7 +71,7 @@ def test_evaluate_scores_dsb_nuclei_as_objects(data_root):
     refs, info = list_cases(dataset_info("dsb2018"), data_root)
     refs = [r for r in refs if r.case_id in wanted]
     segmenter = Segmenter.from_checkpoint("dsb2018_2d")
-    cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=False, instances=True)
+    cases = load_cases(refs, info, segmenter.preprocessing.normalization, progress=False, instances=True)
     rows = evaluate_cases(segmenter, cases, progress=False)
     for ref, row in zip(refs, rows):
         assert row["objects_true"] == len(list(ref.label.glob("*.png"))) == read_dsb_instances(ref.label).max()
@@ -79,5 +79,5 @@ def test_evaluate_scores_dsb_nuclei_as_objects(data_root):
     summary = summarize(rows, info.class_names)
     assert summary["instances"]["ap_iou_50_95_mean"] == pytest.approx(np.mean([r["ap_iou_50_95"] for r in rows]))
     assert "DSB2018 score" in format_summary(summary)
-    plain = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=False)
+    plain = load_cases(refs, info, segmenter.preprocessing.normalization, progress=False)
     assert all(c.instances is None for c in plain)  # training never holds the object labels

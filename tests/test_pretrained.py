@@ -93,7 +93,7 @@ def test_dsb_tta_per_case_figures_reproduce_on_five_cases(name, data_root):
     by_id = {r.case_id: r for r in refs}
     seg = Segmenter.from_checkpoint(name)
     for row in rows:
-        case = load_case(by_id[row["case_id"]], info, seg.preprocessing["normalization"])
+        case = load_case(by_id[row["case_id"]], info, seg.preprocessing.normalization)
         score = score_case(seg.predict(case.image, tta=True, normalized=True), case.label, seg.class_names)
         assert score["dice_nucleus"] == pytest.approx(float(row["dice_nucleus"]), abs=1e-6)
 

@@ -95,7 +95,7 @@ class Ensemble(Predictor):
         self.names = names
         first = members[0]
         self.class_names = first.class_names
-        self.preprocessing = {key: first.preprocessing[key] for key in SHARED_PREPROCESSING}
+        self.preprocessing = first.preprocessing  # the members share SHARED_PREPROCESSING, what preparing an image needs
         self.dataset = next((m.dataset for m in members if m.dataset), None)
 
     @classmethod
@@ -148,8 +148,9 @@ def incompatibility(first: Segmenter, other: Segmenter) -> str | None:
     if first.class_names != other.class_names:
         return f"they predict different classes ({list(first.class_names)} and {list(other.class_names)})"
     for key in SHARED_PREPROCESSING:
-        if first.preprocessing[key] != other.preprocessing[key]:
-            return f"their preprocessing differs ({key} {first.preprocessing[key]!r} and {other.preprocessing[key]!r})"
+        mine, theirs = getattr(first.preprocessing, key), getattr(other.preprocessing, key)
+        if mine != theirs:
+            return f"their preprocessing differs ({key} {mine!r} and {theirs!r})"
     kinds = {dataset_kind(first.dataset), dataset_kind(other.dataset)} - {None}
     if len(kinds) > 1:
         return f"they were trained on different kinds of input ({first.dataset} and {other.dataset})"

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unetseg.checkpoint import Checkpoint, Preprocessing
-from unetseg.data.datasets import Case, dataset_info, list_all_cases, load_cases, unlabelled_note
+from unetseg.data.datasets import Case, CaseRef, DatasetInfo, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import Ensemble, expand_checkpoints
 from unetseg.infer import Segmenter
@@ -50,7 +50,7 @@ def network_predictor(
 ) -> Segmenter:
     """A predictor for :func:`evaluate_cases` of a network being trained: it predicts as the network's checkpoint
     will (the same preprocessing), and always with the network's current weights. Puts the network in eval mode."""
-    return Segmenter(model, preprocessing.to_dict(), class_names, device)
+    return Segmenter(model, preprocessing, class_names, device)
 
 
 def score_instances(foreground: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -93,6 +93,46 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scored_cases(every: Sequence[CaseRef], info: DatasetInfo, dataset: str, split: str, trained: Checkpoint,
+                 checkpoint: str) -> list[CaseRef]:
+    """The labelled cases ``evaluate`` scores: with ``split == "val"`` exactly the checkpoint's validation cases
+    (each must be under the data root), else every labelled one (saying, once, how many images lack a label).
+
+    Args:
+        every: every case of ``dataset`` under the data root, labelled or not.
+        trained: what the checkpoints share of their training (:func:`shared_training`).
+        checkpoint: the checkpoint name(s), for messages.
+    """
+    trained_on = trained.dataset
+    refs = [r for r in every if r.label is not None]
+    unlabelled = [r for r in every if r.label is None]
+    if not refs:
+        raise UnetsegError(f"none of the {len(every)} {dataset} images under the data root can be scored: "
+                           f"{unlabelled_note(unlabelled, info)}" if unlabelled else
+                           f"no labelled {dataset} cases under the data root; evaluate needs images with their masks "
+                           "or label maps")
+    if split == "val":
+        if trained_on and dataset != trained_on:
+            raise UnetsegError(
+                f"{checkpoint}: its validation cases are {trained_on} cases, not {dataset}; "
+                f"pass --dataset {trained_on}, or --split all to score every {dataset} case"
+            )
+        wanted = _validation_cases(trained)
+        if not wanted:
+            raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
+        refs = [r for r in refs if r.case_id in wanted]
+        if len(refs) != len(wanted):
+            lost = [r for r in unlabelled if r.case_id in wanted]
+            raise UnetsegError(
+                f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
+                + (f"; {unlabelled_note(lost, info)}" if lost else "")
+            )
+    elif unlabelled:  # a mean over fewer cases than the folder holds is said so, in one line
+        tqdm.write(f"warning: scoring {len(refs)} of {len(every)} {dataset} images: {unlabelled_note(unlabelled, info)}",
+                   file=sys.stderr)
+    return refs
+
+
 def evaluate(
     checkpoint: str | Path | Sequence[str | Path],
     data_root: str | Path | None,
@@ -126,8 +166,7 @@ def evaluate(
     segmenter = (Segmenter.from_payload(loaded[0], device=device) if len(loaded) == 1
                  else Ensemble.from_payloads(loaded, names, device=device))
     trained = shared_training(loaded, names, same_validation=split == "val")
-    trained_on = trained.dataset
-    dataset = dataset or trained_on
+    dataset = dataset or trained.dataset
     if dataset is None:
         raise UnetsegError(f"{checkpoint}: the checkpoint does not say which data set it was trained on; pass --dataset")
     every, info = list_all_cases(dataset_info(dataset), data_root)  # class names as the data's own manifest lists them
@@ -135,33 +174,8 @@ def evaluate(
         raise UnetsegError(
             f"{checkpoint} predicts {list(segmenter.class_names)} but {dataset} has {list(info.class_names)}"
         )
-    refs = [r for r in every if r.label is not None]
-    unlabelled = [r for r in every if r.label is None]
-    if not refs:
-        raise UnetsegError(f"none of the {len(every)} {dataset} images under the data root can be scored: "
-                           f"{unlabelled_note(unlabelled, info)}" if unlabelled else
-                           f"no labelled {dataset} cases under the data root; evaluate needs images with their masks "
-                           "or label maps")
-    if split == "val":
-        if trained_on and dataset != trained_on:
-            raise UnetsegError(
-                f"{checkpoint}: its validation cases are {trained_on} cases, not {dataset}; "
-                f"pass --dataset {trained_on}, or --split all to score every {dataset} case"
-            )
-        wanted = _validation_cases(trained)
-        if not wanted:
-            raise UnetsegError(f"{checkpoint}: the checkpoint stores no validation split; use --split all")
-        refs = [r for r in refs if r.case_id in wanted]
-        if len(refs) != len(wanted):
-            lost = [r for r in unlabelled if r.case_id in wanted]
-            raise UnetsegError(
-                f"{len(wanted) - len(refs)} validation cases of {checkpoint} are missing under the data root"
-                + (f"; {unlabelled_note(lost, info)}" if lost else "")
-            )
-    elif unlabelled:  # a mean over fewer cases than the folder holds is said so, in one line
-        tqdm.write(f"warning: scoring {len(refs)} of {len(every)} {dataset} images: {unlabelled_note(unlabelled, info)}",
-                   file=sys.stderr)
-    cases = load_cases(refs, info, segmenter.preprocessing["normalization"], progress=progress, instances=True)
+    refs = scored_cases(every, info, dataset, split, trained, checkpoint)
+    cases = load_cases(refs, info, segmenter.preprocessing.normalization, progress=progress, instances=True)
     start = time.perf_counter()
     rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)
     seconds = time.perf_counter() - start

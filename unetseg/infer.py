@@ -12,7 +12,7 @@ import copy
 import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch import nn
 from unetseg.checkpoint import (  # noqa: F401  (re-exported: unetseg.infer was their home)
     CHECKPOINT_FORMAT,
     PRETRAINED_DIR,
+    Preprocessing,
     REQUIRED_ENTRIES,
     Checkpoint,
     build_model,
@@ -253,7 +254,7 @@ class Predictor:
 
     def check_compatible(self, kind: str, source: str | Path = "image") -> None:
         """Raise :class:`DataError` when a file of ``kind`` ("nifti" or "image2d") does not suit this model."""
-        if kind == "nifti" and self.preprocessing["in_channels"] != 1:
+        if kind == "nifti" and self.preprocessing.in_channels != 1:
             raise DataError(source, "this model segments 2D colour images, not volumes; pick a volume model")
         if kind == "image2d" and self.spatial_dims == 3:
             raise DataError(source, "this 3D model segments volumes; give a NIfTI file or pick a 2D model")
@@ -289,8 +290,10 @@ class Segmenter(Predictor):
 
     Args:
         model: the network (put in eval mode here).
-        preprocessing: ``normalization``, ``slice_axis``, ``patch_size``,
-            ``in_channels`` as stored in checkpoints.
+        preprocessing: what an image goes through before the network (a
+            :class:`~unetseg.checkpoint.Preprocessing`, or a checkpoint's
+            ``preprocessing`` entry: ``normalization``, ``slice_axis``,
+            ``patch_size``, ``in_channels``).
         class_names: background first.
         device: where to run.
         batch_size: at most this many images, slices or windows per forward
@@ -320,7 +323,7 @@ class Segmenter(Predictor):
     def __init__(
         self,
         model: UNet,
-        preprocessing: dict[str, Any],
+        preprocessing: Preprocessing | Mapping[str, Any],
         class_names: Sequence[str],
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
@@ -339,7 +342,8 @@ class Segmenter(Predictor):
             raise ValueError(f"tta_flips must start with () (the unflipped image), got {flips}")
         self.tta_flips = flips
         self.model = model.to(self.device).eval()
-        self.preprocessing = dict(preprocessing)
+        self.preprocessing = (preprocessing if isinstance(preprocessing, Preprocessing)
+                              else Preprocessing.from_dict(preprocessing))
         self.class_names = tuple(class_names)
         self.batch_size = batch_size
         self.memory_mb = memory_mb
@@ -356,7 +360,7 @@ class Segmenter(Predictor):
         returned. A freshly loaded Checkpoint hands over the network it was checked with (no second build)."""
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint.from_dict(checkpoint)
-        return cls(checkpoint.build_model(), checkpoint.preprocessing.to_dict(), checkpoint.class_names, device,
+        return cls(checkpoint.build_model(), checkpoint.preprocessing, checkpoint.class_names, device,
                    dataset=checkpoint.dataset, tta_flips=checkpoint.flips)
 
     @property
@@ -366,7 +370,7 @@ class Segmenter(Predictor):
     @property
     def bytes_per_voxel(self) -> int:
         """Estimated peak memory of a forward pass per input voxel and batch item (see ``memory_mb``)."""
-        return 4 * (FLOATS_PER_FINEST_MAP * self.model.channels[0] + self.preprocessing["in_channels"]
+        return 4 * (FLOATS_PER_FINEST_MAP * self.model.channels[0] + self.preprocessing.in_channels
                     + 3 * self.num_classes)
 
     @property
@@ -374,7 +378,7 @@ class Segmenter(Predictor):
         """Twice the training patch: sliding windows are never smaller (they would see too little), and an image
         no larger is always one forward pass. It is also the window every image larger than it had before the
         memory budget existed, so a budget too small for anything bigger reproduces that behaviour."""
-        return tuple(2 * int(p) for p in self.preprocessing["patch_size"])
+        return tuple(2 * int(p) for p in self.preprocessing.patch_size)
 
     def max_voxels(self) -> int:
         """Voxels (summed over a batch) one forward pass may take within the memory budget."""
@@ -393,7 +397,7 @@ class Segmenter(Predictor):
             raise DataError(source, f"expected a non-empty array of real numbers, got {image.dtype} of shape {image.shape}")
         image = image.astype(np.float32, copy=False)
         if channel_axis is None:
-            if image.ndim == 3 and image.shape[-1] in (3, 4) and self.preprocessing["in_channels"] == 3:
+            if image.ndim == 3 and image.shape[-1] in (3, 4) and self.preprocessing.in_channels == 3:
                 raise DataError(source, f"shape {image.shape} looks like an RGB(A) image, which this colour model "
                                         "takes as channels: pass channel_axis=-1 (a grey volume would have more slices)")
             image = image[None]
@@ -403,8 +407,8 @@ class Segmenter(Predictor):
             image = np.moveaxis(image, channel_axis, 0)
         if image.ndim not in (3, 4):
             raise DataError(source, f"expected a 2D image or 3D volume, got shape {image.shape}")
-        image = to_channels(image, self.preprocessing["in_channels"], source)
-        return normalize_intensity(image, self.preprocessing["normalization"])
+        image = to_channels(image, self.preprocessing.in_channels, source)
+        return normalize_intensity(image, self.preprocessing.normalization)
 
     def _inference_network(self) -> UNet:
         """:func:`inference_network` of ``self.model``, rebuilt whenever the model changed since the last call
@@ -430,7 +434,7 @@ class Segmenter(Predictor):
         """
         image = np.asarray(image, dtype=np.float32)
         volume_in_2d = self.spatial_dims == 2 and image.ndim == 4
-        axis = self.preprocessing["slice_axis"]
+        axis = self.preprocessing.slice_axis
         x = volume_to_slices(image, axis) if volume_in_2d else image[None]
         x = torch.from_numpy(np.ascontiguousarray(x))
         flip_dims = [[d + 2 for d in f] for f in flips]

@@ -12,7 +12,7 @@ norm folded into the convolutions, eval mode) and outputs **logits**:
   probabilities, ``argmax`` over axis 1 the label map.
 
 A 2D model trained on volumes segments them slice by slice along
-``preprocessing["slice_axis"]``. All of this, with the class names, is written
+``preprocessing.slice_axis``. All of this, with the class names, is written
 as JSON beside the file (``<file>.json``) and into the file itself (ONNX
 ``metadata_props``; TorchScript extra file ``unetseg.json``), so a user without
 unetseg can reproduce :meth:`Segmenter.predict_proba` (``docs/model_export.md``).
