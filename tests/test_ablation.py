@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from unetseg.ablation.weights import weight_change
 from unetseg.ablation.study import STUDY_DIR, load_study
 from unetseg.ablation.variants import base_config, build_variants, variant_config
 from unetseg.cli import main
+from unetseg.config import ModelConfig
 from unetseg.errors import UnetsegError
 from unetseg.model import UNet
 from unetseg.runlog import read_jsonl
@@ -46,6 +48,7 @@ FULL_VARIANTS = [
     "skip", "noskip", "skip_off_L0", "skip_off_L1", "skip_off_L2", "add", "residual", "residual_noskip",
     "depth3_skip", "depth3_noskip", "depth5_skip", "depth5_noskip",
 ]
+VARIED = {"channels", "skips", "merge", "residual"}  # the model fields a variant sets; the rest are the base config's
 
 
 # ---- the matrix (no data) -------------------------------------------------------------------
@@ -65,6 +68,9 @@ def test_full_matrix_flips_only_model_fields(study):
             assert {k: x for k, x in cfg["train"].items() if k != "seed"} == {k: x for k, x in base["train"].items() if k != "seed"}
             assert cfg["train"]["seed"] == seed
             assert cfg["model"]["channels"] == [spec.width * 2**i for i in range(v.depth)]
+            assert isinstance(v.model, ModelConfig) and cfg["model"] == asdict(v.model)
+            assert {k: x for k, x in cfg["model"].items() if k not in VARIED} == \
+                {k: x for k, x in base["model"].items() if k not in VARIED}
             model = UNet(channels=cfg["model"]["channels"], skips=cfg["model"]["skips"], merge=cfg["model"]["merge"],
                          residual=cfg["model"]["residual"])
             assert model.skip_levels() == [i for i, on in enumerate(v.skips) if on], v.name
@@ -74,6 +80,18 @@ def test_full_matrix_flips_only_model_fields(study):
     assert by_name["depth5_noskip"].reference == "depth5_skip" and by_name["residual_noskip"].reference == "residual"
     # every run of a study has a fixed step budget, so variants compare at equal cost
     assert base["train"]["steps_per_epoch"] and base["train"]["grad_log_every"] > 0
+
+
+def test_seed_study_is_the_core_matrix_of_the_hippocampus_study_with_more_seeds():
+    """hippocampus_2d_seeds (issue 11: seeds as the unit) trains the same networks on the same budget as
+    hippocampus_2d, so its runs are comparable, cell by cell, with the same training code."""
+    core, seeds = load_study("hippocampus_2d"), load_study("hippocampus_2d_seeds")
+    assert len(seeds.seeds) >= 8 and seeds.overrides == core.overrides
+    by_name = {v.name: v for v in build_variants(core)}
+    assert [v.name for v in build_variants(seeds)] == ["skip", "noskip", "residual", "residual_noskip"]
+    for v in build_variants(seeds):
+        assert variant_config(seeds, v, 5).to_dict() == {**variant_config(core, by_name[v.name], 5).to_dict(),
+                                                         "name": f"hippocampus_2d_seeds-{v.name}-seed5"}
 
 
 def test_quick_section_and_bad_study_files(tmp_path):
@@ -417,6 +435,8 @@ def test_report_only_redraws_from_artefacts_alone(quick_study, tmp_path, data_ro
     copy = tmp_path / "copy"
     shutil.copytree(quick_study["report"], copy)
     original = (copy / "report.md").read_text()
+    reproduce = next(line for line in original.splitlines() if line.startswith("- Reproduce:"))
+    assert str(data_root) not in reproduce and "<folder with the data sets>" in reproduce  # no path of this machine
     for name in ("report.md", "summary.json"):
         (copy / name).unlink()
     shutil.rmtree(copy / "figures")

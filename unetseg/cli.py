@@ -297,6 +297,7 @@ def _subfolder_hint(folder: Path, suffixes: tuple[str, ...]) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> None:
+    from unetseg.batch import BatchOptions, BatchPrediction
     from unetseg.data.io import pixel_budget
     from unetseg.ensemble import load_predictor
     from unetseg.outputs import check_label_descriptions, check_prediction_paths
@@ -308,113 +309,11 @@ def run_predict(args: argparse.Namespace) -> None:
     check_prediction_paths(sources, args.out, overwrite=args.overwrite, probabilities=args.save_probabilities,
                            dicom_seg=args.dicom_seg)
     check_label_descriptions(args.out, segmenter.class_names, overwrite=args.overwrite)
+    options = BatchOptions(Path(args.out), "+".join(Path(c).name for c in args.checkpoint), tta=args.tta,
+                           largest_component=args.largest_component, save_probabilities=args.save_probabilities,
+                           dicom_seg=args.dicom_seg, quiet=args.quiet)
     with pixel_budget(args.max_pixels):
-        _predict_files(args, segmenter, sources)
-
-
-def _predict_files(args: argparse.Namespace, segmenter, sources: list[Path]) -> None:
-    """Predict each file into ``args.out``; an unreadable file is reported and the batch goes on.
-
-    Files are read and predictions written by a small thread pool while the
-    network runs, so the forward passes do not wait for the disk: the next
-    ``read_ahead`` files are read ahead (which bounds the memory held),
-    and the ``input -> prediction`` lines come in input order once written.
-    A DICOM file or series folder is a volume; with ``--dicom-seg`` its
-    DICOM-SEG is written after its NIfTI label map (a source highdicom cannot
-    reference is reported like an unreadable file).
-    At the end (unless ``--quiet``) the throughput, in images/s or volumes/s.
-    """
-    import time
-    import warnings
-    from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from unetseg.data.io import file_kind, read_image
-    from unetseg.data.preprocess import NonFiniteWarning
-    from unetseg.errors import DataError
-    from unetseg.outputs import write_dicom_seg, write_label_descriptions, write_outputs
-
-    read_ahead = 2
-    warned: set[str] = set()
-    failed: list[Path] = []
-    done: list[str] = []  # the kind of each file written
-    writes: deque[tuple[Path, str, Future]] = deque()
-
-    model_name = "+".join(Path(c).name for c in args.checkpoint)
-
-    def write(labels, meta, probabilities, dicom_seg: bool) -> str:
-        written = str(write_outputs(labels, meta, args.out, segmenter.class_names, probabilities))
-        if dicom_seg:
-            written += f", {write_dicom_seg(labels, meta, args.out, segmenter.class_names, model_name)}"
-        return written
-
-    def report_writes(wait: bool) -> None:
-        while writes and (wait or writes[0][2].done()):
-            path, kind, future = writes.popleft()
-            try:
-                tqdm.write(f"{path} -> {future.result()}")  # a failed write raises here: the batch stops, as before
-            except DataError as exc:  # no DICOM-SEG for this source (its label map is written): report, go on
-                failed.append(path)
-                tqdm.write(f"error: {exc}", file=sys.stderr)
-            done.append(kind)
-
-    start = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unetseg-io")
-    try:
-        reads = {i: pool.submit(read_image, sources[i]) for i in range(min(read_ahead, len(sources)))}
-        for i, path in enumerate(tqdm(sources, desc="predicting", unit="file", disable=args.quiet)):
-            if i + read_ahead < len(sources):
-                reads[i + read_ahead] = pool.submit(read_image, sources[i + read_ahead])
-            report_writes(wait=False)
-            kind = file_kind(path)
-            warning = segmenter.mismatch_warning("nifti" if kind == "dicom" else kind)  # DICOM: read as a volume
-            if warning and kind not in warned:
-                warned.add(kind)
-                tqdm.write(f"warning: {path}: {warning}", file=sys.stderr)
-            try:
-                image, meta = reads.pop(i).result()
-                segmenter.check_compatible(meta.kind, path)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", NonFiniteWarning)
-                    probabilities = segmenter.predict_proba(image, tta=args.tta, channel_axis=0)
-                labels = segmenter.labels(probabilities, args.largest_component)
-            except DataError as exc:  # one unreadable file does not stop a batch; it is reported and counted
-                if len(sources) == 1:
-                    raise
-                failed.append(path)
-                tqdm.write(f"error: {exc}", file=sys.stderr)
-                continue
-            _report_warnings(path, caught, NonFiniteWarning)
-            written = pool.submit(write, labels, meta, probabilities if args.save_probabilities else None,
-                                  args.dicom_seg and kind == "dicom")
-            writes.append((path, meta.kind, written))
-        report_writes(wait=True)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if "nifti" in done:  # class names and colours for ITK-SNAP and 3D Slicer, beside the NIfTI label maps
-            write_label_descriptions(args.out, segmenter.class_names)
-    if done and not args.quiet:
-        seconds = time.perf_counter() - start
-        unit = {"image2d": "images", "nifti": "volumes"}.get(done[0], "files") if len(set(done)) == 1 else "files"
-        print(f"segmented {len(done)} {unit} in {seconds:.1f} s: {len(done) / seconds:.2f} {unit}/s")
-    if failed:
-        raise UnetsegError(f"{len(failed)} of {len(sources)} files could not be segmented (see the errors above): "
-                           + ", ".join(map(str, failed)))
-
-
-def _report_warnings(path: Path, caught: list, category: type[Warning]) -> None:
-    """Warnings of ``category`` as one ``warning: PATH: ...`` line each (a repeat once); others as Python shows them."""
-    import warnings
-
-    from tqdm.auto import tqdm
-
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, category)):
-        tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
-    for w in caught:
-        if not issubclass(w.category, category):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        BatchPrediction(segmenter, sources, options).run()
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -257,6 +257,31 @@ def shard_tasks(tasks: list, shard: tuple[int, int] | None) -> list:
     return tasks[k - 1::n]
 
 
+def _train_runs(spec: StudySpec, tasks: list[tuple[Variant, int]], study_dir: Path, root: str, jobs: int,
+                threads: int, progress: bool) -> None:
+    """Train (or skip, when finished) each ``(variant, seed)`` run, ``jobs`` at a time in spawned processes of
+    ``threads`` threads, logging each to ``log.jsonl`` as it ends."""
+    spec_dict = spec.to_dict()
+    runs_bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
+
+    def finished(row: dict[str, Any]) -> None:
+        _append_log(study_dir, row)
+        if progress:
+            runs_bar.write(f"{row['variant']} seed {row['seed']}: {row['action']} ({row['seconds']:.0f} s)")
+        runs_bar.update(1)
+
+    if jobs <= 1:
+        for v, s in tasks:
+            finished(train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress))
+    else:  # parallel runs draw no bars of their own (they would overwrite each other); the runs bar counts them
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, False)
+                       for v, s in tasks]
+            for future in as_completed(futures):
+                finished(future.result())
+    runs_bar.close()
+
+
 def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, data_root: str | Path | None = None,
               jobs: int = 1, progress: bool = True, command: list[str] | None = None,
               shard: tuple[int, int] | None = None) -> Path | None:
@@ -291,25 +316,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
     _append_log(study_dir, {"event": "start", "time": start, "machine": machine_info(jobs, threads),
                             "command": " ".join(command) if command else None})
     tasks = shard_tasks([(v, s) for v in variants for s in spec.seeds], shard)
-    spec_dict = spec.to_dict()
-    runs_bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
-
-    def finished(row: dict[str, Any]) -> None:
-        _append_log(study_dir, row)
-        if progress:
-            runs_bar.write(f"{row['variant']} seed {row['seed']}: {row['action']} ({row['seconds']:.0f} s)")
-        runs_bar.update(1)
-
-    if jobs <= 1:
-        for v, s in tasks:
-            finished(train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress))
-    else:  # parallel runs draw no bars of their own (they would overwrite each other); the runs bar counts them
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, False)
-                       for v, s in tasks]
-            for future in as_completed(futures):
-                finished(future.result())
-    runs_bar.close()
+    _train_runs(spec, tasks, study_dir, root, jobs, threads, progress)
     if shard is not None:
         _append_log(study_dir, {"event": "shard", "shard": f"{shard[0]}/{shard[1]}", "runs": len(tasks), "start": start,
                                 "end": time.time(), "machine": machine_info(jobs, threads)})

@@ -16,32 +16,40 @@ Every run of a study shares data, split, schedule and step budget; only
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from unetseg.ablation.study import StudySpec
-from unetseg.config import Config, apply_overrides, load_config
+from unetseg.config import Config, ModelConfig, apply_overrides, config_from_dict, load_config
 from unetseg.errors import UnetsegError
+from unetseg.model.unet import resolve_skips
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One cell of the matrix.
+    """One cell of the matrix: a network and what it is compared with.
 
     Attributes:
         name: folder and table name.
-        overrides: ``model.*`` overrides on top of the study's base config.
+        model: the whole network of the cell: the study's base model with its channels, long skips, merge and
+            residual blocks set.
         reference: the variant it is compared with, case by case (``None`` for ``skip``).
         description: one line for the report.
-        depth: levels including the bottleneck.
-        skips: long-skip flags per decoder level, finest first.
     """
 
     name: str
-    overrides: tuple[str, ...]
+    model: ModelConfig
     reference: str | None
     description: str
-    depth: int
-    skips: tuple[bool, ...]
+
+    @property
+    def depth(self) -> int:
+        """Levels including the bottleneck."""
+        return len(self.model.channels)
+
+    @property
+    def skips(self) -> tuple[bool, ...]:
+        """Long-skip flags per decoder level, finest first."""
+        return tuple(resolve_skips(self.model.skips, self.depth - 1))
 
 
 def channels_for_depth(width: int, depth: int) -> list[int]:
@@ -49,14 +57,10 @@ def channels_for_depth(width: int, depth: int) -> list[int]:
     return [width * 2**i for i in range(depth)]
 
 
-def _model(depth: int, width: int, skips: bool | list[bool], merge: str = "concat", residual: bool = False) -> tuple[str, ...]:
-    flags = str(skips).lower() if isinstance(skips, bool) else "[" + ", ".join(str(s).lower() for s in skips) + "]"
-    return (
-        f"model.channels={channels_for_depth(width, depth)}",
-        f"model.skips={flags}",
-        f"model.merge={merge}",
-        f"model.residual={str(residual).lower()}",
-    )
+def _network(base: ModelConfig, depth: int, width: int, skips: bool | list[bool], merge: str = "concat",
+             residual: bool = False) -> ModelConfig:
+    """``base`` with ``depth`` levels of :func:`channels_for_depth` maps and the given long skips, merge and blocks."""
+    return replace(base, channels=channels_for_depth(width, depth), skips=skips, merge=merge, residual=residual)
 
 
 def depth_names(spec: StudySpec, depth: int) -> tuple[str, str]:
@@ -64,33 +68,35 @@ def depth_names(spec: StudySpec, depth: int) -> tuple[str, str]:
     return ("skip", "noskip") if depth == spec.depth else (f"depth{depth}_skip", f"depth{depth}_noskip")
 
 
-def build_variants(spec: StudySpec) -> list[Variant]:
-    """The full matrix for ``spec`` (or the subset ``spec.variants`` names), in report order."""
+def build_variants(spec: StudySpec, base: ModelConfig | None = None) -> list[Variant]:
+    """The full matrix for ``spec`` (or the subset ``spec.variants`` names), in report order.
+
+    ``base`` is the model every variant starts from (default: the model of :func:`base_config`)."""
+    base = base_config(spec).model if base is None else base
     d, w = spec.depth, spec.width
     levels = d - 1
     out = [
-        Variant("skip", _model(d, w, True), None, f"all {levels} long skips (concat), depth {d}", d, (True,) * levels),
-        Variant("noskip", _model(d, w, False), "skip", "no long skips", d, (False,) * levels),
+        Variant("skip", _network(base, d, w, True), None, f"all {levels} long skips (concat), depth {d}"),
+        Variant("noskip", _network(base, d, w, False), "skip", "no long skips"),
     ]
     for level in range(levels):
         flags = [i != level for i in range(levels)]
-        out.append(Variant(f"skip_off_L{level}", _model(d, w, flags), "skip",
+        out.append(Variant(f"skip_off_L{level}", _network(base, d, w, flags), "skip",
                            f"long skip of level {level} off ({'finest' if level == 0 else 'coarser'}; "
-                           f"{channels_for_depth(w, d)[level]} maps)", d, tuple(flags)))
+                           f"{channels_for_depth(w, d)[level]} maps)"))
     out += [
-        Variant("add", _model(d, w, True, merge="add"), "skip", "long skips merged by addition", d, (True,) * levels),
-        Variant("residual", _model(d, w, True, residual=True), "skip", "long skips + residual short skips", d, (True,) * levels),
-        Variant("residual_noskip", _model(d, w, False, residual=True), "residual",
-                "residual short skips, no long skips", d, (False,) * levels),
+        Variant("add", _network(base, d, w, True, merge="add"), "skip", "long skips merged by addition"),
+        Variant("residual", _network(base, d, w, True, residual=True), "skip", "long skips + residual short skips"),
+        Variant("residual_noskip", _network(base, d, w, False, residual=True), "residual",
+                "residual short skips, no long skips"),
     ]
     for depth in spec.depths:
         if depth == d:
             continue
         with_name, without_name = depth_names(spec, depth)
         out += [
-            Variant(with_name, _model(depth, w, True), "skip", f"all long skips, depth {depth}", depth, (True,) * (depth - 1)),
-            Variant(without_name, _model(depth, w, False), with_name, f"no long skips, depth {depth}", depth,
-                    (False,) * (depth - 1)),
+            Variant(with_name, _network(base, depth, w, True), "skip", f"all long skips, depth {depth}"),
+            Variant(without_name, _network(base, depth, w, False), with_name, f"no long skips, depth {depth}"),
         ]
     if spec.variants is not None:
         known = {v.name for v in out}
@@ -104,7 +110,7 @@ def build_variants(spec: StudySpec) -> list[Variant]:
 def check_variant_names(spec: StudySpec, source: str) -> None:
     """Raise :class:`UnetsegError` (naming ``source`` and the field) when ``variants`` or an analysis's variant list
     names a variant the study's matrix does not have, so a typo stops the study before its first run."""
-    known = {v.name for v in build_variants(replace(spec, variants=None))}
+    known = {v.name for v in build_variants(replace(spec, variants=None), ModelConfig())}
     fields = {"variants": spec.variants or []}
     fields.update({f"analysis.{k}": getattr(spec.analysis, k)
                    for k in ("landscape_variants", "lesion_variants", "qualitative_variants")})
@@ -120,7 +126,11 @@ def base_config(spec: StudySpec) -> Config:
 
 
 def variant_config(spec: StudySpec, variant: Variant, seed: int) -> Config:
-    """The resolved config of one run: base config + budget + the variant's model fields + the seed."""
-    cfg = apply_overrides(base_config(spec), [*variant.overrides, f"train.seed={seed}"])
+    """The resolved config of one run: base config + budget, with the variant's network and the seed (checked like
+    any config)."""
+    raw = base_config(spec).to_dict()
+    raw["model"] = asdict(variant.model)
+    raw["train"]["seed"] = seed
+    cfg = config_from_dict(raw, source=f"study {spec.name}, variant {variant.name}")
     cfg.name = f"{spec.name}-{variant.name}-seed{seed}"
     return cfg
