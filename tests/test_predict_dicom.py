@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io as pyio
 import sys
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -218,3 +219,37 @@ def test_series_folders_are_one_input_each_and_named_after_the_folder(tmp_path):
     (tmp_path / "T1.dcm").write_bytes(dicom_bytes(np.zeros((4, 4)), (0, 0, 0)))
     with pytest.raises(UnetsegError, match="would both be written to .*T1.nii.gz"):
         check_prediction_paths([study / "T1", tmp_path / "T1.dcm"], out)
+
+
+def test_a_zip_of_a_series_predicts_like_its_folder_and_a_zip_bomb_is_refused_before_unpacking(case, tmp_path, capsys):
+    path, volume, affine = case
+    files = series_files(volume, affine)
+    write_series(tmp_path / "T1", files)
+    (tmp_path / "scans").mkdir()
+    with zipfile.ZipFile(tmp_path / "scans" / "T1.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(f"DICOM/{name}", data)
+    assert collect_inputs([str(tmp_path / "scans")]) == [tmp_path / "scans" / "T1.zip"]  # found in a folder too
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(tmp_path / "T1"), "--out", str(out), "--quiet"]) == 0
+    expected, expected_affine = labels_of(out / "T1.nii.gz")
+    assert {1, 2} <= set(np.unique(expected))
+    zipped = tmp_path / "out_zip"
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(tmp_path / "scans"), "--out", str(zipped),
+                 "--dicom-seg", "--quiet"]) == 0
+    labels, labels_affine = labels_of(zipped / "T1.nii.gz")  # named after the zip, without .zip
+    assert np.array_equal(labels, expected) and np.allclose(labels_affine, expected_affine, atol=1e-5)
+    import highdicom as hd  # the zip's DICOM-SEG references the zipped slices, as a folder's does
+    seg = hd.seg.segread(zipped / "T1_seg.dcm")
+    uids = [pydicom.dcmread(tmp_path / "T1" / name).SOPInstanceUID for name in files]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                               skip_overlap_checks=True)
+    assert np.array_equal(frames, np.transpose(labels, (2, 1, 0)))
+
+    bomb = tmp_path / "bomb.zip"  # 64 MB of zeros deflates to about 64 KB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("IM0001.dcm", bytes(64 * 2**20))
+    assert main(["predict", "--checkpoint", "hippocampus_2d", str(bomb), "--out", str(tmp_path / "o"),
+                 "--max-pixels", "1000000", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "bomb.zip: zip unpacks to 67.1 MB, over the 4 MB limit" in error and len(error.strip().splitlines()) == 1

@@ -67,11 +67,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="segment images or volumes",
         description="Segment files. NIfTI in -> NIfTI label map out (same shape, affine, header); "
-        "PNG/JPG/TIF in -> PNG mask out; DICOM (a .dcm file, or a folder of one series' slices) -> NIfTI label map "
-        "in the series' space, named after the file or folder. Folders are searched for supported files (not "
-        "subfolders); a folder's DICOM files are one series.",
+        "PNG/JPG/TIF in -> PNG mask out; DICOM (a .dcm file, a folder of one series' slices, or a .zip of one series) "
+        "-> NIfTI label map in the series' space, named after the file, folder or zip. Folders are searched for "
+        "supported files (not subfolders); a folder's DICOM files are one series. A folder or zip that holds several "
+        "series (a whole study) is refused: segmenting every series would run the model on scans it was not made "
+        "for; pass the series to segment.",
     )
-    p.add_argument("inputs", nargs="+", help="image files, DICOM series folders, or folders of images")
+    p.add_argument("inputs", nargs="+", help="image files, DICOM series folders or zips, or folders of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--largest-component", action="store_true", help="keep each class's largest connected component")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out (default: refuse)")
@@ -258,12 +260,12 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand folders into their supported image files; a folder holding DICOM files is itself one input (a
-    series, read as one volume); missing paths raise."""
+    """Expand folders into their supported image files (zips of DICOM series among them); a folder holding DICOM
+    files is itself one input (a series, read as one volume); missing paths raise."""
     from unetseg.data.dicom import dicom_files
     from unetseg.data.io import IMAGE_2D_SUFFIXES, NIFTI_SUFFIXES
 
-    suffixes = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES
+    suffixes = NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + (".zip",)  # a zip: a DICOM series, as the viewer takes it
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():

@@ -144,6 +144,12 @@ def is_zip_bytes(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04"
 
 
+def _is_zip_file(path: Path) -> bool:
+    """True when the file ``path`` starts like a zip archive."""
+    with path.open("rb") as f:
+        return is_zip_bytes(f.read(4))
+
+
 def _parse(data: bytes, source: str | Path, strict: bool):
     """A pydicom Dataset from bytes, or None when they are not DICOM image data (and not ``strict``)."""
     import pydicom
@@ -446,24 +452,35 @@ def read_dicom(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarr
     """Read a DICOM file (one slice or a multi-frame volume), a zip of one series, or a folder holding one series.
 
     A folder's DICOM files are those of :func:`dicom_files`; others (notes, ``DICOMDIR`` without pixels) are
-    skipped. Files larger in all than the pixel budget allows are refused before they are read.
+    skipped. Files larger in all than the pixel budget allows are refused before they are read, and a zip that
+    unpacks to more than ``max_bytes`` (default: what the pixel budget allows, :data:`INFLATED_BYTES_PER_PIXEL`
+    bytes a pixel) before it is unpacked.
     """
     path = Path(path)
     files = _series_files(path)
     if path.is_dir():
         parsed = (_parse(f.read_bytes(), f, strict=False) for f in files)
         return volume_from_datasets([ds for ds in parsed if ds is not None], path)
-    return read_dicom_bytes(path.read_bytes(), path, max_bytes)
+    return read_dicom_bytes(path.read_bytes(), path, _zip_budget(max_bytes))
+
+
+def _zip_budget(max_bytes: int | None) -> int:
+    """What a zip may unpack to: ``max_bytes``, or by default what the pixel budget allows."""
+    return INFLATED_BYTES_PER_PIXEL * max_pixels() if max_bytes is None else max_bytes
 
 
 def series_headers(path: str | Path) -> list:
-    """The headers (no pixel data) of the DICOM file or series folder ``path`` read by :func:`read_dicom`, in the
-    order of its volume's slices: what a DICOM-SEG of its prediction references."""
+    """The headers of the DICOM file, series folder or zip ``path`` read by :func:`read_dicom` (no pixel data,
+    except from a zip), in the order of its volume's slices: what a DICOM-SEG of its prediction references."""
     import pydicom
 
     path = Path(path)
+    files = _series_files(path)
+    if path.is_file() and _is_zip_file(path):
+        headers = [ds for ds in datasets_from_zip(path.read_bytes(), path, _zip_budget(None)) if "Rows" in ds]
+        return headers if len(headers) == 1 else order_slices(headers, path)[0]
     headers = []
-    for f in _series_files(path):
+    for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
         except Exception:  # noqa: BLE001 - read_dicom skipped it (a folder) or refused it (a file) the same way

@@ -96,8 +96,9 @@ class ImageMeta:
 
 
 def file_kind(path: str | Path) -> str:
-    """``"nifti"`` or ``"image2d"`` from the file name; ``"dicom"`` for a folder (a DICOM series) or a DICOM file
-    (:func:`unetseg.data.dicom.is_dicom_file`: by suffix or preamble); else :class:`DataError`.
+    """``"nifti"`` or ``"image2d"`` from the file name; ``"dicom"`` for a folder (a DICOM series), a DICOM file
+    (:func:`unetseg.data.dicom.is_dicom_file`: by suffix or preamble) or a ``.zip`` file (of one series, as the
+    viewer takes it); else :class:`DataError`.
 
     A DICOM input is read as a volume: its :class:`ImageMeta` says ``kind="nifti"``.
     """
@@ -108,10 +109,10 @@ def file_kind(path: str | Path) -> str:
         return "nifti"
     if name.endswith(IMAGE_2D_SUFFIXES):
         return "image2d"
-    if Path(path).is_dir() or is_dicom_file(Path(path)):
+    if Path(path).is_dir() or is_dicom_file(Path(path)) or name.endswith(".zip"):
         return "dicom"
     raise DataError(
-        path, f"unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}), DICOM (.dcm, or a folder of one "
+        path, f"unsupported file type; use NIfTI ({', '.join(NIFTI_SUFFIXES)}), DICOM (.dcm, a folder or a .zip of one "
         f"series) or {', '.join(IMAGE_2D_SUFFIXES)}"
     )
 
