@@ -25,6 +25,7 @@ from unetseg.data.preprocess import NonFiniteWarning
 from unetseg.errors import DataError, UnetsegError
 from unetseg.infer import Predictor
 from unetseg.outputs import write_dicom_seg, write_label_descriptions, write_outputs
+from unetseg.progress import progress_bar
 
 READ_AHEAD = 2  # files read ahead of the network (bounds the memory held)
 UNITS = {"image2d": "images", "nifti": "volumes"}  # what the throughput line counts, by file kind
@@ -80,7 +81,7 @@ class BatchPrediction:
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="unetseg-io")
         try:
             reads = {i: pool.submit(read_image, self.sources[i]) for i in range(min(READ_AHEAD, len(self.sources)))}
-            for i, path in enumerate(tqdm(self.sources, desc="predicting", unit="file", disable=self.options.quiet)):
+            for i, path in enumerate(progress_bar(self.sources, enabled=not self.options.quiet, desc="predicting", unit="file")):
                 if i + READ_AHEAD < len(self.sources):
                     reads[i + READ_AHEAD] = pool.submit(read_image, self.sources[i + READ_AHEAD])
                 self._report_writes(wait=False)

@@ -22,6 +22,7 @@ from unetseg.instances import average_precision, split_instances
 from unetseg.metrics import score_case, summarize
 from unetseg.model import UNet
 from unetseg.runlog import write_json
+from unetseg.progress import progress_bar
 
 
 def evaluate_cases(
@@ -35,7 +36,7 @@ def evaluate_cases(
     one-class model also :func:`score_instances`' columns.
     """
     rows = []
-    for case in tqdm(cases, desc="evaluating", unit="case", leave=False, disable=not progress):
+    for case in progress_bar(cases, enabled=progress, desc="evaluating", unit="case", leave=False):
         prediction = segmenter.predict(case.image, tta=tta, normalized=True)
         row: dict[str, Any] = {"case_id": case.case_id}
         row.update(score_case(prediction, case.label, segmenter.class_names, case.meta.spacing))

@@ -42,6 +42,7 @@ from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import plot_training_curves
 from unetseg.runlog import append_jsonl, read_jsonl, write_json, write_jsonl
+from unetseg.progress import progress_bar
 
 
 @dataclass
@@ -456,8 +457,8 @@ class _Training:
         self.net.train()
         losses: list[float] = []
         t_epoch = time.perf_counter()
-        bar = tqdm(self.epoch_loader(epoch), total=self.batches_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   leave=False, disable=not (self.progress and di.is_main))
+        bar = progress_bar(self.epoch_loader(epoch), enabled=self.progress and di.is_main, total=self.batches_per_epoch,
+                           desc=f"epoch {epoch + 1}/{t.epochs}", leave=False)
         for self.step_in_epoch, (x, y) in enumerate(bar):
             if self.step_in_epoch >= self.batches_per_epoch:
                 break

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from unetseg.ablation.landscape import landscape_of_run
 from unetseg.ablation.lesion import lesion_study
@@ -55,6 +54,7 @@ from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter
 from unetseg.runlog import append_jsonl
 from unetseg.train import fit, prepare_data
+from unetseg.progress import progress_bar
 
 LOG = "log.jsonl"
 
@@ -262,7 +262,7 @@ def _train_runs(spec: StudySpec, tasks: list[tuple[Variant, int]], study_dir: Pa
     """Train (or skip, when finished) each ``(variant, seed)`` run, ``jobs`` at a time in spawned processes of
     ``threads`` threads, logging each to ``log.jsonl`` as it ends."""
     spec_dict = spec.to_dict()
-    runs_bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
+    runs_bar = progress_bar(enabled=progress, total=len(tasks), desc="runs", unit="run")
 
     def finished(row: dict[str, Any]) -> None:
         _append_log(study_dir, row)

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from unetseg.data import io
 from unetseg.data.preprocess import Normalization, normalize_intensity, pad_to_shape, volume_to_slices
 from unetseg.data.transforms import Augmenter, augment
 from unetseg.errors import DataError, UnetsegError
+from unetseg.progress import progress_bar
 
 DATA_ROOT_ENV = "UNETSEG_DATA_ROOT"
 
@@ -319,7 +319,7 @@ def load_cases(
     instances: bool = False,
 ) -> list[Case]:
     """Load many cases into memory, with a progress bar unless ``progress=False`` (see :func:`load_case`)."""
-    bar = tqdm(refs, desc="loading", unit="case", leave=False, disable=not progress)
+    bar = progress_bar(refs, enabled=progress, desc="loading", unit="case", leave=False)
     return [load_case(r, info, normalization, instances) for r in bar]
 
 
