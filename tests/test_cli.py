@@ -13,6 +13,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 from skimage import io as skio
 
 from unetseg.cli import main
@@ -102,8 +103,23 @@ def test_resume_refuses_settings_it_would_ignore(tiny_run, capsys):
     before = (tiny_run / "metrics.jsonl").read_text()
     assert main(["train", "--resume", str(tiny_run), "--epochs", "5", "--set", "train.lr=0.1"]) == 2
     err = capsys.readouterr().err
-    assert "--set, --epochs would be ignored" in err and "start a new run" in err
+    assert "--set would be ignored" in err and "start a new run" in err and "--epochs N extends" in err
     assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_a_finished_run_is_extended_by_resume_with_more_epochs(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # 1 epoch of 3 steps, finished: its schedule ended at about 0
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2  # not an extension: one line, nothing changed
+    assert "planned for 1 epochs" in capsys.readouterr().err and yaml.safe_load((run / "config.yaml").read_text())[
+        "train"]["epochs"] == 1
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["step"] == 9
+    assert rows[1]["lr"] > rows[0]["lr"]  # the schedule now spans 9 steps: the rate rose again, warm restart
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
+    assert main(["train", "--resume", str(run)]) == 0  # and it is a finished 3-epoch run now
+    assert "it already finished its 3 epochs" in capsys.readouterr().err
 
 
 def test_predict_folder_of_pngs_with_sliding_window(tmp_path, tiny_dsb_run):

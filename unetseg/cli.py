@@ -39,7 +39,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="shipped config name or YAML path (default: hippocampus_2d)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
-    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--epochs", type=int, help="number of epochs (with train --resume: extend the run to this many)")
     p.add_argument("--no-skip", action="store_true", help="switch every long skip connection off")
     p.add_argument("--seed", type=int, help="training seed (the split has its own: data.split_seed)")
     p.add_argument("--data-root", help="folder holding the data set folders")
@@ -230,21 +230,27 @@ def run_cv(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from unetseg.config import load_config
-    from unetseg.train import fit
+    from unetseg.train import extend_run, fit
 
     if args.resume:
-        given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--epochs", args.epochs),
-                                          ("--no-skip", args.no_skip), ("--seed", args.seed), ("--out", args.out),
-                                          ("--device", args.device)) if value not in (None, False, [])]
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--no-skip", args.no_skip),
+                                          ("--seed", args.seed), ("--out", args.out), ("--device", args.device))
+                 if value not in (None, False, [])]
         if given:
             raise UnetsegError(
                 f"--resume continues {args.resume} with its saved config.yaml, so {', '.join(given)} would be ignored; "
-                "to change settings (e.g. train longer), start a new run with --config and --out"
+                "to change settings, start a new run with --config and --out (--epochs N extends the run to N epochs)"
             )
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UnetsegError(f"{run_dir}: no config.yaml; --resume needs a run folder made by unetseg train")
-        cfg = load_config(str(run_dir / "config.yaml"))
+        if args.epochs is not None:
+            cfg = extend_run(run_dir, args.epochs)
+            if not args.quiet:
+                print(f"extending {run_dir} to {args.epochs} epochs: the learning-rate schedule now spans "
+                      f"{args.epochs} epochs (it rises again, then decays to 0 at the new end)", flush=True)
+        else:
+            cfg = load_config(str(run_dir / "config.yaml"))
         out = run_dir
     else:
         cfg = config_from_args(args)

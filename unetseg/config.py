@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from unetseg.errors import UnetsegError
+from unetseg.runlog import write_text_atomic
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -329,5 +330,5 @@ def apply_overrides(cfg: Config, overrides: list[str], source: str = "--set") ->
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a kill leaves the old file or the new one)."""
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

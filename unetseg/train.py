@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from unetseg import __version__
 from unetseg.checkpoint import TRAINING_ENTRIES, Checkpoint, Preprocessing, TrainingState, build_model, model_arguments
-from unetseg.config import Config, save_config
+from unetseg.config import Config, apply_overrides, load_config, save_config
 from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
@@ -324,6 +324,23 @@ def fit(
     return out
 
 
+def extend_run(run_dir: Path, epochs: int) -> Config:
+    """Raise the run's ``train.epochs`` to ``epochs`` in its ``config.yaml`` (and return that config), so that
+    ``fit(cfg, run_dir, resume=True)`` trains on from where it stopped.
+
+    The learning-rate schedule is a function of the step and the total number of steps, so it is re-planned over
+    the new total: a finished run's rate, decayed to about 0, rises again to what the longer schedule has at this
+    step (a warm restart, as in SGDR) and decays to 0 at the new end. Warm-up is not repeated.
+    """
+    cfg = load_config(str(run_dir / "config.yaml"))
+    if epochs <= cfg.train.epochs:
+        raise UnetsegError(f"{run_dir} is planned for {cfg.train.epochs} epochs; --epochs with --resume extends a run, "
+                           f"so give more than {cfg.train.epochs} (or --resume alone to continue it)")
+    cfg = apply_overrides(cfg, [f"train.epochs={epochs}"], source=f"{run_dir}/config.yaml")
+    save_config(cfg, run_dir / "config.yaml")
+    return cfg
+
+
 def start_run_folder(cfg: Config, out: Path, split: dict[str, list[str]], restart: bool,
                      command: Sequence[str] | None) -> None:
     """Create the run folder (removing a killed run's leftovers) and write split, config and command."""
@@ -387,8 +404,8 @@ class _Training:
             _truncate_jsonl(self.out / "gradients.jsonl", lambda r: r.get("epoch", start) < start)
         if self.progress and self.di.is_main:
             where = (f"at epoch {start + 1} of {epochs}" if start < epochs else
-                     f"- it already finished its {epochs} epochs, nothing to train (to train longer, start a "
-                     "new run with more epochs)")
+                     f"- it already finished its {epochs} epochs, nothing to train (to train longer: unetseg train "
+                     f"--resume {self.out} --epochs N, with N > {epochs})")
             print(f"resuming {self.cfg.name} {where} (best validation Dice so far {self.best:.4f}, epoch "
                   f"{self.best_epoch + 1})", file=sys.stderr, flush=True)
         self.history = read_jsonl(self.out / "metrics.jsonl")
