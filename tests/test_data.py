@@ -18,6 +18,7 @@ from unetseg.data.datasets import (
     dataset_info,
     list_cases,
     load_case,
+    read_dsb_instances,
     read_dsb_mask,
     split_cases,
     training_samples,
@@ -374,3 +375,38 @@ def test_training_samples_slices_volumes(tmp_path):
     assert images[0].shape == (1, 12, 14) and labels[0].shape == (12, 14)
     images3d, _ = training_samples(cases, spatial_dims=3, slice_axis=2)
     assert len(images3d) == 3 and images3d[0].ndim == 4
+
+
+def test_dsb_masks_are_decoded_once_then_read_from_the_cache_until_a_mask_changes(data_root, tmp_path, monkeypatch):
+    import shutil
+
+    from unetseg.data import cache
+
+    case = next(p for p in sorted((data_root / "dsb2018_stage1_train").iterdir()) if p.is_dir())
+    masks = shutil.copytree(case / "masks", tmp_path / "case" / "masks")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    decoded = []
+    real_read = io.read_mask_2d
+    monkeypatch.setattr(io, "read_mask_2d", lambda path: decoded.append(path) or real_read(path))
+
+    first = read_dsb_instances(masks)
+    assert len(decoded) == len(list(masks.glob("*.png"))) > 1 and first.dtype == np.int32 and first.max() == len(decoded)
+    entries = list((tmp_path / "cache" / "dsb_instances").glob("*.npz"))
+    assert len(entries) == 1
+    decoded.clear()
+    assert np.array_equal(read_dsb_instances(masks), first) and decoded == []  # from the cache: no PNG read
+
+    entries[0].write_bytes(b"damaged")  # an unreadable entry is decoded again and rewritten
+    assert np.array_equal(read_dsb_instances(masks), first) and decoded
+    decoded.clear()
+    assert np.array_equal(read_dsb_instances(masks), first) and decoded == []
+
+    extra = np.zeros_like(first, dtype=np.uint8)
+    extra[:3, :3] = 255
+    skio.imsave(masks / "zzz_new.png", extra, check_contrast=False)  # a new nucleus: a new key, decoded again
+    changed = read_dsb_instances(masks)
+    assert decoded and changed.max() == first.max() + 1 and (changed[:3, :3] == changed.max()).all()
+
+    monkeypatch.setenv(cache.CACHE_ENV, "off")
+    shutil.rmtree(tmp_path / "cache")
+    assert np.array_equal(read_dsb_instances(masks), changed) and not (tmp_path / "cache").exists()

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from unetseg.data import io
+from unetseg.data.cache import cached_array
 from unetseg.data.preprocess import Normalization, normalize_intensity, pad_to_shape, volume_to_slices
 from unetseg.data.transforms import Augmenter, augment
 from unetseg.errors import DataError, UnetsegError
@@ -269,17 +270,24 @@ def to_channels(image: np.ndarray, channels: int, path: str | Path = "image") ->
 
 def read_dsb_instances(folder: Path) -> np.ndarray:
     """The nuclei of a DSB ``masks/`` folder (one PNG each, sorted by name) as ``(H, W)`` int32 labels 1..N
-    (0 = background; where two masks overlap, the later one's label is kept)."""
+    (0 = background; where two masks overlap, the later one's label is kept).
+
+    Decoded once per set of mask files and then read from the disk cache (:mod:`unetseg.data.cache`)."""
     files = sorted(folder.glob("*.png"))
     if not files:
         raise DataError(folder, "no mask PNGs; each DSB case needs at least one masks/*.png")
+    return cached_array("dsb_instances", files, lambda: _decode_dsb_instances(files)).astype(np.int32)
+
+
+def _decode_dsb_instances(files: Sequence[Path]) -> np.ndarray:
+    """:func:`read_dsb_instances` without the cache, as uint16 when the labels fit (they compress to a few kB)."""
     instances = io.read_mask_2d(files[0]).astype(np.int32)  # nucleus 1
     for k, f in enumerate(files[1:], start=2):
         m = io.read_mask_2d(f)
         if m.shape != instances.shape:
             raise DataError(f, f"mask shape {m.shape} differs from {instances.shape} of the other masks")
         instances[m] = k
-    return instances
+    return instances.astype(np.uint16) if len(files) < 2**16 else instances
 
 
 def read_dsb_mask(folder: Path) -> np.ndarray:
