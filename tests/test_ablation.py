@@ -426,6 +426,20 @@ def test_lesion_and_landscape_artefacts(quick_study):
         assert z["loss_1d"][2] == pytest.approx(meta["loss_center"], abs=1e-6)
         assert z["loss_2d"][1, 1] == pytest.approx(meta["loss_center"], abs=1e-6)
         assert meta["samples"] == 8
+        for seed in spec.seeds:  # every seed, along 2 directions of its own (issue 11: the spread over seeds)
+            spread = json.loads((report / "analysis" / f"landscape1d_{variant}_seed{seed}.json").read_text())
+            losses = np.array(spread["losses"])
+            assert losses.shape == (2, 5) and np.allclose(losses[:, 2], spread["loss_center"], atol=1e-6)
+            assert not np.allclose(losses[0], losses[1])  # two different directions
+            assert spread["sharpness_0.5"] == pytest.approx([(c[1] + c[3]) / 2 - spread["loss_center"] for c in losses])
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["landscape_spread"]) == {"skip", "noskip"}
+    pair = summary["landscape_spread_pairs"][0]
+    rise = {v: [np.mean(json.loads((report / "analysis" / f"landscape1d_{v}_seed{s}.json").read_text())["sharpness_0.5"])
+                for s in spec.seeds] for v in ("skip", "noskip")}
+    assert (pair["with"], pair["without"]) == ("skip", "noskip")
+    assert pair["differences"] == pytest.approx(np.subtract(rise["noskip"], rise["skip"]).tolist())
+    assert "figures/landscape_spread.png" in (report / "report.md").read_text()
     q = np.load(report / "analysis" / "qualitative.npz")
     assert list(q["variants"]) == ["skip", "noskip", "residual_noskip"] and len(q["case_ids"]) == 2
     assert q["pred_skip_0"].shape == q["truth_0"].shape == q["image_0"].shape[:2]
@@ -486,6 +500,22 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
             str(tmp_path / "r")]
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_study_saved_before_an_analysis_field_existed_is_the_same_study(tmp_path):
+    """A study folder's study.yaml from older code lacks fields added since; they take their defaults, so the
+    folder is not refused as 'other settings' (a real seed or budget change still is)."""
+    from unetseg.ablation.runner import _check_study_file
+
+    spec = load_study("hippocampus_2d", quick=True)
+    raw = spec.to_dict()
+    del raw["analysis"]["landscape_span"]  # written before the field existed (its value is the default)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    _check_study_file(load_study("hippocampus_2d", quick=True), tmp_path)  # same study: no error
+    raw["seeds"] = [0, 1, 2]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UnetsegError, match="other settings"):
+        _check_study_file(spec, tmp_path)
 
 
 # ---- the committed full studies -------------------------------------------------------------

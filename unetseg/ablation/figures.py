@@ -157,6 +157,19 @@ def plot_landscape_1d(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pa
     return _save(fig, path)
 
 
+def plot_landscape_spread(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """1D slices over seeds and directions: per variant ``(alphas (P,), losses (N, P))``, the mean line and the
+    min-max band over the N curves."""
+    fig, ax = subplots(figsize=(5.5, 3.6))
+    for (label, (alphas, losses)), color in zip(curves.items(), ["tab:blue", "tab:red", "tab:green", "tab:orange"]):
+        _band(ax, alphas, losses, color, label)
+    ax.set(xlabel="alpha (filter-normalised direction)", ylabel="loss on fixed training patches",
+           title="1D slices over seeds and directions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_landscape_2d(surfaces: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """Contour (top row) and surface (bottom row) plots of 2D slices; one column per variant, shared levels."""
     n = len(surfaces)

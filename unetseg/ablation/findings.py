@@ -167,11 +167,28 @@ def _landscape_findings(landscapes: dict[str, Any]) -> list[str]:
     return [f"- Loss landscape (1D, filter-normalised): {text}."]
 
 
+def _landscape_spread_findings(summary: dict[str, Any]) -> list[str]:
+    """The rise at |alpha| = 0.5 over seeds and directions, and each (with, without) pair's seed-level difference."""
+    spread = summary.get("landscape_spread") or {}
+    if not spread:
+        return []
+    text = "; ".join(f"`{n}` {ms(d['sharpness_0.5'])} ({len(d['seeds'])} seeds x {d['directions']} directions)"
+                     for n, d in spread.items())
+    out = [f"- Loss landscape over seeds (1D, rise at |alpha| = 0.5, mean over directions per seed, mean ± std over "
+           f"seeds): {text}."]
+    for p in summary.get("landscape_spread_pairs", []):
+        out.append(f"- Rise without minus with (`{p['without']}` − `{p['with']}`), seed by seed: "
+                   f"{', '.join(f'{d:+.3f}' for d in p['differences'])}; mean {p['mean']:+.3f}, 95 % t-interval "
+                   f"[{p['low']:+.3f}, {p['high']:+.3f}] ({p['dof']} dof) — "
+                   + ("the interval excludes 0." if p["low"] > 0 or p["high"] < 0 else "the interval contains 0."))
+    return out
+
+
 def findings(summary: dict[str, Any]) -> list[str]:
     """Sentences generated from the numbers (no hand-typed values)."""
     return [*_comparison_findings(summary), *_depth_findings(summary["depth"]), _collapse_finding(summary["collapse"]),
             *_gradient_findings(summary), *_lesion_findings(summary["lesions"]),
-            *_landscape_findings(summary["landscapes"])]
+            *_landscape_findings(summary["landscapes"]), *_landscape_spread_findings(summary)]
 
 
 def _same_layer_finding(g: dict[str, Any]) -> str:

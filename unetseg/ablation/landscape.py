@@ -111,10 +111,7 @@ def loss_slices(
     try:
         center = mean_loss(model, images, labels, batch_size)
         alphas_1d = np.linspace(-span, span, points_1d)
-        loss_1d = np.empty(points_1d)
-        for i, a in enumerate(alphas_1d):
-            _set_weights(model, origin, [(float(a), d1)])
-            loss_1d[i] = mean_loss(model, images, labels, batch_size)
+        loss_1d = _slice_1d(model, origin, d1, alphas_1d, images, labels, batch_size)
         alphas_2d = np.linspace(-span, span, points_2d)
         loss_2d = np.empty((points_2d, points_2d))
         for i, a in enumerate(alphas_2d):
@@ -125,6 +122,32 @@ def loss_slices(
         _set_weights(model, origin, [])
     return {"alphas_1d": alphas_1d, "loss_1d": loss_1d, "alphas_2d": alphas_2d, "loss_2d": loss_2d,
             "loss_center": np.float64(center)}
+
+
+def _slice_1d(model: nn.Module, origin: Directions, direction: Directions, alphas: np.ndarray, images: torch.Tensor,
+              labels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """``L(w + a d)`` at each ``a`` of ``alphas`` ``(P,)`` -> ``(P,)``; leaves the weights at the last point."""
+    losses = np.empty(len(alphas))
+    for i, a in enumerate(alphas):
+        _set_weights(model, origin, [(float(a), direction)])
+        losses[i] = mean_loss(model, images, labels, batch_size)
+    return losses
+
+
+def loss_along_directions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, points: int, span: float,
+                          directions: int, seed: int = 0, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """1D slices along ``directions`` independent filter-normalised random directions (from ``seed``), the
+    weights restored afterwards: ``alphas (P,)``, ``losses (D, P)`` and ``loss_center`` (scalar)."""
+    generator = torch.Generator().manual_seed(seed)
+    origin = {name: p.detach().clone() for name, p in model.named_parameters()}
+    alphas = np.linspace(-span, span, points)
+    try:
+        center = mean_loss(model, images, labels, batch_size)
+        losses = np.stack([_slice_1d(model, origin, filter_normalized_direction(model, generator), alphas, images,
+                                     labels, batch_size) for _ in range(directions)])
+    finally:
+        _set_weights(model, origin, [])
+    return {"alphas": alphas, "losses": losses, "loss_center": np.float64(center)}
 
 
 def sharpness(alphas: np.ndarray, losses: np.ndarray, center: float, radius: float) -> float:
@@ -163,4 +186,34 @@ def landscape_of_run(
         "loss_2d_max": float(slices["loss_2d"].max()),
     }
     write_json(out_stem.with_suffix(".json"), summary, indent=1)
+    return summary
+
+
+def landscape_spread_of_run(
+    run: Path, checkpoint: str, train_cases: Sequence[Case], cfg: Config, analysis: Any, out_path: Path
+) -> dict[str, Any]:
+    """1D slices of one run's loss along ``analysis.landscape_directions`` random directions (the spread that one
+    direction of :func:`landscape_of_run` cannot show); writes ``out_path`` (JSON) with every curve and the rise
+    at ``|alpha|`` = 0.25 and 0.5 per direction.
+
+    Args: as :func:`landscape_of_run`; the patches are the same fixed training patches.
+    """
+    model = Segmenter.from_checkpoint(run / checkpoint).model
+    images, labels = fixed_patches(train_cases, cfg, analysis.landscape_samples)
+    slices = loss_along_directions(model, images, labels, analysis.landscape_points_1d, analysis.landscape_span,
+                                   analysis.landscape_directions, seed=1, batch_size=analysis.landscape_batch_size)
+    center = float(slices["loss_center"])
+    summary = {
+        "run": str(run.relative_to(run.parents[2])),
+        "checkpoint": checkpoint,
+        "samples": int(len(images)),
+        "direction_seed": 1,
+        "loss_center": center,
+        "alphas": slices["alphas"].tolist(),
+        "losses": slices["losses"].tolist(),
+        "sharpness_0.25": [sharpness(slices["alphas"], curve, center, 0.25) for curve in slices["losses"]],
+        "sharpness_0.5": [sharpness(slices["alphas"], curve, center, 0.5) for curve in slices["losses"]],
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_path, summary, indent=1)
     return summary

@@ -19,6 +19,7 @@ from unetseg.ablation.figures import (
     plot_gradient_flow,
     plot_landscape_1d,
     plot_landscape_2d,
+    plot_landscape_spread,
     plot_lesions,
     plot_qualitative,
     plot_training_curves,
@@ -74,6 +75,8 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
                                                 fig_dir / "landscape_1d.png")
         out["landscape_2d"] = plot_landscape_2d({n: (z["alphas_2d"], z["loss_2d"]) for n, z in npz.items()},
                                                 fig_dir / "landscape_2d.png")
+    if plots["landscape_spread"]:
+        out["landscape_spread"] = plot_landscape_spread(plots["landscape_spread"], fig_dir / "landscape_spread.png")
     qual = report_dir / "analysis" / "qualitative.npz"
     if qual.is_file():
         with np.load(qual) as z:
@@ -180,6 +183,8 @@ CAPTIONS = {  # per figure key; {seed} is the qualitative figure's seed
     "landscape_1d": "1D filter-normalised random-direction slice of the loss (Li et al. 2018) around the final "
                     "weights, on a fixed set of training patches.",
     "landscape_2d": "2D filter-normalised slices: contours (top) and surfaces (bottom), same colour scale.",
+    "landscape_spread": "1D filter-normalised slices of every seed's final weights along several random directions "
+                        "each: line = mean over the curves, band = min-max.",
     "qualitative": "The same validation slices: image, ground truth and each variant's prediction (seed "
                    "{seed}).",
 }

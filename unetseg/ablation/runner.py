@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import yaml
 
-from unetseg.ablation.landscape import landscape_of_run
+from unetseg.ablation.landscape import landscape_of_run, landscape_spread_of_run
 from unetseg.ablation.lesion import lesion_study
 from unetseg.ablation.qualitative import qualitative_arrays
 from unetseg.ablation.runs import (
@@ -176,6 +176,11 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
             stem = analysis_dir / f"landscape_{name}_seed{a.landscape_seed}"
             if not stem.with_suffix(".json").is_file():
                 todo.append(("landscape", (name, stem)))
+    for name in a.landscape_variants:
+        for seed in (s for s in a.landscape_spread_seeds if name in names and s in spec.seeds):
+            path = analysis_dir / f"landscape1d_{name}_seed{seed}.json"
+            if not path.is_file():
+                todo.append(("spread", (name, seed, path)))
     for name in a.lesion_variants:
         if name in names:
             for seed in spec.seeds:
@@ -196,6 +201,11 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
             cfg = variant_config(spec, names[name], a.landscape_seed)
             landscape_of_run(run_dir(study_dir, name, a.landscape_seed), FINAL_CHECKPOINT, data.train, cfg, a, stem)
             label = stem.name
+        elif kind == "spread":
+            name, seed, path = args
+            landscape_spread_of_run(run_dir(study_dir, name, seed), FINAL_CHECKPOINT, data.train,
+                                    variant_config(spec, names[name], seed), a, path)
+            label = path.stem
         elif kind == "lesion":
             name, seed, path = args
             lesion_study(run_dir(study_dir, name, seed) / FINAL_CHECKPOINT, data.val, path)
@@ -231,7 +241,8 @@ def export_artefacts(study_dir: Path, report_dir: Path) -> None:
 
 def _check_study_file(spec: StudySpec, study_dir: Path) -> None:
     path = study_dir / "study.yaml"
-    if path.is_file() and yaml.safe_load(path.read_text()) != spec.to_dict():
+    # the saved study as this code reads it (fields added since take their defaults), against the study given
+    if path.is_file() and resolved_study(yaml.safe_load(path.read_text())).to_dict() != spec.to_dict():
         raise UnetsegError(
             f"{study_dir} holds a study with other settings (study.yaml differs); use another --out or delete it"
         )

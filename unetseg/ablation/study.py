@@ -38,6 +38,8 @@ class AnalysisSpec:
     landscape_span: float = 1.0  # the slices cover alpha in [-span, span]
     landscape_samples: int = 64  # fixed training patches the loss is averaged over
     landscape_batch_size: int = 32
+    landscape_spread_seeds: list[int] = field(default_factory=list)  # runs also sliced along several directions
+    landscape_directions: int = 3  # random directions per run of landscape_spread_seeds (1D slices)
     lesion_variants: list[str] = field(default_factory=lambda: ["skip", "residual"])  # every seed of these
     qualitative_variants: list[str] = field(default_factory=lambda: ["skip", "noskip"])  # seed 0 of these
     qualitative_cases: int = 4  # first validation cases shown
@@ -83,8 +85,9 @@ class StudySpec:
 # Sign rules of the numeric fields, as unetseg.config.check_fields takes them; depths also need 2 levels (below).
 STUDY_RULES = {"positive": {"width", "depth", "depths"}, "non_negative": {"seeds"}, "seeds": {"seeds"}}
 ANALYSIS_RULES = {"positive": {"landscape_points_1d", "landscape_points_2d", "landscape_span", "landscape_samples",
-                               "landscape_batch_size", "qualitative_crop"},
-                  "non_negative": {"landscape_seed", "qualitative_cases"}, "seeds": {"landscape_seed"}}
+                               "landscape_batch_size", "qualitative_crop", "landscape_directions"},
+                  "non_negative": {"landscape_seed", "qualitative_cases", "landscape_spread_seeds"},
+                  "seeds": {"landscape_seed", "landscape_spread_seeds"}}
 
 
 def _study_section(raw: dict[str, Any], source: str, prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -30,7 +30,7 @@ from unetseg.ablation.compare import (
 )
 from unetseg.ablation.gradients import layer_sizes, ordered_layers, run_profiles, same_layer_comparison, short_name
 from unetseg.ablation.runs import PER_CASE, run_dir
-from unetseg.ablation.stats import rate_difference_p
+from unetseg.ablation.stats import rate_difference_p, t_interval
 from unetseg.ablation.study import StudySpec, resolved_study
 from unetseg.ablation.variants import Variant, build_variants, depth_names
 from unetseg.runlog import read_jsonl
@@ -256,6 +256,32 @@ def _landscapes(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
     return {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
 
 
+def _landscape_spread(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
+    """Per variant, the 1D slices along several directions of each seed in ``landscape_spread_seeds``: loss at the
+    weights and rise at ``|alpha|`` = 0.5 (mean over directions per seed, then mean +- std over seeds); per gradient
+    pair (with, without), the rise without minus with, seed by seed, with its t-interval; and the curves."""
+    found: dict[str, dict[int, Any]] = {}
+    for name in spec.analysis.landscape_variants:
+        files = {s: report_dir / "analysis" / f"landscape1d_{name}_seed{s}.json" for s in spec.analysis.landscape_spread_seeds}
+        runs = {s: json.loads(f.read_text()) for s, f in files.items() if f.is_file()}
+        if runs:
+            found[name] = runs
+    rise = {name: {s: float(np.mean(r["sharpness_0.5"])) for s, r in runs.items()} for name, runs in found.items()}
+    table = {name: {"seeds": sorted(runs), "directions": len(next(iter(runs.values()))["losses"]),
+                    "loss_center": mean_std([r["loss_center"] for r in runs.values()]),
+                    "sharpness_0.5": mean_std(list(rise[name].values()))} for name, runs in found.items()}
+    pairs = []
+    for with_name, without in spec.analysis.gradient_pairs:
+        common = sorted(set(rise.get(with_name, {})) & set(rise.get(without, {})))
+        if common:
+            diffs = [rise[without][s] - rise[with_name][s] for s in common]
+            pairs.append({"with": with_name, "without": without, "seeds": common, "differences": diffs,
+                          **t_interval(diffs)})
+    curves = {name: (np.asarray(next(iter(runs.values()))["alphas"]),
+                     np.concatenate([np.asarray(r["losses"]) for r in runs.values()])) for name, runs in found.items()}
+    return table, pairs, curves
+
+
 def _timing(report_dir: Path, table: dict[str, Any]) -> dict[str, Any]:
     """Wall time over the study's invocations, training time per run, analysis time, machine and commands."""
     log = read_jsonl(report_dir / "log.jsonl")
@@ -295,13 +321,15 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     _holm_families(table, extra, depth_rows, classes)
     grad_pairs, grad_table, same_layer = _gradient_summary(
         report_dir, spec, _gradient_pairs(spec, set(table)), {v.name: v.depth for v in variants}, budget["total_steps"])
+    spread, spread_pairs, spread_curves = _landscape_spread(report_dir, spec)
     summary = {
         "study": spec.name, "quick": spec.quick, "class_names": classes, "budget": budget,
         "runs_expected": len(build_variants(spec)) * len(spec.seeds), "runs_found": sum(len(p) for p in per_case.values()),
         "variants": table, "extra_comparisons": extra, "depth": depth_rows, "gradients": grad_table,
         "same_layer_gradients": same_layer,
         "lesions": _lesion_summary(report_dir, spec), "landscapes": _landscapes(report_dir, spec),
+        "landscape_spread": spread, "landscape_spread_pairs": spread_pairs,
         "timing": _timing(report_dir, table),
         "collapse": _collapse_summary(variants, per_case),
     }
-    return summary, {"metrics": metrics, "gradient_pairs": grad_pairs, "spec": spec}
+    return summary, {"metrics": metrics, "gradient_pairs": grad_pairs, "spec": spec, "landscape_spread": spread_curves}
