@@ -166,7 +166,10 @@ def test_model_arguments_are_every_model_setting():
     assert UNet(**args).spatial_dims == 2
     ckpt = Checkpoint.load("hippocampus_2d")
     model_cfg = ModelConfig(**ckpt.config["model"])
-    assert model_arguments(model_cfg, 1, 3) == ckpt.model_args
+    args = model_arguments(model_cfg, 1, 3)
+    assert {k: v for k, v in args.items() if k in ckpt.model_args} == ckpt.model_args
+    defaults = {name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items()}
+    assert all(args[k] == defaults[k] for k in set(args) - set(ckpt.model_args))  # added since: their defaults
 
 
 def test_preprocessing_reads_and_writes_the_checkpoint_entry():

@@ -154,3 +154,28 @@ def test_tiny_inputs_keep_more_than_one_voxel_at_the_coarsest_level(norm, shape)
     model = UNet(3, 1, 3, (4, 8, 16, 32), norm=norm).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, *shape)).shape == (1, 3, *shape)
+
+
+def test_stage_blocks_add_same_width_blocks_that_a_lesion_deletes_exactly():
+    """stage_blocks > 1: each encoder level holds stage_blocks - 1 more blocks at its width; with residual blocks
+    their shortcuts are identities, so deleting one (Veit et al. 2016) is the network without that block."""
+    plain = UNet(channels=(8, 16, 32))
+    deep = UNet(channels=(8, 16, 32), stage_blocks=3, residual=True, norm="none")
+    per_block = [2 * (9 * c * c + c) for c in (8, 16, 32)]  # two 3x3 convolutions with bias, no norm, c -> c
+    bias_free = UNet(channels=(8, 16, 32), residual=True, norm="none")
+    assert sum(p.numel() for p in deep.parameters()) == sum(p.numel() for p in bias_free.parameters()) + 2 * sum(per_block)
+    assert set(plain.state_dict()) == set(UNet(channels=(8, 16, 32), stage_blocks=1).state_dict())  # no new keys at 1
+    assert [n for n in deep.residual_blocks() if n.startswith("stages")] == [
+        f"stages.{i}.{j}" for i in range(3) for j in range(2)]
+    deep.eval()
+    block = deep.stages[1][0]
+    x = torch.relu(torch.randn(2, 16, 8, 8))  # a stage's input is a block's output: after a ReLU
+    deep.lesion_residuals(["stages.1.0"])
+    assert torch.equal(block(x), x)
+    image = torch.randn(1, 1, 32, 32)
+    lesioned = deep(image)
+    deep.lesion_residuals([])
+    deep.stages[1] = deep.stages[1][1:]  # the same network with the block taken out
+    assert torch.allclose(deep(image), lesioned, atol=1e-6)
+    with pytest.raises(ValueError, match="stage_blocks must be at least 1"):
+        UNet(stage_blocks=0)

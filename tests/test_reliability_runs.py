@@ -100,6 +100,30 @@ def test_resume_refuses_a_config_that_no_longer_matches_its_checkpoint(tiny_run,
     one_error_line(capsys, "last.pt: holds no training state (optimizer, scheduler", "start a new run instead of --resume")
 
 
+def test_a_run_saved_before_a_setting_existed_still_resumes_and_counts_as_the_same_study_run(tiny_run, tmp_path):
+    """Settings added to the config since a run was saved (model.stage_blocks, train.optimizer, ...) take their
+    defaults: such a run resumes, and a study sees it as the run it asks for, not as a different config."""
+    import yaml
+
+    from unetseg.ablation.runs import check_same_config
+    from unetseg.config import load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(str(run / "config.yaml"))
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    del raw["model"]["stage_blocks"], raw["train"]["optimizer"], raw["train"]["momentum"]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    check_same_config(run, cfg)  # no error
+    payload = torch.load(run / "last.pt", weights_only=True)
+    del payload["model_args"]["stage_blocks"]
+    torch.save(payload, run / "last.pt")
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    cfg.train.epochs = 3
+    with pytest.raises(UnetsegError, match="different config"):
+        check_same_config(run, cfg)
+
+
 def test_a_failed_export_leaves_no_half_written_model(tiny_run, tmp_path, monkeypatch):
     from unetseg import export
 

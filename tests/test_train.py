@@ -178,3 +178,20 @@ def test_batch_dice_gives_no_free_score_for_never_predicting_an_absent_class():
     # per sample: class 2 scores 1 in sample 0 and 0 in sample 1; over the batch it scores 0 -> a larger loss
     assert per_sample == pytest.approx((0 + 0 + 0 + 0 + 1 + 0) / 6, abs=0.02)
     assert batch == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_sgd_is_nesterov_momentum_sgd_and_bad_optimizer_settings_are_refused(tmp_path, data_root):
+    from unetseg.config import apply_overrides
+    from unetseg.model import UNet
+    from unetseg.train import make_optimizer
+
+    cfg = tiny_config(["train.optimizer=sgd", "train.momentum=0.8", "model.norm=none", "model.stage_blocks=2"])
+    opt = make_optimizer(UNet(channels=(4, 8)), cfg.train)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.8 and opt.defaults["nesterov"]
+    assert isinstance(make_optimizer(UNet(channels=(4, 8)), tiny_config().train), torch.optim.AdamW)
+    run = fit(cfg, tmp_path / "sgd", data_root=data_root, progress=False)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"] > 0
+    for bad, message in (("train.optimizer=adam", "optimizer"), ("train.momentum=1.0", "momentum"),
+                         ("model.stage_blocks=0", "stage_blocks")):
+        with pytest.raises(UnetsegError, match=message):
+            apply_overrides(cfg, [bad])

@@ -34,6 +34,7 @@ class ModelConfig:
     norm: str = "batch"  # "batch", "instance", "group", or "none" (plain convolutions with bias)
     dropout: float = 0.0  # dropout between the two convolutions of a block
     act: str = "relu"  # "relu" or "leaky_relu" (slope 0.01)
+    stage_blocks: int = 1  # conv blocks per encoder level; the extra ones keep the level's width (identity shortcuts)
 
 
 @dataclass
@@ -76,7 +77,9 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 2e-3  # AdamW peak learning rate
+    lr: float = 2e-3  # peak learning rate
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum below, Nesterov)
+    momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # "cosine" or "poly" (power 0.9), stepped every iteration
     warmup_steps: int = 50  # linear warm-up iterations
@@ -114,9 +117,9 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases", "max_minutes"},
-            "data": {"max_cases"}}
+            "data": {"max_cases"}, "model": {"stage_blocks"}}
 NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",
-                          "dice_ce_lambda_ce", "seed"},
+                          "dice_ce_lambda_ce", "seed", "momentum"},
                 "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold", "split_seed"}}
 SEEDS = {"train": {"seed"}, "data": {"split_seed"}}  # NumPy's generators take seeds below 2**32
 
@@ -125,10 +128,10 @@ SEEDS = {"train": {"seed"}, "data": {"split_seed"}}  # NumPy's generators take s
 CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
     "model": {"spatial_dims": (2, 3), "merge": ("concat", "add"), "norm": ("batch", "instance", "group", "none")},
     "data": {"normalization": ("percentile", "zscore"), "slice_axis": (0, 1, 2)},
-    "train": {"schedule": ("cosine", "poly")},
+    "train": {"schedule": ("cosine", "poly"), "optimizer": ("adamw", "sgd")},
 }
 # Fractions that must lie in [0, 1).
-BELOW_ONE = {"model": {"dropout"}, "data": {"val_fraction"}}
+BELOW_ONE = {"model": {"dropout"}, "data": {"val_fraction"}, "train": {"momentum"}}
 
 
 # YAML 1.1 reads "1e-3" (no dot) as text; for a float field it is the number the user meant.

@@ -12,6 +12,7 @@ share of the cases; metrics are gathered across ranks and rank 0 alone writes.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -25,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from unetseg import __version__
 from unetseg.checkpoint import TRAINING_ENTRIES, Checkpoint, Preprocessing, TrainingState, build_model, model_arguments
-from unetseg.config import Config, apply_overrides, load_config, save_config
+from unetseg.config import Config, TrainConfig, apply_overrides, load_config, save_config
 from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
@@ -84,6 +86,15 @@ def tta_flips(cfg: Config) -> tuple[tuple[int, ...], ...]:
 
 
 COLLAPSE_DICE = 0.01  # validation Dice below this: the class is (next to) never predicted
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """``t.optimizer``: AdamW (``lr``, ``weight_decay``), or SGD with Nesterov momentum ``t.momentum`` (the
+    plain-network setting of the skip-connection studies)."""
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0,
+                               weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
 def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[str], patience: int = 2) -> list[str]:
@@ -163,6 +174,11 @@ def gradient_norms(model: torch.nn.Module) -> list[dict[str, Any]]:
 RESUME_ENTRIES = ("optimizer", "scheduler", "epoch", "best_metric", "best_epoch")
 
 
+# UNet's defaults: what a checkpoint saved before an argument existed was built with (act: ReLU, stage_blocks: 1).
+UNET_DEFAULTS = {name: p.default for name, p in inspect.signature(UNet).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+
+
 def check_resumable(state: Checkpoint, args: dict[str, Any], path: Path) -> None:
     """Raise :class:`UnetsegError` unless ``last.pt`` holds a training state (not an exported or best-only
     checkpoint) of the network that the run folder's ``config.yaml`` describes (``args``)."""
@@ -171,7 +187,7 @@ def check_resumable(state: Checkpoint, args: dict[str, Any], path: Path) -> None
     if missing:
         raise UnetsegError(f"{path}: holds no training state ({', '.join(missing)} missing; a best.pt or exported "
                            "model copied over last.pt?); start a new run instead of --resume")
-    saved = {k: state.model_args.get(k, "relu" if k == "act" else None) for k in args}  # no act: ReLU then
+    saved = {k: state.model_args.get(k, UNET_DEFAULTS.get(k)) for k in args}  # an argument added since: its default
     changed = sorted(k for k in args if saved[k] != args[k])
     if changed:
         raise UnetsegError(f"{path.parent / 'config.yaml'}: describes a different network than {path.name} "
@@ -368,7 +384,7 @@ class _Training:
         t = cfg.train
         self.batches_per_epoch = t.steps_per_epoch or max(1, len(self.dataset) // (t.batch_size * di.world_size))
         total_steps = self.batches_per_epoch * t.epochs
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(self.model, t)
         self.budget = TimeBudget(t.max_minutes)
         self.step_in_epoch = -1  # the schedule reads it: a step's share of the time budget is planned per epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

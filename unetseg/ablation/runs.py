@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from unetseg.config import Config
+from unetseg.config import Config, config_from_dict
 from unetseg.data.datasets import Case
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate_cases, summarize
@@ -42,8 +42,8 @@ def trained_epochs(run: Path) -> int:
 def check_same_config(run: Path, cfg: Config) -> None:
     """Raise when ``run`` was started with a config other than ``cfg`` (a changed budget must not mix)."""
     path = run / "config.yaml"
-    if path.is_file():
-        saved = yaml.safe_load(path.read_text())
+    if path.is_file():  # read as this code reads configs: fields added since take their defaults
+        saved = config_from_dict(yaml.safe_load(path.read_text()), source=str(path)).to_dict()
         if saved != cfg.to_dict():
             raise UnetsegError(
                 f"{run} was trained with a different config than the study now asks for; "

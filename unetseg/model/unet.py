@@ -62,6 +62,13 @@ class UNet(nn.Module):
             such inputs raise ``ValueError`` naming the required multiple.
         act: ``"relu"`` (the default, and what checkpoints without ``act`` used)
             or ``"leaky_relu"`` (slope 0.01, nnU-Net's choice).
+        stage_blocks: conv blocks per encoder level (at least 1). The first changes
+            the width as above; the ``stage_blocks - 1`` others keep it
+            (``stages[i]``), so with ``residual`` each level is a same-width
+            residual stage with identity shortcuts, whose blocks can be deleted
+            at test time as in Veit et al. (2016); without normalisation and
+            residual it is a plain deep encoder. 1 builds exactly the network of
+            checkpoints that predate the argument.
 
     Shapes: ``forward(x)``: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
@@ -79,12 +86,15 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         pad_to_multiple: bool = True,
         act: ActName = "relu",
+        stage_blocks: int = 1,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(channels) < 2:
             raise ValueError(f"channels needs at least 2 levels, got {list(channels)}")
+        if stage_blocks < 1:
+            raise ValueError(f"stage_blocks must be at least 1, got {stage_blocks}")
         self.spatial_dims = spatial_dims
         self.channels = tuple(int(c) for c in channels)
         self.skips = resolve_skips(skips, len(self.channels) - 1)
@@ -95,6 +105,11 @@ class UNet(nn.Module):
             ConvBlock(spatial_dims, widths[i], widths[i + 1], norm, dropout, residual, act)
             for i in range(len(self.channels))
         )
+        if stage_blocks > 1:  # absent at 1: the state dict of older checkpoints
+            self.stages = nn.ModuleList(
+                nn.Sequential(*(ConvBlock(spatial_dims, c, c, norm, dropout, residual, act) for _ in range(stage_blocks - 1)))
+                for c in self.channels
+            )
         self.pool = max_pool_layer(spatial_dims)(kernel_size=2, stride=2)
         # decoder[i] produces level i; applied from the coarsest (last) to the finest (0).
         self.decoder = nn.ModuleList(
@@ -138,8 +153,11 @@ class UNet(nn.Module):
             x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
 
         encoded: list[torch.Tensor] = []
+        stages = getattr(self, "stages", None)
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else self.pool(x))
+            if stages is not None:
+                x = stages[level](x)
             encoded.append(x)
         x = encoded[-1]
         for level in reversed(range(len(self.decoder))):
@@ -168,8 +186,10 @@ class UNet(nn.Module):
         return [level for level, up in enumerate(self.decoder) if up.has_skip]
 
     def residual_blocks(self) -> dict[str, ConvBlock]:
-        """Blocks with a short residual skip, by name (``encoder.0``, ``decoder.2``...)."""
+        """Blocks with a short residual skip, by name (``encoder.0``, ``stages.0.1``, ``decoder.2``...)."""
         blocks = {f"encoder.{i}": b for i, b in enumerate(self.encoder)}
+        for i, stage in enumerate(getattr(self, "stages", ())):
+            blocks.update({f"stages.{i}.{j}": b for j, b in enumerate(stage)})
         blocks.update({f"decoder.{i}": up.block for i, up in enumerate(self.decoder)})
         return {name: b for name, b in blocks.items() if b.residual}
 
