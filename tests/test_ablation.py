@@ -662,3 +662,43 @@ def test_quick_report_says_n_a_where_a_figure_is_undefined(quick_study):
     text = (quick_study["report"] / "report.md").read_text()
     assert "+nan" not in text and " nan" not in text
     assert "collapsed runs left out: depth" in text
+
+
+def test_extra_variants_are_the_base_model_with_their_fields_and_bad_entries_are_one_line(tmp_path):
+    spec = load_study("hippocampus_2d_plain")
+    by_name = {v.name: v for v in build_variants(spec)}
+    deep = variant_config(spec, by_name["deep_noskip"], 1)
+    assert deep.model.channels == [16] * 5 and deep.model.stage_blocks == 4 and deep.model.norm == "none"
+    assert by_name["deep_noskip"].skips == (False,) * 4 and by_name["deep_noskip"].reference == "deep_skip"
+    assert variant_config(spec, by_name["plain5_skip"], 1).model.channels == [16, 32, 64, 128, 256]
+    assert {k: v for k, v in deep.to_dict().items() if k != "model"} == {
+        k: v for k, v in variant_config(spec, by_name["skip"], 1).to_dict().items() if k not in ("model", "name")} | {
+        "name": "hippocampus_2d_plain-deep_noskip-seed1"}
+    raw = yaml.safe_load((STUDY_DIR / "hippocampus_2d_plain.yaml").read_text())
+    for entry, message in (({"name": "x", "model": {"depth": 3}}, "unknown model field"),
+                           ({"name": "skip", "model": {}}, "the name is taken"),
+                           ({"model": {}}, "needs 'name'")):
+        raw["extra_variants"] = [entry]
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(UnetsegError, match=message):
+            load_study(str(path))
+
+
+def test_veit_deletion_curve_of_a_same_width_residual_stage(tmp_path, data_root):
+    """The quick plain study: a residual network with 2 blocks per level (3 same-width blocks in all), trained a
+    few steps, has its same-width blocks deleted k = 0..3 at a time; k = 0 is the intact network."""
+    out, report = tmp_path / "study", tmp_path / "report"
+    assert main(["ablate", "--config", "hippocampus_2d_plain", "--quick", "--out", str(out), "--report-dir",
+                 str(report), "--data-root", str(data_root), "--quiet"]) == 0
+    curve = json.loads((report / "analysis" / "veit_deep_residual_seed0.json").read_text())
+    assert curve["blocks"] == ["stages.0.0", "stages.1.0", "stages.2.0"]
+    assert [p["k"] for p in curve["curve"]] == [0, 1, 2, 3]
+    assert [len(p["deleted"]) for p in curve["curve"]] == [1, 2, 2, 1]  # at most veit_subsets=2 sets per k
+    assert all(len(set(map(tuple, p["deleted"]))) == len(p["deleted"]) for p in curve["curve"])
+    per_case = json.loads((run_dir(report, "deep_residual", 0) / "per_case.json").read_text())
+    assert curve["curve"][0]["mean"] == pytest.approx(per_case["summary"]["mean_dice"], abs=1e-6, nan_ok=True)
+    summary = json.loads((report / "summary.json").read_text())
+    assert [p["k"] for p in summary["veit"]["deep_residual"]["curve"]] == [0, 1, 2, 3]
+    text = (report / "report.md").read_text()
+    assert "Deleting same-width residual blocks of `deep_residual`" in text and "figures/deletion.png" in text

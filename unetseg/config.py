@@ -115,7 +115,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig}
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
 POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_every", "val_max_cases", "max_minutes"},
             "data": {"max_cases"}, "model": {"stage_blocks"}}
 NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",

@@ -170,6 +170,18 @@ def plot_landscape_spread(curves: dict[str, tuple[np.ndarray, np.ndarray]], path
     return _save(fig, path)
 
 
+def plot_deletion_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """Veit et al.'s Figure 3: per variant ``(k (K,), dice (seeds, K))``, mean Dice against the number of
+    same-width blocks deleted, with the min-max band over seeds."""
+    fig, ax = subplots(figsize=(5.5, 3.6))
+    for (label, (ks, dice)), color in zip(curves.items(), ["tab:blue", "tab:red", "tab:green", "tab:orange"]):
+        _band(ax, ks, dice, color, label)
+    ax.set(xlabel="same-width residual blocks deleted", ylabel="validation mean Dice", title="Test-time deletion")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_landscape_2d(surfaces: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
     """Contour (top row) and surface (bottom row) plots of 2D slices; one column per variant, shared levels."""
     n = len(surfaces)

@@ -92,6 +92,8 @@ def _comparison_findings(summary: dict[str, Any]) -> list[str]:
     about("add", "Merging long skips by addition instead of concatenation")
     about("residual", "Adding residual short skips (long skips kept)")
     about("residual_noskip", "Removing long skips from the residual network")
+    for name in summary.get("extra_variants", []):
+        about(name, f"`{name}` ({t[name]['description']})")
     for label, c in summary["extra_comparisons"].items():
         out.append(f"- `{label}`: mean Dice {cmp_text(c)}, Wilcoxon p = {p_text(c, long=True)}, Holm {c['holm_p']:.2g} — "
                    f"{_verdict(c)}{_seed_agreement(c)}{_with_seeds(c)}.")
@@ -184,11 +186,19 @@ def _landscape_spread_findings(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _veit_findings(veit: dict[str, Any]) -> list[str]:
+    """Dice against the number of same-width residual blocks deleted at test time, per variant."""
+    return [f"- Deleting same-width residual blocks of `{name}` at test time (Veit et al. 2016, {len(v['blocks'])} "
+            f"blocks, {len(v['seeds'])} seeds): mean Dice "
+            + ", ".join(f"{p['k']} deleted {ms(p)}" for p in v["curve"]) + "." for name, v in veit.items()]
+
+
 def findings(summary: dict[str, Any]) -> list[str]:
     """Sentences generated from the numbers (no hand-typed values)."""
     return [*_comparison_findings(summary), *_depth_findings(summary["depth"]), _collapse_finding(summary["collapse"]),
             *_gradient_findings(summary), *_lesion_findings(summary["lesions"]),
-            *_landscape_findings(summary["landscapes"]), *_landscape_spread_findings(summary)]
+            *_landscape_findings(summary["landscapes"]), *_landscape_spread_findings(summary),
+            *_veit_findings(summary.get("veit") or {})]
 
 
 def _same_layer_finding(g: dict[str, Any]) -> str:

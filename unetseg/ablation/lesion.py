@@ -7,6 +7,7 @@ block keeps only its shortcut). Nothing is retrained.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,5 +67,42 @@ def lesion_study(checkpoint: Path, cases: Sequence[Case], out_path: Path) -> dic
         with lesioned(model, residuals=[name]):
             result["residuals"][name] = _score(segmenter, cases)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_path, result, indent=1)
+    return result
+
+
+def deletion_curve(checkpoint: Path, cases: Sequence[Case], out_path: Path, max_subsets: int = 10,
+                   seed: int = 0) -> dict[str, Any]:
+    """Veit et al. (2016), Figure 3: delete ``k`` of the same-width residual blocks (``stages.*``, identity
+    shortcuts, see :class:`UNet`'s ``stage_blocks``) at once, for every ``k``, and score the network.
+
+    For each ``k`` at most ``max_subsets`` distinct sets of ``k`` blocks are drawn (every set when there are fewer,
+    from a generator seeded with ``seed``); a network that behaves as an ensemble of paths loses Dice smoothly
+    with ``k``, a single deep path collapses after the first deletion.
+
+    Returns (and writes as JSON):
+        ``{"checkpoint", "blocks": [name, ...], "curve": [{"k", "deleted": [[name, ...], ...],
+        "mean_dice": [per set], "mean", "std"}, ...]}``.
+    """
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
+    model = segmenter.model
+    blocks = [name for name in model.residual_blocks() if name.startswith("stages.")]
+    if not blocks:
+        raise ValueError(f"{checkpoint}: no same-width residual blocks (train with model.stage_blocks > 1 and "
+                         "model.residual=true)")
+    rng = np.random.default_rng(seed)
+    curve = []
+    for k in range(len(blocks) + 1):
+        every = list(itertools.combinations(blocks, k))
+        chosen = every if len(every) <= max_subsets else [every[i] for i in sorted(
+            rng.choice(len(every), size=max_subsets, replace=False))]
+        scores = []
+        for deleted in chosen:
+            with lesioned(model, residuals=deleted):
+                scores.append(_score(segmenter, cases)["mean_dice"])
+        curve.append({"k": k, "deleted": [list(d) for d in chosen], "mean_dice": scores,
+                      "mean": float(np.mean(scores)), "std": float(np.std(scores))})
+    result = {"checkpoint": str(checkpoint.name), "blocks": blocks, "curve": curve}
     write_json(out_path, result, indent=1)
     return result

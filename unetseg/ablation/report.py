@@ -8,6 +8,7 @@ draws the figures and lays out the markdown.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from unetseg.ablation.figures import (
     plot_landscape_1d,
     plot_landscape_2d,
     plot_landscape_spread,
+    plot_deletion_curves,
     plot_lesions,
     plot_qualitative,
     plot_training_curves,
@@ -75,6 +77,8 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
                                                 fig_dir / "landscape_1d.png")
         out["landscape_2d"] = plot_landscape_2d({n: (z["alphas_2d"], z["loss_2d"]) for n, z in npz.items()},
                                                 fig_dir / "landscape_2d.png")
+    if summary.get("veit"):
+        out["veit"] = plot_deletion_curves(_deletion_curves(report_dir, summary["veit"]), fig_dir / "deletion.png")
     if plots["landscape_spread"]:
         out["landscape_spread"] = plot_landscape_spread(plots["landscape_spread"], fig_dir / "landscape_spread.png")
     qual = report_dir / "analysis" / "qualitative.npz"
@@ -82,6 +86,15 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
         with np.load(qual) as z:
             out["qualitative"] = plot_qualitative(dict(z), fig_dir / "qualitative.png")
     return {k: str(p.relative_to(report_dir)) for k, p in out.items()}
+
+
+def _deletion_curves(report_dir: Path, veit: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per variant, ``(k, Dice per seed and k)`` from its ``analysis/veit_*`` files."""
+    out = {}
+    for name, v in veit.items():
+        runs = [json.loads((report_dir / "analysis" / f"veit_{name}_seed{s}.json").read_text()) for s in v["seeds"]]
+        out[name] = (np.array([p["k"] for p in v["curve"]]), np.array([[p["mean"] for p in r["curve"]] for r in runs]))
+    return out
 
 
 def _family_size(summary: dict[str, Any]) -> int:
@@ -183,6 +196,9 @@ CAPTIONS = {  # per figure key; {seed} is the qualitative figure's seed
     "landscape_1d": "1D filter-normalised random-direction slice of the loss (Li et al. 2018) around the final "
                     "weights, on a fixed set of training patches.",
     "landscape_2d": "2D filter-normalised slices: contours (top) and surfaces (bottom), same colour scale.",
+    "veit": "Test-time deletion of same-width residual blocks (Veit et al. 2016, Figure 3): validation mean Dice "
+            "against the number of blocks deleted (each point the mean over up to veit_subsets sets of blocks); "
+            "line = mean over seeds, band = min-max.",
     "landscape_spread": "1D filter-normalised slices of every seed's final weights along several random directions "
                         "each: line = mean over the curves, band = min-max.",
     "qualitative": "The same validation slices: image, ground truth and each variant's prediction (seed "

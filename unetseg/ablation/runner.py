@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -35,7 +36,7 @@ import torch
 import yaml
 
 from unetseg.ablation.landscape import landscape_of_run, landscape_spread_of_run
-from unetseg.ablation.lesion import lesion_study
+from unetseg.ablation.lesion import deletion_curve, lesion_study
 from unetseg.ablation.qualitative import qualitative_arrays
 from unetseg.ablation.runs import (
     FINAL_CHECKPOINT,
@@ -163,34 +164,39 @@ def record_weight_changes(spec: StudySpec, variants: list[Variant], study_dir: P
                 _log_analysis(study_dir, path.stem, t0, progress)
 
 
+def _pending_analyses(spec: StudySpec, names: Collection[str], analysis_dir: Path) -> list[tuple[str, Any]]:
+    """``(kind, arguments)`` of every analysis whose output file does not exist yet, in the order they run."""
+    a = spec.analysis
+    todo: list[tuple[str, Any]] = []
+
+    def per_seed(kind: str, variants: Sequence[str], seeds: Sequence[int], prefix: str) -> None:
+        for name in (n for n in variants if n in names):
+            for seed in (s for s in seeds if s in spec.seeds):
+                path = analysis_dir / f"{prefix}_{name}_seed{seed}.json"
+                if not path.is_file():
+                    todo.append((kind, (name, seed, path)))
+
+    for name in (n for n in a.landscape_variants if n in names):
+        stem = analysis_dir / f"landscape_{name}_seed{a.landscape_seed}"
+        if not stem.with_suffix(".json").is_file():
+            todo.append(("landscape", (name, stem)))
+    per_seed("spread", a.landscape_variants, a.landscape_spread_seeds, "landscape1d")
+    per_seed("lesion", a.lesion_variants, spec.seeds, "lesion")
+    per_seed("veit", a.veit_variants, spec.seeds, "veit")
+    qual = [n for n in a.qualitative_variants if n in names]
+    qual_path = analysis_dir / "qualitative.npz"
+    if qual and not qual_path.is_file():
+        todo.append(("qualitative", (qual, qual_path)))
+    return todo
+
+
 def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data_root: str | None,
                  progress: bool) -> None:
     """Weight distances, loss landscapes, lesion studies and qualitative predictions; each skipped when its file exists."""
     record_weight_changes(spec, variants, study_dir, progress)
     names = {v.name: v for v in variants}
     a = spec.analysis
-    analysis_dir = study_dir / "analysis"
-    todo: list[tuple[str, Any]] = []
-    for name in a.landscape_variants:
-        if name in names:
-            stem = analysis_dir / f"landscape_{name}_seed{a.landscape_seed}"
-            if not stem.with_suffix(".json").is_file():
-                todo.append(("landscape", (name, stem)))
-    for name in a.landscape_variants:
-        for seed in (s for s in a.landscape_spread_seeds if name in names and s in spec.seeds):
-            path = analysis_dir / f"landscape1d_{name}_seed{seed}.json"
-            if not path.is_file():
-                todo.append(("spread", (name, seed, path)))
-    for name in a.lesion_variants:
-        if name in names:
-            for seed in spec.seeds:
-                path = analysis_dir / f"lesion_{name}_seed{seed}.json"
-                if not path.is_file():
-                    todo.append(("lesion", (name, seed, path)))
-    qual = [n for n in a.qualitative_variants if n in names]
-    qual_path = analysis_dir / "qualitative.npz"
-    if qual and not qual_path.is_file():
-        todo.append(("qualitative", (qual, qual_path)))
+    todo = _pending_analyses(spec, names, study_dir / "analysis")
     if not todo:
         return
     data = _load_study_data(spec, variants, data_root, progress)
@@ -205,6 +211,10 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
             name, seed, path = args
             landscape_spread_of_run(run_dir(study_dir, name, seed), FINAL_CHECKPOINT, data.train,
                                     variant_config(spec, names[name], seed), a, path)
+            label = path.stem
+        elif kind == "veit":
+            name, seed, path = args
+            deletion_curve(run_dir(study_dir, name, seed) / FINAL_CHECKPOINT, data.val, path, a.veit_subsets, seed)
             label = path.stem
         elif kind == "lesion":
             name, seed, path = args

@@ -44,6 +44,8 @@ class AnalysisSpec:
     qualitative_variants: list[str] = field(default_factory=lambda: ["skip", "noskip"])  # seed 0 of these
     qualitative_cases: int = 4  # first validation cases shown
     qualitative_crop: int = 256  # 2D images larger than this are centre-cropped to it for the figure
+    veit_variants: list[str] = field(default_factory=list)  # every seed: Dice against same-width blocks deleted
+    veit_subsets: int = 10  # at most this many sets of k deleted blocks per k
     gradient_pairs: list[list[str]] = field(
         default_factory=lambda: [["skip", "noskip"], ["residual", "residual_noskip"]]
     )  # (with, without) pairs drawn in the gradient-flow figure; the deepest depth pair is added
@@ -63,6 +65,9 @@ class StudySpec:
         depth: levels (bottleneck included) of the reference network.
         depths: levels of the depth sweep, each with and without long skips.
         variants: names to run (``None``: the whole matrix of :func:`build_variants`).
+        extra_variants: more cells, each ``{name, model: {ModelConfig field: value}, reference, description}``
+            (``reference`` and ``description`` optional): the base model with those fields set (channels default
+            to the study's width and depth). Listed cells run whether or not ``variants`` names them.
         analysis: see :class:`AnalysisSpec`.
         quick: whether the ``quick`` section was applied.
     """
@@ -75,6 +80,7 @@ class StudySpec:
     depth: int = 4
     depths: list[int] = field(default_factory=lambda: [3, 4, 5])
     variants: list[str] | None = None
+    extra_variants: list[dict] = field(default_factory=list)
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     quick: bool = False
 
@@ -85,7 +91,7 @@ class StudySpec:
 # Sign rules of the numeric fields, as unetseg.config.check_fields takes them; depths also need 2 levels (below).
 STUDY_RULES = {"positive": {"width", "depth", "depths"}, "non_negative": {"seeds"}, "seeds": {"seeds"}}
 ANALYSIS_RULES = {"positive": {"landscape_points_1d", "landscape_points_2d", "landscape_span", "landscape_samples",
-                               "landscape_batch_size", "qualitative_crop", "landscape_directions"},
+                               "landscape_batch_size", "qualitative_crop", "landscape_directions", "veit_subsets"},
                   "non_negative": {"landscape_seed", "qualitative_cases", "landscape_spread_seeds"},
                   "seeds": {"landscape_seed", "landscape_spread_seeds"}}
 

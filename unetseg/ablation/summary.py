@@ -282,6 +282,21 @@ def _landscape_spread(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any]
     return table, pairs, curves
 
 
+def _veit_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
+    """Per variant of ``veit_variants``: for each number ``k`` of same-width blocks deleted, the mean Dice over the
+    deleted sets of each seed, then mean +- std over seeds (Veit et al.'s Figure 3)."""
+    out: dict[str, Any] = {}
+    for name in spec.analysis.veit_variants:
+        files = {s: report_dir / "analysis" / f"veit_{name}_seed{s}.json" for s in spec.seeds}
+        runs = {s: json.loads(f.read_text()) for s, f in files.items() if f.is_file()}
+        if runs:
+            first = next(iter(runs.values()))
+            out[name] = {"seeds": sorted(runs), "blocks": first["blocks"],
+                         "curve": [{"k": point["k"], **mean_std([r["curve"][i]["mean"] for r in runs.values()])}
+                                   for i, point in enumerate(first["curve"])]}
+    return out
+
+
 def _timing(report_dir: Path, table: dict[str, Any]) -> dict[str, Any]:
     """Wall time over the study's invocations, training time per run, analysis time, machine and commands."""
     log = read_jsonl(report_dir / "log.jsonl")
@@ -328,7 +343,8 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "variants": table, "extra_comparisons": extra, "depth": depth_rows, "gradients": grad_table,
         "same_layer_gradients": same_layer,
         "lesions": _lesion_summary(report_dir, spec), "landscapes": _landscapes(report_dir, spec),
-        "landscape_spread": spread, "landscape_spread_pairs": spread_pairs,
+        "landscape_spread": spread, "landscape_spread_pairs": spread_pairs, "veit": _veit_summary(report_dir, spec),
+        "extra_variants": [e["name"] for e in spec.extra_variants if e["name"] in table],
         "timing": _timing(report_dir, table),
         "collapse": _collapse_summary(variants, per_case),
     }

@@ -16,7 +16,9 @@ Every run of a study shares data, split, schedule and step budget; only
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from unetseg.ablation.study import StudySpec
 from unetseg.config import Config, ModelConfig, apply_overrides, config_from_dict, load_config
@@ -99,12 +101,27 @@ def build_variants(spec: StudySpec, base: ModelConfig | None = None) -> list[Var
             Variant(without_name, _network(base, depth, w, False), with_name, f"no long skips, depth {depth}"),
         ]
     if spec.variants is not None:
-        known = {v.name for v in out}
+        known = {v.name for v in out} | {e.get("name") for e in spec.extra_variants}
         unknown = set(spec.variants) - known
         if unknown:
             raise UnetsegError(f"study {spec.name}: unknown variant(s) {sorted(unknown)}; matrix has {sorted(known)}")
         out = [v for v in out if v.name in spec.variants]
-    return out
+    return out + [_extra_variant(spec, base, e, {v.name for v in out}) for e in spec.extra_variants]
+
+
+def _extra_variant(spec: StudySpec, base: ModelConfig, entry: dict[str, Any], taken: set[str]) -> Variant:
+    """One of ``spec.extra_variants``: the base model with the entry's ``model`` fields set."""
+    where = f"study {spec.name}: extra_variants entry {entry.get('name', entry)!r}"
+    unknown_keys = set(entry) - {"name", "model", "reference", "description"}
+    if "name" not in entry or not isinstance(entry.get("model"), dict) or unknown_keys:
+        raise UnetsegError(f"{where}: needs 'name' and a 'model' mapping (and optionally 'reference', 'description')"
+                           + (f"; unknown key(s) {sorted(unknown_keys)}" if unknown_keys else ""))
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(entry["model"]) - fields or entry["name"] in taken:
+        raise UnetsegError(f"{where}: " + ("the name is taken" if entry["name"] in taken else
+                           f"unknown model field(s) {sorted(set(entry['model']) - fields)}; valid: {sorted(fields)}"))
+    model = replace(base, **{"channels": channels_for_depth(spec.width, spec.depth), **entry["model"]})
+    return Variant(entry["name"], model, entry.get("reference"), entry.get("description", str(entry["model"])))
 
 
 def check_variant_names(spec: StudySpec, source: str) -> None:
@@ -113,7 +130,7 @@ def check_variant_names(spec: StudySpec, source: str) -> None:
     known = {v.name for v in build_variants(replace(spec, variants=None), ModelConfig())}
     fields = {"variants": spec.variants or []}
     fields.update({f"analysis.{k}": getattr(spec.analysis, k)
-                   for k in ("landscape_variants", "lesion_variants", "qualitative_variants")})
+                   for k in ("landscape_variants", "lesion_variants", "qualitative_variants", "veit_variants")})
     for name, listed in fields.items():
         unknown = sorted(set(listed) - known)
         if unknown:
