@@ -42,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: apps/ is then the import root, not the repository
 from apps.browser import CHROMIUM_ARGS, chromium  # noqa: E402
+from unetseg.choice import best_shipped_model  # noqa: E402
 
 DSB_SOURCE = "08275a5b1c2dfcd739e8c4888a5ee2d29f83eccfa75185404ced1dc0866ea992"  # a real 1024 x 1024 DSB image
 BIG = (1040, 1388)
@@ -206,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=os.environ.get("UNETSEG_DATA_ROOT", "../shared/data"))
     parser.add_argument("--repeats", type=int, default=3, help="fresh servers (default: %(default)s)")
     parser.add_argument("--checkpoint", action="append", default=[], help="extra checkpoint to add in the sidebar")
-    parser.add_argument("--volume-model", default="hippocampus_3d", help="model for the breakdown of volumes (default: %(default)s)")
-    parser.add_argument("--image-model", default="dsb2018_2d_noskip",
-                        help="model for the breakdown of 2D images (default: the viewer's default for them)")
+    parser.add_argument("--volume-model", help="model for the breakdown of volumes (default: the viewer's default "
+                        "for them)")
+    parser.add_argument("--image-model", help="model for the breakdown of 2D images (default: the viewer's default "
+                        "for them)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     data_root = Path(args.data_root).resolve()
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(Path(tmp) / "server.log", "w") as log:
             for _ in range(args.repeats):
                 runs.append(browser_run(data_root, inputs, args.checkpoint, log))
-        steps = breakdown(inputs, {"volume": args.volume_model, "image": args.image_model})
+        steps = breakdown(inputs, {"volume": args.volume_model or best_shipped_model("nifti"),
+                                   "image": args.image_model or best_shipped_model("image2d")})
     summary = {}
     for kind in inputs:
         cold = [r[kind][0][1] for r in runs]

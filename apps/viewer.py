@@ -18,7 +18,6 @@ import copy
 import html
 import io
 import logging
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pandas as pd
 import streamlit as st
 
 from unetseg import display, uploads
+from unetseg.choice import best_model, suits
 from unetseg.errors import DataError, UnetsegError
 from unetseg.infer import (
     Segmenter,
@@ -192,29 +192,6 @@ def checkpoint_problem(path: str, exc: Exception) -> str:
 def public(message: str, name: str = "the uploaded file") -> str:
     """``message`` on one line, with the server's temporary upload paths replaced by the upload's ``name``."""
     return " ".join(TEMP_PATH.sub(name, message).split())
-
-
-def suits(card: dict[str, Any], kind: str) -> bool:
-    """Whether a model (its card) can serve this kind of input: made for it, or of unknown training data
-    (then anything but a 3D network on a 2D image)."""
-    if kind == "image2d" and card.get("spatial_dims") == 3:
-        return False
-    return card.get("input_kind") in (None, kind)
-
-
-def validation_dice(card: dict[str, Any]) -> float:
-    """The mean Dice in a model's ``metrics.json`` (its validation split, no TTA), or -inf when not recorded."""
-    dice = (card.get("metrics") or {}).get("mean_dice")
-    return float(dice) if isinstance(dice, (int, float)) and math.isfinite(dice) else -math.inf
-
-
-def best_model(cards: dict[str, dict[str, Any]], kind: str) -> str | None:
-    """Of the models made for a ``kind`` of input, the one with the highest validation Dice; None if none is.
-
-    Models without recorded metrics rank last; ties go to the first listed.
-    """
-    made_for = [ref for ref, card in cards.items() if card.get("input_kind") == kind and suits(card, kind)]
-    return max(made_for, key=lambda ref: validation_dice(cards[ref]), default=None)
 
 
 def default_model(refs: dict[str, str], kind: str | None) -> str:

@@ -171,6 +171,9 @@ def test_default_model_is_the_best_validation_dice_made_for_the_input():
     require_shipped(VOLUME_MODEL, IMAGE_MODEL)
     assert viewer.best_model(shipped, "nifti") == VOLUME_MODEL
     assert viewer.best_model(shipped, "image2d") == IMAGE_MODEL
+    from unetseg.choice import best_shipped_model  # what apps/benchmark_viewer.py measures by default
+
+    assert (best_shipped_model("nifti"), best_shipped_model("image2d")) == (VOLUME_MODEL, IMAGE_MODEL)
     assert [viewer.twin_of(n) for n in ("hippocampus_2d", "hippocampus_2d_noskip")] == [
         "hippocampus_2d_noskip", "hippocampus_2d"]
 

@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "unetseg"
 
 # What apps may import: inference (Segmenter, model cards, shipped models), the checkpoint contract, what the
-# viewer draws (display) and reads from uploads (uploads), and the errors it reports.
+# viewer draws (display) and reads from uploads (uploads), which model serves an input (choice), and the errors.
 PUBLIC_FACE = frozenset({
     "unetseg", "unetseg.infer", "unetseg.checkpoint", "unetseg.display", "unetseg.uploads", "unetseg.errors",
+    "unetseg.choice",
 })
 
 # (importing file or module, imported module, imported name) -> why it is allowed for now.
