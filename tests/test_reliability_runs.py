@@ -289,3 +289,16 @@ def test_an_exported_model_folder_is_readable_by_every_user(tiny_run, tmp_path, 
     target = export.export_run(tiny_run, "m", data_root=data_root, dest=tmp_path / "models")
     assert target.stat().st_mode & 0o777 == 0o755  # the staging folder was private (mkdtemp: 0700)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in target.iterdir())
+
+
+def test_export_dest_keeps_the_package_untouched_and_the_folder_is_a_checkpoint(tiny_run, tmp_path, data_root, capsys):
+    from unetseg.checkpoint import PRETRAINED_DIR
+
+    before = sorted(p.name for p in PRETRAINED_DIR.iterdir())
+    assert main(["export", str(tiny_run), "--name", "mine", "--dest", str(tmp_path / "models"),
+                 "--data-root", str(data_root)]) == 0
+    assert sorted(p.name for p in PRETRAINED_DIR.iterdir()) == before and (tmp_path / "models" / "mine" / "model.pt").is_file()
+    assert "HD95 n/a" in capsys.readouterr().out  # the tiny run predicts no hippocampus: HD95 undefined, said so
+    assert main(["predict", "--checkpoint", str(tmp_path / "models" / "mine"), str(data_root / "Task04_Hippocampus" /
+                 "imagesTr" / "hippocampus_001.nii.gz"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "hippocampus_001.nii.gz").is_file()

@@ -249,17 +249,20 @@ def shipped_models() -> list[str]:
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint path, the ``best.pt`` of a run folder, or the ``model.pt`` of a shipped model of that name."""
+    """A checkpoint path, the ``best.pt`` of a run folder, the ``model.pt`` of an exported model's folder, or the
+    ``model.pt`` of a shipped model of that name."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     if path.is_dir() and (path / "best.pt").is_file():
         return path / "best.pt"
+    if path.is_dir() and (path / "model.pt").is_file():
+        return path / "model.pt"
     shipped = PRETRAINED_DIR / str(name_or_path) / "model.pt"
     if shipped.is_file():
         return shipped
     raise UnetsegError(
-        f"checkpoint {str(name_or_path)!r} not found; give a .pt path, a run folder, "
+        f"checkpoint {str(name_or_path)!r} not found; give a .pt path, a run folder, an exported model's folder, "
         f"or a shipped model: {', '.join(shipped_models()) or '(none installed)'}"
     )
 

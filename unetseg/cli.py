@@ -147,6 +147,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="write a model file instead: onnx (needs pip install 'unetseg[onnx]') or torchscript")
     p.add_argument("--checkpoint", help="with --format: checkpoint .pt, run folder, or shipped model name")
     p.add_argument("--out", help="with --format: the model file to write, e.g. model.onnx")
+    p.add_argument("--dest", help="with --name: the folder the model goes into, as DEST/NAME (default: the package's "
+                   "unetseg/pretrained, where the viewer and --checkpoint NAME find shipped models; elsewhere, use "
+                   "--checkpoint DEST/NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace a shipped model of that name, or --out "
                    "(default: refuse)")
     p.add_argument("--data-root", help="folder holding the data set folders")
@@ -372,10 +375,12 @@ def run_export(args: argparse.Namespace) -> None:
         out = export_model(args.checkpoint, args.out, args.model_format, overwrite=args.overwrite)
         print(f"{args.model_format} model written to {out} (logits; preprocessing and classes in {out}.json)")
         return
-    if args.run_dir is None or args.name is None or args.checkpoint is not None or args.out is not None:
+    if args.run_dir is None or args.name is None or args.checkpoint is not None or args.out is not None or (
+            args.dest is not None and args.model_format):
         raise UnetsegError("export needs RUN_DIR and --name NAME to ship a run (e.g. unetseg export runs/hippocampus_2d "
                            "--name my_model), or --format onnx|torchscript --checkpoint CKPT --out FILE for a model file")
-    target = export_run(args.run_dir, args.name, args.data_root, overwrite=args.overwrite)
+    target = export_run(args.run_dir, args.name, args.data_root, overwrite=args.overwrite,
+                        **({"dest": args.dest} if args.dest else {}))
     summary = json.loads((target / "metrics.json").read_text())
     print(format_summary(summary))
     print(f"shipped model written to {target}")

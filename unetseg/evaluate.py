@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -79,13 +80,18 @@ def write_evaluation(rows: Sequence[dict[str, Any]], summary: dict[str, Any], ou
     return csv_path, summary_path
 
 
+def _number(value: float | None, digits: int) -> str:
+    """A figure of a summary; ``n/a`` where it is undefined (NaN in memory, null once written as strict JSON: an
+    HD95 of a class that no case both predicts and holds)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines of a summary."""
-    lines = [f"{summary['num_cases']} cases, mean foreground Dice {summary['mean_dice']:.4f}"]
+    """A few human-readable lines of a summary (in memory, or read back from ``summary.json``)."""
+    lines = [f"{summary['num_cases']} cases, mean foreground Dice {_number(summary['mean_dice'], 4)}"]
     for name, c in summary["classes"].items():
-        lines.append(
-            f"  {name:<12} Dice {c['dice_mean']:.4f} +- {c['dice_std']:.4f}   HD95 {c['hd95_mean']:.3f} +- {c['hd95_std']:.3f}"
-        )
+        lines.append(f"  {name:<12} Dice {_number(c['dice_mean'], 4)} +- {_number(c['dice_std'], 4)}   "
+                     f"HD95 {_number(c['hd95_mean'], 3)} +- {_number(c['hd95_std'], 3)}")
     if "instances" in summary:
         i = summary["instances"]
         lines.append(f"  objects      DSB2018 score (mean AP, IoU 0.50-0.95) {i['ap_iou_50_95_mean']:.4f} +- "
