@@ -512,7 +512,8 @@ def page() -> None:
         return
     key, name, image, meta, sample = source.key, source.name, source.image, source.meta, source.sample
     spacing = f", spacing {' x '.join(f'{s:g}' for s in meta.spacing)} mm" if source.volume else ""
-    st.caption(f"{'Sample' if sample else 'Upload'}: **{name}** - {WHAT[meta.kind]} of shape {image.shape[1:]}{spacing}")
+    what = ("DICOM " if meta.file_format == "dicom" else "") + WHAT[meta.kind]
+    st.caption(f"{'Sample' if sample else 'Upload'}: **{name}** - {what} of shape {image.shape[1:]}{spacing}")
 
     seg = load_segmenter(refs[first])
     if not model_runs_on(seg, first, meta.kind):

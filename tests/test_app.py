@@ -428,7 +428,7 @@ def test_dicom_series_zip_and_single_slice(app):
     files = {f"IM{k}.dcm": dicom_bytes(slices[k], (0.0, 0.0, 2.5 * k)) for k in range(6)}
     upload(app, "image_upload", "series.zip", zip_bytes(files))
     ok(app)
-    assert "volume of shape (48, 40, 6)" in app.caption[0].value
+    assert "DICOM volume of shape (48, 40, 6)" in app.caption[0].value
     assert captions(app)[0] == f"{VOLUME_MODEL}: axial slice 3"
     assert app.download_button(key="download").label.endswith("(series_prediction.nii.gz)")
     upload(app, "image_upload", "IM0.dcm", files["IM0.dcm"])

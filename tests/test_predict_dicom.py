@@ -119,6 +119,7 @@ def test_an_oblique_series_reads_back_to_the_same_voxels_in_the_same_place(case,
     affine[:3, :3] = rotation @ np.diag([0.7, 1.1, -2.5 if flip else 2.5])
     affine[:3, 3] = (-30.0, 12.0, 40.0)
     image, meta = read_dicom(write_series(tmp_path / "s", series_files(volume, affine)))
+    assert (meta.kind, meta.file_format) == ("nifti", "dicom")  # a volume (written as NIfTI), read from DICOM
     if flip:  # slices are stacked along their normal: the volume comes back mirrored in Z, the affine with it
         assert np.array_equal(image[0], volume[:, :, ::-1])
         assert np.allclose(meta.affine @ [0, 0, volume.shape[2] - 1, 1], affine[:, 3], atol=1e-6)

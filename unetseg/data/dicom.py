@@ -313,7 +313,8 @@ def volume_from_datasets(datasets: Sequence, source: str | Path) -> tuple[np.nda
     spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
     check_geometry(source, affine, spacing, "ImageOrientationPatient with ImagePositionPatient (the affine)",
                    "PixelSpacing and slice spacing", "fix those tags or re-export the series")
-    return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing)
+    return volume[None].astype(np.float32), ImageMeta(path=Path(source), kind="nifti", affine=affine, spacing=spacing,
+                                                        source_format="dicom")
 
 
 def order_slices(datasets: Sequence, source: str | Path) -> tuple[list, np.ndarray | None]:

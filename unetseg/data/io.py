@@ -82,10 +82,13 @@ class ImageMeta:
 
     Attributes:
         path: the source file.
-        kind: ``"nifti"`` or ``"image2d"``.
+        kind: what the array is and how its prediction is written: ``"nifti"`` for a volume in patient space
+            (written as NIfTI; DICOM inputs too), ``"image2d"`` for a 2D image (written as PNG).
         affine: 4x4 voxel-to-world matrix (identity for 2D files).
         spacing: voxel or pixel size per spatial axis, in mm for NIfTI (1.0 for 2D).
         header: the NIfTI header to copy into outputs, else ``None``.
+        source_format: the file format it was read from: ``"nifti"``, ``"dicom"`` or ``"image2d"``
+            (None: the same as ``kind``).
     """
 
     path: Path
@@ -93,6 +96,12 @@ class ImageMeta:
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     spacing: tuple[float, ...] = (1.0, 1.0)
     header: nib.Nifti1Header | None = None
+    source_format: str | None = None
+
+    @property
+    def file_format(self) -> str:
+        """The format of the source file (``source_format``, else ``kind``)."""
+        return self.source_format or self.kind
 
 
 def file_kind(path: str | Path) -> str:
@@ -100,7 +109,8 @@ def file_kind(path: str | Path) -> str:
     (:func:`unetseg.data.dicom.is_dicom_file`: by suffix or preamble) or a ``.zip`` file (of one series, as the
     viewer takes it); else :class:`DataError`.
 
-    A DICOM input is read as a volume: its :class:`ImageMeta` says ``kind="nifti"``.
+    A DICOM input is read as a volume: its :class:`ImageMeta` has ``kind="nifti"`` (a volume, written as NIfTI)
+    and ``source_format="dicom"``.
     """
     from unetseg.data.dicom import is_dicom_file
 
