@@ -310,3 +310,24 @@ def test_predict_volumes_reports_volumes_per_second(tmp_path, capsys, data_root)
     assert main(["predict", "--checkpoint", "hippocampus_3d", *map(str, scans), "--out", str(tmp_path), "--tta"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("segmented 2 volumes in ") and last.endswith(" volumes/s")
+
+
+def test_a_segmenter_leaves_the_caller_s_network_in_its_mode_and_predicts_in_eval_mode():
+    """Issue 12: Segmenter used to switch the network it was given to eval mode (training's validation did so
+    to the network being trained). Now the network keeps its mode; predictions use an eval-mode copy."""
+    torch.manual_seed(0)
+    model = UNet(channels=(4, 8), dropout=0.5)
+    with torch.no_grad():  # running statistics unlike a batch's own, so train-mode and eval-mode outputs differ
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.3)
+                m.running_var.fill_(2.0)
+    model.train()
+    image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    seg = Segmenter(model, {"normalization": "zscore", "slice_axis": 2, "patch_size": [32, 32], "in_channels": 1},
+                    ["background", "a", "b"])
+    probs = seg.predict_proba(image, normalized=True)
+    assert model.training and all(m.training for m in model.modules())
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(torch.from_numpy(image)[None]), 1)[0].numpy()
+    assert np.allclose(probs, expected, atol=1e-5)

@@ -51,7 +51,8 @@ def network_predictor(
     model: UNet, preprocessing: Preprocessing, class_names: Sequence[str], device: str | torch.device = "cpu"
 ) -> Segmenter:
     """A predictor for :func:`evaluate_cases` of a network being trained: it predicts as the network's checkpoint
-    will (the same preprocessing), and always with the network's current weights. Puts the network in eval mode."""
+    will (the same preprocessing), and always with the network's current weights, in eval mode (the network itself
+    keeps its mode)."""
     return Segmenter(model, preprocessing, class_names, device)
 
 

@@ -136,7 +136,7 @@ def inference_network(model: UNet) -> UNet:
     reused, and 2D weights in ``channels_last`` (see :data:`CHANNELS_LAST`). ``model`` itself is not changed.
     Results equal ``model``'s within float32 rounding (``tests/test_inference.py``).
     """
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).eval()
     with torch.no_grad():
         for block in net.modules():
             if not isinstance(block, ConvBlock):
@@ -289,7 +289,8 @@ class Segmenter(Predictor):
     the training patch. docs/inference_speed.md has the measurements.
 
     Args:
-        model: the network (put in eval mode here).
+        model: the network; it is left in the mode it is in (predictions use an eval-mode copy, see
+            :func:`inference_network`).
         preprocessing: what an image goes through before the network (a
             :class:`~unetseg.checkpoint.Preprocessing`, or a checkpoint's
             ``preprocessing`` entry: ``normalization``, ``slice_axis``,
@@ -341,7 +342,7 @@ class Segmenter(Predictor):
         if not flips or flips[0] != ():
             raise ValueError(f"tta_flips must start with () (the unflipped image), got {flips}")
         self.tta_flips = flips
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # its mode is the caller's: predictions run on an eval-mode copy
         self.preprocessing = (preprocessing if isinstance(preprocessing, Preprocessing)
                               else Preprocessing.from_dict(preprocessing))
         self.class_names = tuple(class_names)
@@ -360,7 +361,7 @@ class Segmenter(Predictor):
         returned. A freshly loaded Checkpoint hands over the network it was checked with (no second build)."""
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint.from_dict(checkpoint)
-        return cls(checkpoint.build_model(), checkpoint.preprocessing, checkpoint.class_names, device,
+        return cls(checkpoint.build_model().eval(), checkpoint.preprocessing, checkpoint.class_names, device,
                    dataset=checkpoint.dataset, tta_flips=checkpoint.flips)
 
     @property
