@@ -19,15 +19,13 @@ Report folder (committed under ``docs/ablation/<name>``)::
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import platform
 import shutil
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,6 @@ from unetseg.ablation.runs import (
 from unetseg.ablation.study import StudySpec, load_study, resolved_study, save_study
 from unetseg.ablation.variants import Variant, build_variants, variant_config
 from unetseg.ablation.weights import write_weight_change
-from unetseg.config import Config, DataConfig, TrainConfig
 from unetseg.data.datasets import Case, resolve_data_root
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter
@@ -78,22 +75,11 @@ def machine_info(jobs: int, threads: int) -> dict[str, Any]:
 
 # ---- training and scoring one run -------------------------------------------------------
 
-def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | None, progress: bool) -> tuple[Case, ...]:
-    """Validation cases of a run: the split is shared by every run, so a process loads them once
-    (:func:`load_validation_cases` keeps the last two data settings it loaded)."""
-    cfg = variant_config(spec, variant, seed)
-    return load_validation_cases(json.dumps(asdict(cfg.data), sort_keys=True), cfg.train.val_max_cases, data_root,
-                                 progress)
-
-
-@functools.lru_cache(maxsize=2)
-def load_validation_cases(data: str, val_max_cases: int | None, data_root: str | None,
-                          progress: bool) -> tuple[Case, ...]:
-    """The validation cases that the data settings ``data`` (a :class:`DataConfig` as sorted JSON) and
-    ``val_max_cases`` give; cached, so each is loaded once per process (``load_validation_cases.cache_clear()``
-    forgets them)."""
-    cfg = Config(data=DataConfig(**json.loads(data)), train=TrainConfig(val_max_cases=val_max_cases))
-    return tuple(prepare_data(cfg, data_root, progress=progress)[3])
+def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | None, progress: bool) -> list[Case]:
+    """Validation cases of a run (the split every run shares), loaded for its scoring. Loaded per run, not kept
+    in a module-level cache: next to a run's minutes of training it costs seconds (DSB masks come from the disk
+    cache, :mod:`unetseg.data.cache`)."""
+    return prepare_data(variant_config(spec, variant, seed), data_root, progress=progress)[3]
 
 
 def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, study_dir: str,
