@@ -34,7 +34,7 @@ def main() -> None:
         dice = ", ".join(f"{k} {number(v['dice_mean'], 3)}" for k, v in m["classes"].items())
         hd = ", ".join(f"{k} {number(v['hd95_mean'], 2)}" for k, v in m["classes"].items())
         reach = t.get("wall_time_to_val_dice_ge_0.85_s")
-        reach_txt = "not reached" if reach is None else f"{reach / 60:.1f} min (epoch {t['first_epoch_val_dice_ge_0.85'] + 1})"
+        reach_txt = "not reached" if reach is None else f"{reach / 60:.1f} min (epoch {t['first_epoch_val_dice_ge_0.85']})"
         tta = m.get("with_tta")
         tta_txt = "not recorded" if tta is None else f"{tta['mean_dice']:.4f} ({len(tta['tta_flips'])}: {tta['tta_flips']})"
         cost = "-" if tta is None else f"{m['seconds_per_case']:.2f} / {tta['seconds_per_case']:.2f}"

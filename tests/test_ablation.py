@@ -331,7 +331,7 @@ def test_quick_study_writes_every_run_with_shared_split_and_budget(quick_study):
             assert cfg == variant_config(spec, v, seed).to_dict()
             splits.add((run / "split.json").read_text())
             rows = read_jsonl(run / "metrics.jsonl")
-            assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["step"] == 6
+            assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 6
             grads = read_jsonl(run / "gradients.jsonl")
             assert [g["step"] for g in grads] == [0, 2, 4]
             per_case = json.loads((run / "per_case.json").read_text())
@@ -488,7 +488,7 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(quick_study, data_ro
     after = json.loads((killed / "per_case.json").read_text())
     for a, b in zip(before["cases"], after["cases"]):  # resumed run == uninterrupted run (CPU)
         assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
-    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [0, 1]
+    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [1, 2]
 
 
 def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):

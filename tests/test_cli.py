@@ -115,7 +115,7 @@ def test_a_finished_run_is_extended_by_resume_with_more_epochs(tiny_run, tmp_pat
         "train"]["epochs"] == 1
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["step"] == 9
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 9
     assert rows[1]["lr"] > rows[0]["lr"]  # the schedule now spans 9 steps: the rate rose again, warm restart
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
     assert main(["train", "--resume", str(run)]) == 0  # and it is a finished 3-epoch run now

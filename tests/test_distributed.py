@@ -25,7 +25,7 @@ def tiny_train(data_root, out) -> list[str]:
 def check_two_rank_run(out) -> None:
     """What a run of 2 ranks in all leaves: rank 0's files only, each rank half the epoch."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]  # one line per epoch: only rank 0 wrote
+    assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 wrote
     split = json.loads((out / "split.json").read_text())
     n_slices_one_rank = rows[0]["step"]  # steps per epoch on each rank
     # 6 training volumes of ~36 slices, batch 4 per rank, 2 ranks: each rank sees half the epoch

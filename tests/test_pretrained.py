@@ -10,6 +10,7 @@ import yaml
 
 from unetseg.cli import main
 from unetseg.infer import PRETRAINED_DIR, Segmenter, shipped_models
+from unetseg.runlog import read_epoch_log
 
 SHIPPED = ["hippocampus_2d", "hippocampus_2d_noskip", "hippocampus_3d", "hippocampus_3d_noskip", "dsb2018_2d",
            "dsb2018_2d_noskip"]
@@ -27,6 +28,11 @@ def test_shipped_model_is_complete_and_small(name):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["num_cases"] == len(payload["split"]["val"])
     assert metrics["training"]["command"][0].startswith("unetseg train")
+    rows = read_epoch_log(folder / "training_metrics.jsonl")  # epochs counted from 1, as metrics.json counts them
+    validated = [r for r in rows if "val_mean_dice" in r]
+    assert metrics["training"]["best_epoch"] == max(validated, key=lambda r: r["val_mean_dice"])["epoch"]
+    reached = next((r["epoch"] for r in validated if r["val_mean_dice"] >= 0.85), None)
+    assert metrics["training"]["first_epoch_val_dice_ge_0.85"] == reached and len(rows) == metrics["training"]["epochs"]
     Segmenter.from_checkpoint(name)  # loads by name
 
 

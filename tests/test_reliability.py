@@ -300,13 +300,13 @@ def test_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, data_ro
     for name in ("config.yaml", "command.txt"):
         (run / name).write_text("from the killed run\n")
     (run / "split.json").write_text('{"train": [], "val": []}')
-    (run / "metrics.jsonl").write_text('{"epoch": 0, "step": 3, "train_loss": 9.0, "lr": 0.1, "samples_per_s": 1, "elapsed_s": 1}\n')
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 3, "train_loss": 9.0, "lr": 0.1, "samples_per_s": 1, "elapsed_s": 1}\n')
     (run / ".last.pt.k1ll3d").write_bytes(b"half a checkpoint")
     with pytest.raises(UnetsegError, match="nothing to resume .*start it again without --resume"):
         fit(tiny_config(), run, data_root=data_root, progress=False, resume=True)
     fit(tiny_config(), run, data_root=data_root, progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0] and rows[0]["train_loss"] != 9.0  # fresh rows, nothing appended
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["train_loss"] != 9.0  # fresh rows, nothing appended
     assert not list(run.glob(".last.pt.*")) and (run / "last.pt").is_file()
     assert "from the killed run" not in (run / "config.yaml").read_text()
 
@@ -319,12 +319,12 @@ def test_partial_last_metrics_line_and_stale_temp_files_do_not_stop_resume(tmp_p
     run = tmp_path / "run"
     fit(cfg, run, data_root=data_root, progress=False, stop_after_epoch=0)
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"epoch": 1, "step": 2, "train_lo')  # the disk filled up mid-line
+        f.write('{"epoch": 2, "step": 2, "train_lo')  # the disk filled up mid-line
     (run / ".last.pt.abc123").write_bytes(b"x")
     (run / ".best.pt.def456").write_bytes(b"x")
     fit(cfg, run, data_root=data_root, progress=False, resume=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert not list(run.glob(".*.pt.*"))
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{broken\n{"epoch": 1}\n')
     from unetseg.runlog import read_jsonl

@@ -33,7 +33,7 @@ def test_short_real_training_learns(tmp_path, data_root):
     )
     run = fit(cfg, tmp_path / "run", data_root=data_root, progress=False)
     rows = metrics(run)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # counted from 1, as the console counts
     # 120 steps of a tiny net: far from converged, but clearly learning (an untrained net scores ~0).
     assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
     assert rows[-1]["val_mean_dice"] > 0.15, rows[-1]
@@ -57,11 +57,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_root):
 
     resumed = tmp_path / "resumed"
     fit(cfg, resumed, data_root=data_root, progress=False, stop_after_epoch=0)  # as if killed after epoch 0
-    assert [r["epoch"] for r in metrics(resumed)] == [0]
+    assert [r["epoch"] for r in metrics(resumed)] == [1]
     fit(cfg, resumed, data_root=data_root, progress=False, resume=True)
 
     a, b = metrics(straight), metrics(resumed)
-    assert [r["epoch"] for r in b] == [0, 1]
+    assert [r["epoch"] for r in b] == [1, 2]
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
         assert ra["val_mean_dice"] == pytest.approx(rb["val_mean_dice"], abs=1e-6)
@@ -102,7 +102,7 @@ def test_time_limited_run_stops_early_and_validates_its_last_epoch(tmp_path, dat
                        "train.warmup_steps=1"])
     run = fit(cfg, tmp_path / "run", data_root=data_root, progress=True)
     rows = metrics(run)
-    assert 1 <= len(rows) < 50 and [r["epoch"] for r in rows] == list(range(len(rows)))
+    assert 1 <= len(rows) < 50 and [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
     assert "val_mean_dice" in rows[-1]  # the last epoch is validated even off the val_every rhythm
     assert rows[-1]["elapsed_s"] + rows[-1]["epoch_s"] > 1.2
     assert all(r["elapsed_s"] <= 1.2 for r in rows[:-1])  # no earlier epoch ended past the budget
@@ -195,3 +195,18 @@ def test_sgd_is_nesterov_momentum_sgd_and_bad_optimizer_settings_are_refused(tmp
                          ("model.stage_blocks=0", "stage_blocks")):
         with pytest.raises(UnetsegError, match=message):
             apply_overrides(cfg, [bad])
+
+
+def test_a_run_logged_with_epochs_from_0_resumes_with_its_log_counted_from_1(tmp_path, data_root):
+    """metrics.jsonl counts epochs from 1, as the console does; a run folder from before (epochs from 0) resumes
+    with its rows renumbered, so its log does not mix the two."""
+    from unetseg.runlog import read_epoch_log
+
+    cfg = tiny_config(["train.epochs=2", "train.steps_per_epoch=1"])
+    run = tmp_path / "run"
+    fit(cfg, run, data_root=data_root, progress=False, stop_after_epoch=0)
+    old = "".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in metrics(run))  # as older code wrote it
+    (run / "metrics.jsonl").write_text(old)
+    assert [r["epoch"] for r in read_epoch_log(run / "metrics.jsonl")] == [1]
+    fit(cfg, run, data_root=data_root, progress=False, resume=True)
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]

@@ -18,7 +18,7 @@ from typing import Any
 from unetseg.checkpoint import PRETRAINED_DIR, Checkpoint
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate
-from unetseg.runlog import read_jsonl, write_json
+from unetseg.runlog import read_epoch_log, write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 FINISHED_RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  # what a finished run folder holds
@@ -26,7 +26,7 @@ FINISHED_RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  
 
 def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
     """Figures from a run's ``metrics.jsonl``: epochs, wall time, best epoch, time to reach ``threshold``."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_epoch_log(run_dir / "metrics.jsonl")  # epochs counted from 1
     val = [r for r in rows if "val_mean_dice" in r]
     if not val:
         raise UnetsegError(f"{run_dir}: metrics.jsonl has no validation rows; is the run finished?")

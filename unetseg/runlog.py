@@ -84,6 +84,16 @@ def write_jsonl(path: str | Path, rows: list[Mapping[str, Any]]) -> None:
     write_text_atomic(path, "".join(dumps(r) + "\n" for r in rows))
 
 
+def read_epoch_log(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a run's ``metrics.jsonl`` or ``gradients.jsonl`` with ``epoch`` counted from 1, as the console counts
+    (see :func:`read_jsonl`). Logs written before epochs were counted from 1 start at epoch 0; their epochs are
+    shifted by one, so old and new run folders read alike."""
+    rows = read_jsonl(path)
+    if rows and rows[0].get("epoch") == 0:
+        rows = [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in rows]
+    return rows
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file (an empty list when it does not exist).
 

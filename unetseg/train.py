@@ -43,7 +43,7 @@ from unetseg.evaluate import evaluate_cases, network_predictor, summarize
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import plot_training_curves
-from unetseg.runlog import append_jsonl, read_jsonl, write_json, write_jsonl
+from unetseg.runlog import append_jsonl, read_epoch_log, write_json, write_jsonl
 from unetseg.progress import progress_bar
 
 
@@ -196,9 +196,10 @@ def check_resumable(state: Checkpoint, args: dict[str, Any], path: Path) -> None
 
 
 def _truncate_jsonl(path: Path, keep: Any) -> None:
-    """Keep only the lines for which ``keep(row)`` is true (used on resume); a partial last line goes too."""
+    """Keep only the lines for which ``keep(row)`` is true (used on resume; epochs counted from 1, an older log's
+    renumbered, see :func:`read_epoch_log`); a partial last line goes too."""
     if path.is_file():
-        write_jsonl(path, [r for r in read_jsonl(path) if keep(r)])
+        write_jsonl(path, [r for r in read_epoch_log(path) if keep(r)])
 
 
 # What fit writes into a run folder (a folder holding only these, but no last.pt, is a run killed before its first
@@ -416,15 +417,15 @@ class _Training:
         self.start_epoch, self.best, self.best_epoch = state.epoch + 1, state.training.best_metric, state.training.best_epoch
         start, epochs = self.start_epoch, self.cfg.train.epochs
         if self.di.is_main:
-            _truncate_jsonl(self.out / "metrics.jsonl", lambda r: r.get("epoch", start) < start)
-            _truncate_jsonl(self.out / "gradients.jsonl", lambda r: r.get("epoch", start) < start)
+            _truncate_jsonl(self.out / "metrics.jsonl", lambda r: r.get("epoch", start) <= start)  # epochs 1..start
+            _truncate_jsonl(self.out / "gradients.jsonl", lambda r: r.get("epoch", start) <= start)
         if self.progress and self.di.is_main:
             where = (f"at epoch {start + 1} of {epochs}" if start < epochs else
                      f"- it already finished its {epochs} epochs, nothing to train (to train longer: unetseg train "
                      f"--resume {self.out} --epochs N, with N > {epochs})")
             print(f"resuming {self.cfg.name} {where} (best validation Dice so far {self.best:.4f}, epoch "
                   f"{self.best_epoch + 1})", file=sys.stderr, flush=True)
-        self.history = read_jsonl(self.out / "metrics.jsonl")
+        self.history = read_epoch_log(self.out / "metrics.jsonl")
         self.t_start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         self.last_epoch_s = self.history[-1].get("epoch_s") if self.history else None
 
@@ -437,7 +438,7 @@ class _Training:
         losses, train_time = self.train_steps(epoch)
         t, di = self.cfg.train, self.di
         row: dict[str, Any] = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as the console counts
             "step": (epoch + 1) * self.batches_per_epoch,
             "train_loss": _mean_across_ranks(float(np.mean(losses)), di, self.device),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -509,7 +510,7 @@ class _Training:
             loss.backward()
             global_step = epoch * self.batches_per_epoch + self.step_in_epoch
             if t.grad_log_every and global_step % t.grad_log_every == 0 and di.is_main:
-                append_jsonl(out / "gradients.jsonl", {"epoch": epoch, "step": global_step,
+                append_jsonl(out / "gradients.jsonl", {"epoch": epoch + 1, "step": global_step,
                                                        "layers": gradient_norms(self.model)})
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
