@@ -702,3 +702,34 @@ def test_veit_deletion_curve_of_a_same_width_residual_stage(tmp_path, data_root)
     assert [p["k"] for p in summary["veit"]["deep_residual"]["curve"]] == [0, 1, 2, 3]
     text = (report / "report.md").read_text()
     assert "Deleting same-width residual blocks of `deep_residual`" in text and "figures/deletion.png" in text
+
+
+def test_seed_study_report_is_redrawn_and_its_figures_are_quoted(tmp_path):
+    """hippocampus_2d_seeds (issue 11 round 2): the committed report is what --report-only makes from its
+    artefacts, and docs/ablation.md's reading quotes its figures."""
+    name = "hippocampus_2d_seeds"
+    committed = DOCS / "ablation" / name
+    copy = tmp_path / name
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures", "report.md", "summary.json"))
+    write_report(copy)
+    assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
+    assert (copy / "summary.json").read_text() == (committed / "summary.json").read_text()
+    s = json.loads((committed / "summary.json").read_text())
+    assert s["runs_found"] == s["runs_expected"] == 32 and not s["quick"]
+    v = s["variants"]
+
+    def text(x: float) -> str:
+        return f"{x:+.3f}".replace("-", "−")
+
+    quoted = [f"`{n}` {v[n]['mean_dice']['mean']:.3f} ± {v[n]['mean_dice']['std']:.3f}" for n in v]
+    for n in ("noskip", "residual_noskip"):
+        level = v[n]["vs_reference"]["mean_dice"]["seed_level"]
+        quoted.append(f"{text(level['mean'])} [{text(level['low'])}, {text(level['high'])}]")
+    for p in s["landscape_spread_pairs"]:
+        quoted.append(f"{text(p['mean'])} [{text(p['low'])}, {text(p['high'])}]")
+    (a, na), (b, nb) = s["collapse"]["with_long_skips"], s["collapse"]["without_long_skips"]
+    quoted += [f"{a} of {na} runs with long skips and {b} of {nb} without", f"{s['timing']['wall_seconds'] / 60:.1f} min"]
+    section = (DOCS / "ablation.md").read_text().split(f"<!-- reading: {name} -->", 1)[1]
+    section = " ".join(section.split())
+    missing = [q for q in quoted if q not in section]
+    assert not missing, missing
