@@ -668,9 +668,9 @@ def test_extra_variants_are_the_base_model_with_their_fields_and_bad_entries_are
     spec = load_study("hippocampus_2d_plain")
     by_name = {v.name: v for v in build_variants(spec)}
     deep = variant_config(spec, by_name["deep_noskip"], 1)
-    assert deep.model.channels == [16] * 5 and deep.model.stage_blocks == 4 and deep.model.norm == "none"
+    assert deep.model.channels == [8] * 5 and deep.model.stage_blocks == 4 and deep.model.norm == "none"
     assert by_name["deep_noskip"].skips == (False,) * 4 and by_name["deep_noskip"].reference == "deep_skip"
-    assert variant_config(spec, by_name["plain5_skip"], 1).model.channels == [16, 32, 64, 128, 256]
+    assert variant_config(spec, by_name["plain5_skip"], 1).model.channels == [8, 16, 32, 64, 128]
     assert {k: v for k, v in deep.to_dict().items() if k != "model"} == {
         k: v for k, v in variant_config(spec, by_name["skip"], 1).to_dict().items() if k not in ("model", "name")} | {
         "name": "hippocampus_2d_plain-deep_noskip-seed1"}
