@@ -523,16 +523,22 @@ def test_a_study_saved_before_an_analysis_field_existed_is_the_same_study(tmp_pa
 DOCS = REPO / "docs"
 
 
-@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d"])
-def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
-    """The committed report.md and summary.json are exactly what --report-only makes from the committed runs."""
+def assert_redrawn_from_artefacts(name: str, tmp_path) -> dict:
+    """Redraw docs/ablation/<name> from its artefacts alone (a copy without figures, report and summary) and
+    check report.md and summary.json come out byte for byte as committed; returns the summary."""
     committed = DOCS / "ablation" / name
     copy = tmp_path / name
     shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures", "report.md", "summary.json"))
     write_report(copy)
     assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
     assert (copy / "summary.json").read_text() == (committed / "summary.json").read_text()
-    summary = json.loads((committed / "summary.json").read_text())
+    return json.loads((committed / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d"])
+def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
+    """The committed report.md and summary.json are exactly what --report-only makes from the committed runs."""
+    summary = assert_redrawn_from_artefacts(name, tmp_path)
     assert summary["runs_found"] == summary["runs_expected"] == 36 and not summary["quick"]
 
 
@@ -708,13 +714,7 @@ def test_seed_study_report_is_redrawn_and_its_figures_are_quoted(tmp_path):
     """hippocampus_2d_seeds (issue 11 round 2): the committed report is what --report-only makes from its
     artefacts, and docs/ablation.md's reading quotes its figures."""
     name = "hippocampus_2d_seeds"
-    committed = DOCS / "ablation" / name
-    copy = tmp_path / name
-    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("figures", "report.md", "summary.json"))
-    write_report(copy)
-    assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
-    assert (copy / "summary.json").read_text() == (committed / "summary.json").read_text()
-    s = json.loads((committed / "summary.json").read_text())
+    s = assert_redrawn_from_artefacts(name, tmp_path)
     assert s["runs_found"] == s["runs_expected"] == 32 and not s["quick"]
     v = s["variants"]
 
