@@ -8,7 +8,6 @@ draws the figures and lays out the markdown.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
         out["landscape_2d"] = plot_landscape_2d({n: (z["alphas_2d"], z["loss_2d"]) for n, z in npz.items()},
                                                 fig_dir / "landscape_2d.png")
     if summary.get("veit"):
-        out["veit"] = plot_deletion_curves(_deletion_curves(report_dir, summary["veit"]), fig_dir / "deletion.png")
+        out["veit"] = plot_deletion_curves(plots["veit"], fig_dir / "deletion.png")
     if plots["landscape_spread"]:
         out["landscape_spread"] = plot_landscape_spread(plots["landscape_spread"], fig_dir / "landscape_spread.png")
     qual = report_dir / "analysis" / "qualitative.npz"
@@ -86,15 +85,6 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
         with np.load(qual) as z:
             out["qualitative"] = plot_qualitative(dict(z), fig_dir / "qualitative.png")
     return {k: str(p.relative_to(report_dir)) for k, p in out.items()}
-
-
-def _deletion_curves(report_dir: Path, veit: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per variant, ``(k, Dice per seed and k)`` from its ``analysis/veit_*`` files."""
-    out = {}
-    for name, v in veit.items():
-        runs = [json.loads((report_dir / "analysis" / f"veit_{name}_seed{s}.json").read_text()) for s in v["seeds"]]
-        out[name] = (np.array([p["k"] for p in v["curve"]]), np.array([[p["mean"] for p in r["curve"]] for r in runs]))
-    return out
 
 
 def _family_size(summary: dict[str, Any]) -> int:

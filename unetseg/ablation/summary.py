@@ -282,10 +282,12 @@ def _landscape_spread(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any]
     return table, pairs, curves
 
 
-def _veit_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
+def _veit_summary(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Per variant of ``veit_variants``: for each number ``k`` of same-width blocks deleted, the mean Dice over the
-    deleted sets of each seed, then mean +- std over seeds (Veit et al.'s Figure 3)."""
+    deleted sets of each seed, then mean +- std over seeds (Veit et al.'s Figure 3); and per variant the curves for
+    the figure, ``(k (K,), Dice (seeds, K))``."""
     out: dict[str, Any] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in spec.analysis.veit_variants:
         files = {s: report_dir / "analysis" / f"veit_{name}_seed{s}.json" for s in spec.seeds}
         runs = {s: json.loads(f.read_text()) for s, f in files.items() if f.is_file()}
@@ -294,7 +296,9 @@ def _veit_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
             out[name] = {"seeds": sorted(runs), "blocks": first["blocks"],
                          "curve": [{"k": point["k"], **mean_std([r["curve"][i]["mean"] for r in runs.values()])}
                                    for i, point in enumerate(first["curve"])]}
-    return out
+            curves[name] = (np.array([p["k"] for p in first["curve"]]),
+                            np.array([[p["mean"] for p in r["curve"]] for r in runs.values()]))
+    return out, curves
 
 
 def _timing(report_dir: Path, table: dict[str, Any]) -> dict[str, Any]:
@@ -337,15 +341,17 @@ def summarize_study(report_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     grad_pairs, grad_table, same_layer = _gradient_summary(
         report_dir, spec, _gradient_pairs(spec, set(table)), {v.name: v.depth for v in variants}, budget["total_steps"])
     spread, spread_pairs, spread_curves = _landscape_spread(report_dir, spec)
+    veit, veit_curves = _veit_summary(report_dir, spec)
     summary = {
         "study": spec.name, "quick": spec.quick, "class_names": classes, "budget": budget,
         "runs_expected": len(build_variants(spec)) * len(spec.seeds), "runs_found": sum(len(p) for p in per_case.values()),
         "variants": table, "extra_comparisons": extra, "depth": depth_rows, "gradients": grad_table,
         "same_layer_gradients": same_layer,
         "lesions": _lesion_summary(report_dir, spec), "landscapes": _landscapes(report_dir, spec),
-        "landscape_spread": spread, "landscape_spread_pairs": spread_pairs, "veit": _veit_summary(report_dir, spec),
+        "landscape_spread": spread, "landscape_spread_pairs": spread_pairs, "veit": veit,
         "extra_variants": [e["name"] for e in spec.extra_variants if e["name"] in table],
         "timing": _timing(report_dir, table),
         "collapse": _collapse_summary(variants, per_case),
     }
-    return summary, {"metrics": metrics, "gradient_pairs": grad_pairs, "spec": spec, "landscape_spread": spread_curves}
+    return summary, {"metrics": metrics, "gradient_pairs": grad_pairs, "spec": spec, "landscape_spread": spread_curves,
+                     "veit": veit_curves}
