@@ -691,6 +691,72 @@ def test_extra_variants_are_the_base_model_with_their_fields_and_bad_entries_are
             load_study(str(path))
 
 
+def test_sgd_twin_extends_the_plain_study_and_differs_only_by_the_optimiser():
+    """hippocampus_2d_plain_sgd (issue 11 item 3) is hippocampus_2d_plain's plain arms with SGD: the same runs but
+    for train.optimizer / momentum / lr, and the analyses of the cells it keeps."""
+    adamw, sgd = load_study("hippocampus_2d_plain"), load_study("hippocampus_2d_plain_sgd")
+    assert sgd.overrides[:len(adamw.overrides)] == adamw.overrides  # extends: overrides appended
+    by_name = {v.name: v for v in build_variants(adamw)}
+    kept = [v.name for v in build_variants(sgd)]
+    assert kept == ["plain5_skip", "plain5_noskip", "deep_skip", "deep_noskip"] and sgd.seeds == adamw.seeds
+    assert sgd.analysis.landscape_variants == adamw.analysis.landscape_variants and sgd.analysis.veit_variants == []
+    for v in build_variants(sgd):
+        twin, own = variant_config(adamw, by_name[v.name], 2).to_dict(), variant_config(sgd, v, 2).to_dict()
+        changed = {k for k in own["train"] if own["train"][k] != twin["train"][k]}
+        assert changed == {"optimizer", "momentum", "lr"} and own["train"]["optimizer"] == "sgd"
+        assert {k: own[k] for k in own if k not in ("train", "name")} == {k: twin[k] for k in twin
+                                                                       if k not in ("train", "name")}
+
+
+def test_controls_study_matches_parameters_and_sweeps_the_rate_per_arm():
+    """hippocampus_2d_controls (issue 11 item 4): the widened no-skip network has the skip network's parameter
+    count within 0.5 %, and each arm runs at three learning rates with everything else the seeds study's."""
+    from unetseg.checkpoint import build_model, model_arguments
+
+    seeds, controls = load_study("hippocampus_2d_seeds"), load_study("hippocampus_2d_controls")
+    by_name = {v.name: v for v in build_variants(controls)}
+
+    def parameters(name: str) -> int:
+        return sum(p.numel() for p in build_model(model_arguments(by_name[name].model, 1, 3)).parameters())
+
+    assert parameters("noskip") < 0.92 * parameters("skip")
+    assert parameters("noskip_wide") == pytest.approx(parameters("skip"), rel=0.005)
+    core = {v.name: v for v in build_variants(seeds)}
+    for arm in ("skip", "noskip"):
+        base = variant_config(seeds, core[arm], 1).to_dict()
+        assert variant_config(controls, by_name[arm], 1).to_dict() == {**base, "name": f"hippocampus_2d_controls-{arm}-seed1"}
+        for rate, lr in (("1e-3", 0.001), ("1e-2", 0.01)):
+            own = variant_config(controls, by_name[f"{arm}_lr{rate}"], 1).to_dict()
+            assert own["train"] == {**base["train"], "lr": lr} and own["model"] == base["model"]
+    assert by_name["noskip_lr1e-2"].reference == "skip_lr1e-2"
+
+
+def test_extends_drop_and_variant_training_fields_are_checked(tmp_path):
+    """A study that extends another lays its fields over the parent's; a cycle, a dropped name the matrix lacks
+    and a training field outside the optimiser are one-line errors naming the file."""
+    child = tmp_path / "child.yaml"
+    child.write_text("name: child\nextends: hippocampus_2d\nvariants: [skip]\noverrides: [train.lr=0.01]\n"
+                     "analysis: {lesion_variants: []}\nquick: {seeds: [3]}\n")
+    spec = load_study(str(child))
+    parent = load_study("hippocampus_2d")
+    assert spec.overrides == parent.overrides + ["train.lr=0.01"] and spec.seeds == parent.seeds
+    assert spec.analysis.lesion_variants == [] and spec.analysis.landscape_points_1d == 31
+    quick = load_study(str(child), quick=True)
+    assert quick.seeds == [3] and quick.width == 4 and "data.max_cases=10" in quick.overrides
+    cases = {"extends: loop.yaml\n": "comes back to this file",
+             "extends: hippocampus_2d\ndrop_variants: [nope]\n": "drop_variants names unknown variant",
+             "extends: hippocampus_2d\ndrop_variants: [skip]\n":
+                 r"analysis\.landscape_variants names unknown variant\(s\) \[.skip.\]",
+             "extends: hippocampus_2d\nextra_variants: [{name: x, model: {}, train: {epochs: 3}}]\n":
+                 "'train' must map some of",
+             "extends: [a, b]\n": "must name one study"}
+    for text, message in cases.items():
+        path = tmp_path / "loop.yaml"
+        path.write_text("name: loop\n" + text)
+        with pytest.raises(UnetsegError, match=message):
+            load_study(str(path))
+
+
 def test_veit_deletion_curve_of_a_same_width_residual_stage(tmp_path, data_root):
     """The quick plain study: a residual network with 2 blocks per level (3 same-width blocks in all), trained a
     few steps, has its same-width blocks deleted k = 0..3 at a time; k = 0 is the intact network."""

@@ -3,7 +3,10 @@
 A study YAML (shipped: ``unetseg/ablation/<name>.yaml``) names a training config
 (``unetseg/configs``), the budget every run shares (``section.field=value``
 overrides), the seeds, the depths, and the analysis settings. Its ``quick``
-section holds the changes that make the pipeline run in minutes.
+section holds the changes that make the pipeline run in minutes. A study may
+``extends: <study>``: it starts from that study's fields, by the rules of
+:func:`merge_study_fields`, so a twin study (say, the same arms under SGD) is a
+few lines, not a copy.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class StudySpec:
         extra_variants: more cells, each ``{name, model: {ModelConfig field: value}, reference, description}``
             (``reference`` and ``description`` optional): the base model with those fields set (channels default
             to the study's width and depth). Listed cells run whether or not ``variants`` names them.
+        drop_variants: cells of the matrix or of ``extra_variants`` left out (a study that extends another
+            runs a subset of its cells).
         analysis: see :class:`AnalysisSpec`.
         quick: whether the ``quick`` section was applied.
     """
@@ -81,6 +86,7 @@ class StudySpec:
     depths: list[int] = field(default_factory=lambda: [3, 4, 5])
     variants: list[str] | None = None
     extra_variants: list[dict] = field(default_factory=list)
+    drop_variants: list[str] = field(default_factory=list)
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     quick: bool = False
 
@@ -134,7 +140,7 @@ def study_from_dict(raw: dict[str, Any], quick: bool = False, source: str = "stu
         if min(depths, default=2) < 2:
             raise UnetsegError(f"{source}: {name}={getattr(spec, name)} must be at least 2 levels (the bottleneck and "
                                "one with a long skip)")
-    if spec.variants == []:
+    if spec.variants == [] and not spec.extra_variants:
         raise UnetsegError(f"{source}: variants=[] names no run; leave it out to run the whole matrix")
     try:
         base = load_config(spec.config)
@@ -142,6 +148,42 @@ def study_from_dict(raw: dict[str, Any], quick: bool = False, source: str = "stu
         raise UnetsegError(f"{source}: {exc}") from None
     apply_overrides(base, spec.overrides, source=f"{source}: overrides")
     return spec
+
+
+def merge_study_fields(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child``'s study fields laid over ``parent``'s: ``overrides`` are appended (later ones win), ``analysis``
+    and ``quick`` are merged field by field (a ``quick`` section by these same rules), every other field replaces
+    the parent's."""
+    merged = dict(parent)
+    for key, value in child.items():
+        if key == "overrides":
+            merged[key] = list(parent.get(key) or []) + list(value or [])
+        elif key == "analysis" and isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = {**parent[key], **value}
+        elif key == "quick" and isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = merge_study_fields(parent[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_study_fields(name_or_path: str, children: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """The raw fields of a study YAML with its ``extends`` chain resolved (shipped names or paths), and its path.
+
+    A chain that comes back to a file it started from, or an ``extends`` that is not one study name, is a
+    :class:`UnetsegError` naming the file."""
+    raw, path = read_named_yaml(name_or_path, STUDY_DIR, "study")
+    if "extends" not in raw:
+        return raw, path
+    parent_name = raw.pop("extends")
+    if not isinstance(parent_name, str) or not parent_name:
+        raise UnetsegError(f"{path}: extends={parent_name!r} must name one study (a shipped name or a YAML path)")
+    if path.resolve() in children:
+        raise UnetsegError(f"{path}: 'extends' comes back to this file; a study cannot extend itself")
+    beside = path.parent / parent_name  # a YAML path is read beside the file that names it, where there is one
+    parent_ref = str(beside) if Path(parent_name).suffix and beside.is_file() else parent_name
+    parent, _ = read_study_fields(parent_ref, children + (path.resolve(),))
+    return merge_study_fields(parent, raw), path
 
 
 def resolved_study(raw: dict[str, Any]) -> StudySpec:
@@ -153,7 +195,7 @@ def load_study(name_or_path: str, quick: bool = False) -> StudySpec:
     """Load a shipped study by name (``hippocampus_2d``) or a study YAML by path."""
     from unetseg.ablation.variants import check_variant_names  # variants builds on this module's StudySpec
 
-    raw, path = read_named_yaml(name_or_path, STUDY_DIR, "study")
+    raw, path = read_study_fields(name_or_path)
     spec = study_from_dict(raw, quick=quick, source=str(path))
     check_variant_names(spec, str(path))
     return spec

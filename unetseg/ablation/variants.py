@@ -11,7 +11,8 @@ Variants (depth ``D`` = ``spec.depth``, levels finest first):
   (at ``d == D`` these are ``skip`` and ``noskip`` themselves).
 
 Every run of a study shares data, split, schedule and step budget; only
-``model.*`` fields and ``train.seed`` differ.
+``model.*`` fields and ``train.seed`` differ, except where an ``extra_variants``
+entry sets optimiser fields (``train: {lr: ...}``, a learning-rate sweep).
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ class Variant:
             residual blocks set.
         reference: the variant it is compared with, case by case (``None`` for ``skip``).
         description: one line for the report.
+        train: optimiser fields this cell sets over the study's budget (only extra variants: a learning-rate
+            sweep, say), as ``(field, value)`` pairs.
     """
 
     name: str
     model: ModelConfig
     reference: str | None
     description: str
+    train: tuple[tuple[str, Any], ...] = ()
 
     @property
     def depth(self) -> int:
@@ -106,35 +110,47 @@ def build_variants(spec: StudySpec, base: ModelConfig | None = None) -> list[Var
         if unknown:
             raise UnetsegError(f"study {spec.name}: unknown variant(s) {sorted(unknown)}; matrix has {sorted(known)}")
         out = [v for v in out if v.name in spec.variants]
-    return out + [_extra_variant(spec, base, e, {v.name for v in out}) for e in spec.extra_variants]
+    out += [_extra_variant(spec, base, e, {v.name for v in out}) for e in spec.extra_variants]
+    return [v for v in out if v.name not in spec.drop_variants]
+
+
+# Training fields an extra variant may set: the optimiser, not the budget (epochs, steps, batch) or the data.
+VARIANT_TRAIN_FIELDS = frozenset({"lr", "optimizer", "momentum", "weight_decay", "warmup_steps"})
 
 
 def _extra_variant(spec: StudySpec, base: ModelConfig, entry: dict[str, Any], taken: set[str]) -> Variant:
     """One of ``spec.extra_variants``: the base model with the entry's ``model`` fields set."""
     where = f"study {spec.name}: extra_variants entry {entry.get('name', entry)!r}"
-    unknown_keys = set(entry) - {"name", "model", "reference", "description"}
+    unknown_keys = set(entry) - {"name", "model", "reference", "description", "train"}
     if "name" not in entry or not isinstance(entry.get("model"), dict) or unknown_keys:
-        raise UnetsegError(f"{where}: needs 'name' and a 'model' mapping (and optionally 'reference', 'description')"
-                           + (f"; unknown key(s) {sorted(unknown_keys)}" if unknown_keys else ""))
+        raise UnetsegError(f"{where}: needs 'name' and a 'model' mapping (and optionally 'reference', 'description', "
+                           "'train')" + (f"; unknown key(s) {sorted(unknown_keys)}" if unknown_keys else ""))
+    train = entry.get("train", {})
+    if not isinstance(train, dict) or set(train) - VARIANT_TRAIN_FIELDS:
+        raise UnetsegError(f"{where}: 'train' must map some of {sorted(VARIANT_TRAIN_FIELDS)} to values (the "
+                           "budget, data and seed stay the study's)")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     if set(entry["model"]) - fields or entry["name"] in taken:
         raise UnetsegError(f"{where}: " + ("the name is taken" if entry["name"] in taken else
                            f"unknown model field(s) {sorted(set(entry['model']) - fields)}; valid: {sorted(fields)}"))
     model = replace(base, **{"channels": channels_for_depth(spec.width, spec.depth), **entry["model"]})
-    return Variant(entry["name"], model, entry.get("reference"), entry.get("description", str(entry["model"])))
+    description = entry.get("description", str({**entry["model"], **train}))
+    return Variant(entry["name"], model, entry.get("reference"), description, tuple(sorted(train.items())))
 
 
 def check_variant_names(spec: StudySpec, source: str) -> None:
-    """Raise :class:`UnetsegError` (naming ``source`` and the field) when ``variants`` or an analysis's variant list
-    names a variant the study's matrix does not have, so a typo stops the study before its first run."""
-    known = {v.name for v in build_variants(replace(spec, variants=None), ModelConfig())}
-    fields = {"variants": spec.variants or []}
-    fields.update({f"analysis.{k}": getattr(spec.analysis, k)
+    """Raise :class:`UnetsegError` (naming ``source`` and the field) when ``variants``, ``drop_variants`` or an
+    analysis's variant list names a variant the study's matrix does not have (analyses: or drops), so a typo stops
+    the study before its first run."""
+    matrix = {v.name for v in build_variants(replace(spec, variants=None, drop_variants=[]), ModelConfig())}
+    kept = matrix - set(spec.drop_variants)
+    fields = {"variants": (spec.variants or [], matrix), "drop_variants": (spec.drop_variants, matrix)}
+    fields.update({f"analysis.{k}": (getattr(spec.analysis, k), kept)
                    for k in ("landscape_variants", "lesion_variants", "qualitative_variants", "veit_variants")})
-    for name, listed in fields.items():
+    for name, (listed, known) in fields.items():
         unknown = sorted(set(listed) - known)
         if unknown:
-            raise UnetsegError(f"{source}: {name} names unknown variant(s) {unknown}; the matrix has {sorted(known)}")
+            raise UnetsegError(f"{source}: {name} names unknown variant(s) {unknown}; the study has {sorted(known)}")
 
 
 def base_config(spec: StudySpec) -> Config:
@@ -143,11 +159,11 @@ def base_config(spec: StudySpec) -> Config:
 
 
 def variant_config(spec: StudySpec, variant: Variant, seed: int) -> Config:
-    """The resolved config of one run: base config + budget, with the variant's network and the seed (checked like
-    any config)."""
+    """The resolved config of one run: base config + budget, with the variant's network, optimiser fields and the
+    seed (checked like any config)."""
     raw = base_config(spec).to_dict()
     raw["model"] = asdict(variant.model)
-    raw["train"]["seed"] = seed
+    raw["train"].update(dict(variant.train), seed=seed)
     cfg = config_from_dict(raw, source=f"study {spec.name}, variant {variant.name}")
     cfg.name = f"{spec.name}-{variant.name}-seed{seed}"
     return cfg
