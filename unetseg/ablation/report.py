@@ -27,6 +27,7 @@ from unetseg.ablation.figures import (
     plot_variant_dice,
 )
 from unetseg.ablation.findings import findings
+from unetseg.ablation.runs import analysis_path
 from unetseg.ablation.study import StudySpec
 from unetseg.ablation.summary import summarize_study
 from unetseg.ablation.tables import results_table, same_layer_table, seed_level_table
@@ -70,7 +71,7 @@ def draw_figures(report_dir: Path, summary: dict[str, Any], plots: dict[str, Any
     if panels:
         out["lesions"] = plot_lesions(panels, fig_dir / "lesions.png")
     seed = spec.analysis.landscape_seed
-    npz = {n: np.load(report_dir / "analysis" / f"landscape_{n}_seed{seed}.npz") for n in summary["landscapes"]}
+    npz = {n: np.load(analysis_path(report_dir, "landscape", n, seed, suffix=".npz")) for n in summary["landscapes"]}
     if npz:
         out["landscape_1d"] = plot_landscape_1d({n: (z["alphas_1d"], z["loss_1d"]) for n, z in npz.items()},
                                                 fig_dir / "landscape_1d.png")

@@ -39,6 +39,7 @@ from unetseg.ablation.qualitative import qualitative_arrays
 from unetseg.ablation.runs import (
     FINAL_CHECKPOINT,
     SMALL_FILES,
+    analysis_path,
     clear_partial_files,
     run_dir,
     score_run,
@@ -127,7 +128,7 @@ def _load_study_data(spec: StudySpec, variants: list[Variant], data_root: str | 
 
 def weight_change_path(study_dir: Path, variant: str, seed: int) -> Path:
     """``<study_dir>/analysis/weights_<variant>_seed<k>.json``: how far a run's weights moved."""
-    return study_dir / "analysis" / f"weights_{variant}_seed{seed}.json"
+    return analysis_path(study_dir, "weights", variant, seed)
 
 
 def _log_analysis(study_dir: Path, label: str, t0: float, progress: bool) -> None:
@@ -150,7 +151,7 @@ def record_weight_changes(spec: StudySpec, variants: list[Variant], study_dir: P
                 _log_analysis(study_dir, path.stem, t0, progress)
 
 
-def _pending_analyses(spec: StudySpec, names: Collection[str], analysis_dir: Path) -> list[tuple[str, Any]]:
+def _pending_analyses(spec: StudySpec, names: Collection[str], study_dir: Path) -> list[tuple[str, Any]]:
     """``(kind, arguments)`` of every analysis whose output file does not exist yet, in the order they run."""
     a = spec.analysis
     todo: list[tuple[str, Any]] = []
@@ -158,19 +159,19 @@ def _pending_analyses(spec: StudySpec, names: Collection[str], analysis_dir: Pat
     def per_seed(kind: str, variants: Sequence[str], seeds: Sequence[int], prefix: str) -> None:
         for name in (n for n in variants if n in names):
             for seed in (s for s in seeds if s in spec.seeds):
-                path = analysis_dir / f"{prefix}_{name}_seed{seed}.json"
+                path = analysis_path(study_dir, prefix, name, seed)
                 if not path.is_file():
                     todo.append((kind, (name, seed, path)))
 
     for name in (n for n in a.landscape_variants if n in names):
-        stem = analysis_dir / f"landscape_{name}_seed{a.landscape_seed}"
+        stem = analysis_path(study_dir, "landscape", name, a.landscape_seed, suffix="")
         if not stem.with_suffix(".json").is_file():
             todo.append(("landscape", (name, stem)))
     per_seed("spread", a.landscape_variants, a.landscape_spread_seeds, "landscape1d")
     per_seed("lesion", a.lesion_variants, spec.seeds, "lesion")
     per_seed("veit", a.veit_variants, spec.seeds, "veit")
     qual = [n for n in a.qualitative_variants if n in names]
-    qual_path = analysis_dir / "qualitative.npz"
+    qual_path = study_dir / "analysis" / "qualitative.npz"
     if qual and not qual_path.is_file():
         todo.append(("qualitative", (qual, qual_path)))
     return todo
@@ -182,7 +183,7 @@ def run_analyses(spec: StudySpec, variants: list[Variant], study_dir: Path, data
     record_weight_changes(spec, variants, study_dir, progress)
     names = {v.name: v for v in variants}
     a = spec.analysis
-    todo = _pending_analyses(spec, names, study_dir / "analysis")
+    todo = _pending_analyses(spec, names, study_dir)
     if not todo:
         return
     data = _load_study_data(spec, variants, data_root, progress)

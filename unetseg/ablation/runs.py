@@ -34,6 +34,17 @@ def run_dir(study_dir: str | Path, variant: str, seed: int) -> Path:
     return Path(study_dir) / "runs" / variant / f"seed{seed}"
 
 
+def analysis_path(study_dir: str | Path, kind: str, variant: str, seed: int, suffix: str = ".json") -> Path:
+    """``<study_dir>/analysis/<kind>_<variant>_seed<seed><suffix>``: one run's record of one analysis."""
+    return Path(study_dir) / "analysis" / f"{kind}_{variant}_seed{seed}{suffix}"
+
+
+def read_analyses(study_dir: str | Path, kind: str, variant: str, seeds: Sequence[int]) -> dict[int, Any]:
+    """``{seed: record}`` of the :func:`analysis_path` JSON records of ``seeds`` that exist, in seed order."""
+    paths = {s: analysis_path(study_dir, kind, variant, s) for s in seeds}
+    return {s: json.loads(path.read_text()) for s, path in paths.items() if path.is_file()}
+
+
 def trained_epochs(run: Path) -> int:
     """Epochs recorded in ``metrics.jsonl`` (0 when there is none)."""
     return len(read_jsonl(run / "metrics.jsonl"))

@@ -29,7 +29,7 @@ from unetseg.ablation.compare import (
     seed_mean,
 )
 from unetseg.ablation.gradients import layer_sizes, ordered_layers, run_profiles, same_layer_comparison, short_name
-from unetseg.ablation.runs import PER_CASE, run_dir
+from unetseg.ablation.runs import PER_CASE, read_analyses, run_dir
 from unetseg.ablation.stats import rate_difference_p, t_interval
 from unetseg.ablation.study import StudySpec, resolved_study
 from unetseg.ablation.variants import Variant, build_variants, depth_names
@@ -78,10 +78,10 @@ def _gradient_logs(report_dir: Path, spec: StudySpec, name: str) -> dict[int, li
 def _weights_moved(report_dir: Path, spec: StudySpec, name: str, seeds: list[int], layers: list[str]) -> list | None:
     """Relative distance ``||w_end - w_init|| / ||w_init||`` per seed and layer from ``analysis/weights_*.json``,
     or None when a seed's file is missing (runs made before the runner recorded it)."""
-    files = [report_dir / "analysis" / f"weights_{name}_seed{s}.json" for s in seeds]
-    if not all(f.is_file() for f in files):
+    records = read_analyses(report_dir, "weights", name, seeds)
+    if len(records) < len(seeds):
         return None
-    moved = [{r["layer"]: r["relative_distance"] for r in json.loads(f.read_text())["layers"]} for f in files]
+    moved = [{r["layer"]: r["relative_distance"] for r in records[s]["layers"]} for s in seeds]
     return [[m[n] for n in layers] for m in moved]
 
 
@@ -230,8 +230,8 @@ def _lesion_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
     """Per lesioned variant: intact Dice and the drop when each long skip / residual branch is switched off."""
     lesions: dict[str, Any] = {}
     for name in spec.analysis.lesion_variants:
-        files = [report_dir / "analysis" / f"lesion_{name}_seed{s}.json" for s in spec.seeds]
-        found = [json.loads(f.read_text()) for f in files if f.is_file()]
+        records = read_analyses(report_dir, "lesion", name, spec.seeds)
+        found = list(records.values())
         if not found:
             continue
 
@@ -239,7 +239,7 @@ def _lesion_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
             return {k: mean_std([r["intact"]["mean_dice"] - r[part][k]["mean_dice"] for r in found]) for k in found[0][part]}
 
         lesions[name] = {
-            "seeds": [s for s, f in zip(spec.seeds, files) if f.is_file()],
+            "seeds": list(records),
             "intact": mean_std([r["intact"]["mean_dice"] for r in found]),
             "skips": drops("skips"),
             "all_skips": mean_std([r["intact"]["mean_dice"] - r["all_skips"]["mean_dice"] for r in found])
@@ -251,9 +251,9 @@ def _lesion_summary(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
 
 def _landscapes(report_dir: Path, spec: StudySpec) -> dict[str, Any]:
     """The 1D/2D loss-landscape summaries of the study's landscape seed, per variant that has one."""
-    paths = {name: report_dir / "analysis" / f"landscape_{name}_seed{spec.analysis.landscape_seed}.json"
-             for name in spec.analysis.landscape_variants}
-    return {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
+    seed = spec.analysis.landscape_seed
+    found = {name: read_analyses(report_dir, "landscape", name, [seed]) for name in spec.analysis.landscape_variants}
+    return {name: records[seed] for name, records in found.items() if records}
 
 
 def _landscape_spread(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any], list[dict[str, Any]], dict]:
@@ -262,8 +262,7 @@ def _landscape_spread(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any]
     pair (with, without), the rise without minus with, seed by seed, with its t-interval; and the curves."""
     found: dict[str, dict[int, Any]] = {}
     for name in spec.analysis.landscape_variants:
-        files = {s: report_dir / "analysis" / f"landscape1d_{name}_seed{s}.json" for s in spec.analysis.landscape_spread_seeds}
-        runs = {s: json.loads(f.read_text()) for s, f in files.items() if f.is_file()}
+        runs = read_analyses(report_dir, "landscape1d", name, spec.analysis.landscape_spread_seeds)
         if runs:
             found[name] = runs
     rise = {name: {s: float(np.mean(r["sharpness_0.5"])) for s, r in runs.items()} for name, runs in found.items()}
@@ -289,8 +288,7 @@ def _veit_summary(report_dir: Path, spec: StudySpec) -> tuple[dict[str, Any], di
     out: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in spec.analysis.veit_variants:
-        files = {s: report_dir / "analysis" / f"veit_{name}_seed{s}.json" for s in spec.seeds}
-        runs = {s: json.loads(f.read_text()) for s, f in files.items() if f.is_file()}
+        runs = read_analyses(report_dir, "veit", name, spec.seeds)
         if runs:
             first = next(iter(runs.values()))
             out[name] = {"seeds": sorted(runs), "blocks": first["blocks"],
