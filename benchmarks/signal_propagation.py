@@ -10,30 +10,38 @@ the training loss, one forward and backward pass (:mod:`unetseg.ablation.signal`
   constant width (6 levels of 16 maps, 22 convolutions on the path), each
   with batch norm and without normalisation ("none": plain convolutions with
   bias), with and without long skips;
-- after training, for the shipped ``hippocampus_2d`` and ``hippocampus_2d_noskip``.
+- after training, for the shipped ``hippocampus_2d`` and ``hippocampus_2d_noskip``;
+- with ``--study``, for every seed of a trained study's variants (``--study-variants``, default every variant
+  of the study folder): the run's own initial weights (rebuilt from its seed, checked against the norms its
+  ``gradients.jsonl`` logged at step 0) and its final weights (``last.pt``), so the plain networks of
+  ``hippocampus_2d_plain`` are measured before and after training.
 
 Writes ``signal.json`` (every row), ``signal.png`` and ``report.md`` into ``--out``.
 
     python benchmarks/signal_propagation.py --data-root ../shared/data [--out docs/ablation/signal]
+        [--study runs/ablation/hippocampus_2d_plain]   # after: unetseg ablate --config hippocampus_2d_plain
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from unetseg.ablation.runs import FINAL_CHECKPOINT
 from unetseg.ablation.signal import shrinkage, signal_profile
+from unetseg.ablation.weights import check_initial_norms, initial_model
 from unetseg.data.datasets import dataset_info, list_cases, load_cases
 from unetseg.data.preprocess import pad_to_shape, volume_to_slices
 from unetseg.infer import load_checkpoint, Segmenter
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import subplots
-from unetseg.runlog import write_json
+from unetseg.runlog import read_jsonl, write_json
 
 SEEDS = range(5)
 ARCHITECTURES = {"shipped 2D (16-32-64-128)": (16, 32, 64, 128), "deep, constant width (6 x 16)": (16,) * 6}
@@ -56,11 +64,32 @@ def real_batch(data_root: str, count: int = 32) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(images_all[pick]), torch.from_numpy(labels_all[pick].astype(np.int64))
 
 
-def measure(data_root: str) -> list[dict[str, Any]]:
+def study_arms(study: Path, variants: list[str] | None, images: torch.Tensor, labels: torch.Tensor,
+               loss_fn: Any) -> list[dict[str, Any]]:
+    """Each seed of each variant of a trained study folder (``<study>/runs/<variant>/seed<k>``): at its own initial
+    weights and at its final weights. ``variants=None``: every variant folder."""
+    names = [n for n in variants if (study / "runs" / n).is_dir()] if variants else sorted(
+        p.name for p in (study / "runs").iterdir() if p.is_dir())
+    arms = []
+    for name in names:
+        for run in sorted((study / "runs" / name).glob("seed*"), key=lambda p: int(p.name[4:])):
+            payload = load_checkpoint(run / FINAL_CHECKPOINT)
+            seed, args = int(payload["config"]["train"]["seed"]), payload["model_args"]
+            initial = initial_model(args, seed)
+            check_initial_norms(initial, read_jsonl(run / "gradients.jsonl")[0]["layers"], str(run))
+            trained = Segmenter.from_checkpoint(run / FINAL_CHECKPOINT).model
+            for state, model in (("initialisation (run's seed)", initial), ("trained (study run)", trained)):
+                arms.append({"architecture": f"{study.name}: {name}", "norm": args["norm"],
+                             "skips": any(model.skips), "state": state, "seed": seed,
+                             "rows": signal_profile(model, images, labels, loss_fn)})
+    return arms
+
+
+def measure(data_root: str, studies: Sequence[Path] = (), variants: list[str] | None = None) -> list[dict[str, Any]]:
     """Every arm's profile: one entry per (architecture, norm, skips, seed or trained model)."""
     images, labels = real_batch(data_root)
     loss_fn = make_loss()
-    arms = []
+    arms = [arm for study in studies for arm in study_arms(study, variants, images, labels, loss_fn)]
     for arch, channels in ARCHITECTURES.items():
         for norm in ("batch", "none"):
             for skips in (True, False):
@@ -93,20 +122,32 @@ def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+STUDY_STATES = ("initialisation (run's seed)", "trained (study run)")
+
+
 def draw(arms: list[dict[str, Any]], path: Path) -> None:
-    """Gradient variance along the path for seed 0 of each arm at initialisation, and the trained models."""
-    fig, axes = subplots(1, len(ARCHITECTURES) + 1, figsize=(5 * (len(ARCHITECTURES) + 1), 3.8), squeeze=False)
-    panels = [(ax, arch) for ax, arch in zip(axes[0], ARCHITECTURES)] + [(axes[0][-1], "trained")]
-    for ax, arch in panels:
+    """Gradient variance along the path for seed 0 of each arm at initialisation, the trained shipped models and,
+    with a study, its runs' lowest seed at initialisation and trained (one panel each)."""
+    studied = any(arm["state"] in STUDY_STATES for arm in arms)
+    titles = [*ARCHITECTURES, "trained"] + (list(STUDY_STATES) if studied else [])
+    fig, axes = subplots(1, len(titles), figsize=(5 * len(titles), 3.8), squeeze=False)
+    first_seed = min((arm["seed"] for arm in arms if arm["state"] in STUDY_STATES), default=None)
+    for ax, title in zip(axes[0], titles):
         for arm in arms:
-            at_init = arm["state"] == "initialisation" and arm["architecture"] == arch and arm["seed"] == 0
-            if not (at_init or (arch == "trained" and arm["state"].startswith("trained"))):
-                continue
-            label = arm["state"] if arch == "trained" else f"{arm['norm']} norm, {'skips' if arm['skips'] else 'no skips'}"
-            ax.semilogy([r["grad_var"] for r in arm["rows"]], marker=".", label=label,
-                        linestyle="-" if arm["skips"] else "--")
+            if title in ARCHITECTURES:
+                show = arm["state"] == "initialisation" and arm["architecture"] == title and arm["seed"] == 0
+                label = f"{arm['norm']} norm, {'skips' if arm['skips'] else 'no skips'}"
+            elif title == "trained":
+                show, label = arm["state"].startswith("trained (hippocampus"), arm["state"]
+            else:
+                show, label = arm["state"] == title and arm["seed"] == first_seed, arm["architecture"]
+            if show:
+                ax.semilogy([r["grad_var"] for r in arm["rows"]], marker=".", label=label,
+                            linestyle="-" if arm["skips"] else "--")
+        names = {"trained": "trained shipped models (batch norm)"} | {
+            state: f"study runs, seed {first_seed}: {state.split(' (')[0]}" for state in STUDY_STATES}
         ax.set(xlabel="convolution along the path (input -> output)", ylabel="Var(dL/dz)",
-               title=arch if arch != "trained" else "trained shipped models (batch norm)")
+               title=names.get(title, title))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -114,12 +155,15 @@ def draw(arms: list[dict[str, Any]], path: Path) -> None:
 
 def report(summary: list[dict[str, Any]]) -> str:
     lines = ["# Signal propagation: Glorot & Bengio's measurement", "",
-             "Redraw: `python benchmarks/signal_propagation.py --data-root ../shared/data` (writes this folder).", "",
+             "Redraw: `python benchmarks/signal_propagation.py --data-root ../shared/data` (writes this folder); the "
+             "study rows also need `--study runs/ablation/<study>` for each study shown, after `unetseg ablate "
+             "--config <study>` trained it.", "",
              "Ratio = the variance at the first convolution over the variance at the last (the 1x1 head for the "
              "gradient, the last decoder block for activations): how the back-propagated gradient dL/dz changes on "
              "its way from the output to the input (below 1: it vanishes), and how the forward signal changes from "
              "the first block to the last. Median over seeds 0-4 at initialisation (min-max in brackets); one "
-             "measurement for each trained model. One batch of 32 real hippocampus slices, leaky ReLU, DiceCE loss.",
+             "measurement for each trained shipped model; study rows: median over the study's seeds, each run at its "
+             "own initial weights and at its final weights. One batch of 32 real hippocampus slices, leaky ReLU, DiceCE loss.",
              "", "| network | normalisation | long skips | state | convolutions | gradient variance ratio "
              "(first / last) | activation variance ratio |", "|---|---|---|---|---|---|---|"]
     for s in summary:
@@ -135,11 +179,14 @@ def main() -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--out", default="docs/ablation/signal")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--study", type=Path, nargs="+", default=[], help="trained study folders (unetseg ablate "
+                        "--out): measure their runs at their initial and final weights")
+    parser.add_argument("--study-variants", nargs="+", help="variants of --study to measure (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    arms = measure(args.data_root)
+    arms = measure(args.data_root, args.study, args.study_variants)
     summary = summary_rows(arms)
     write_json(out / "signal.json", {"summary": summary, "arms": arms})
     draw(arms, out / "signal.png")

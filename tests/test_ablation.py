@@ -639,6 +639,20 @@ def test_signal_profile_sees_the_gradient_vanish_in_a_plain_deep_network_and_not
     assert ratio["batch", False] > 1e-2 and ratio["batch", True] > 1e-2  # batch norm: nothing vanishes
 
 
+def test_signal_profile_walks_the_same_width_stage_blocks_in_path_order():
+    """A deep encoder (model.stage_blocks) has every stage convolution on its path, after its level's block."""
+    from unetseg.ablation.signal import signal_profile
+    from unetseg.losses import make_loss
+
+    model = UNet(2, 1, 3, channels=(4,) * 3, stage_blocks=3, norm="none", skips=False)
+    rows = signal_profile(model, torch.rand(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16)), make_loss())
+    names = [r["layer"] for r in rows]
+    assert len(names) == 3 * 3 * 2 + 2 * 3 + 1  # 3 blocks of 2 convolutions per level, 3 per decoder level, head
+    assert names[:6] == ["encoder.0.conv1", "encoder.0.conv2", "stages.0.0.conv1", "stages.0.0.conv2",
+                         "stages.0.1.conv1", "stages.0.1.conv2"]
+    assert names[6] == "encoder.1.conv1" and names[-1] == "head"
+
+
 def test_signal_figures_quoted_in_the_docs_are_the_committed_measurement():
     import json
     import re

@@ -26,14 +26,18 @@ from unetseg.infer import build_model
 from unetseg.train import model_args
 
 _ENC = re.compile(r"^encoder\.(\d+)\.(conv1|conv2)\.weight$")
+_STAGE = re.compile(r"^stages\.(\d+)\.(\d+)\.(conv1|conv2)\.weight$")  # same-width blocks after encoder level i
 _DEC = re.compile(r"^decoder\.(\d+)\.(up|block\.conv1|block\.conv2)\.weight$")
 _DEC_ORDER = {"up": 0, "block.conv1": 1, "block.conv2": 2}
 
 
-def path_position(layer: str, depth: int) -> tuple[int, int] | None:
-    """Sort key of a layer along the data path, or None for layers off the main path."""
+def path_position(layer: str, depth: int) -> tuple[int, ...] | None:
+    """Sort key of a layer along the data path, or None for layers off the main path: encoder level by level (its
+    block, then its same-width ``stages`` blocks), decoder coarse to fine, head."""
     if m := _ENC.match(layer):
-        return (0, int(m.group(1)) * 2 + (m.group(2) == "conv2"))
+        return (0, int(m.group(1)), int(m.group(2) == "conv2"))
+    if m := _STAGE.match(layer):
+        return (0, int(m.group(1)), 2 + 2 * int(m.group(2)) + int(m.group(3) == "conv2"))
     if m := _DEC.match(layer):
         return (1, (depth - 2 - int(m.group(1))) * 3 + _DEC_ORDER[m.group(2)])
     if layer == "head.weight":
