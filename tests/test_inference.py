@@ -281,6 +281,16 @@ def test_a_model_changed_in_place_is_predicted_as_it_is_now():
     np.testing.assert_allclose(seg.predict_proba(image, normalized=True), plain_member(seg, image, ()), atol=2e-5)
 
 
+def test_shallow_copies_share_the_inference_network_they_build():
+    """The viewer predicts with a shallow copy of the cached Segmenter per upload (for its own progress bar): the
+    copies reuse one inference network instead of copying and folding the model on every upload."""
+    import copy
+
+    seg = Segmenter.from_checkpoint("hippocampus_2d")
+    first = copy.copy(seg)._inference_network()
+    assert copy.copy(seg)._inference_network() is first and seg._inference_network() is first
+
+
 # -------------------------------------------------------------------------------------------------- batch predict
 
 def test_predict_folder_reads_and_writes_beside_the_network_and_reports_the_rate(tmp_path, capsys):

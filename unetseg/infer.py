@@ -348,7 +348,9 @@ class Segmenter(Predictor):
         self.class_names = tuple(class_names)
         self.batch_size = batch_size
         self.memory_mb = memory_mb
-        self._network: tuple[tuple | None, UNet] | None = None  # (state of self.model, its inference_network)
+        # {"built": (state of the model, its inference_network)}: a dict, so shallow copies (the viewer gives each
+        # prediction one, with its own progress bar) share what one of them built
+        self._network: dict[str, tuple[tuple | None, UNet]] = {}
 
     @classmethod
     def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
@@ -415,9 +417,10 @@ class Segmenter(Predictor):
         """:func:`inference_network` of ``self.model``, rebuilt whenever the model changed since the last call
         (weights, mode, lesion switches), so a model trained or lesioned in place is always predicted as it is."""
         state = _model_state(self.model)
-        if self._network is None or state is None or self._network[0] != state:
-            self._network = (state, inference_network(self.model))
-        return self._network[1]
+        built = self._network.get("built")
+        if built is None or state is None or built[0] != state:
+            built = self._network["built"] = (state, inference_network(self.model))
+        return built[1]
 
     def _layout(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch`` on the device, in the memory format :func:`inference_network` uses."""
