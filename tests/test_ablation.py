@@ -790,26 +790,30 @@ def test_veit_deletion_curve_of_a_same_width_residual_stage(tmp_path, data_root)
     assert "Deleting same-width residual blocks of `deep_residual`" in text and "figures/deletion.png" in text
 
 
-def test_seed_study_report_is_redrawn_and_its_figures_are_quoted(tmp_path):
-    """hippocampus_2d_seeds (issue 11 round 2): the committed report is what --report-only makes from its
-    artefacts, and docs/ablation.md's reading quotes its figures."""
-    name = "hippocampus_2d_seeds"
-    s = assert_redrawn_from_artefacts(name, tmp_path)
-    assert s["runs_found"] == s["runs_expected"] == 32 and not s["quick"]
+def _round2_quoted(s: dict) -> list[str]:
+    """What a round-2 reading quotes from its study's summary.json: every variant's mean Dice ± std over seeds, every
+    comparison with its reference with seeds as the unit (t-interval), the landscape-spread pairs, the collapse
+    counts and the wall time, formatted as the docs write them."""
     v = s["variants"]
-
-    def text(x: float) -> str:
-        return f"{x:+.3f}".replace("-", "−")
-
     quoted = [f"`{n}` {v[n]['mean_dice']['mean']:.3f} ± {v[n]['mean_dice']['std']:.3f}" for n in v]
-    for n in ("noskip", "residual_noskip"):
-        level = v[n]["vs_reference"]["mean_dice"]["seed_level"]
-        quoted.append(f"{text(level['mean'])} [{text(level['low'])}, {text(level['high'])}]")
-    for p in s["landscape_spread_pairs"]:
-        quoted.append(f"{text(p['mean'])} [{text(p['low'])}, {text(p['high'])}]")
+    for n in v:
+        level = (v[n].get("vs_reference") or {}).get("mean_dice", {}).get("seed_level")
+        if level:
+            quoted.append(f"{_signed(level['mean'])} [{_signed(level['low'])}, {_signed(level['high'])}]")
+    quoted += [f"{_signed(p['mean'])} [{_signed(p['low'])}, {_signed(p['high'])}]" for p in s["landscape_spread_pairs"]]
     (a, na), (b, nb) = s["collapse"]["with_long_skips"], s["collapse"]["without_long_skips"]
-    quoted += [f"{a} of {na} runs with long skips and {b} of {nb} without", f"{s['timing']['wall_seconds'] / 60:.1f} min"]
+    return quoted + [f"{a} of {na} runs with long skips and {b} of {nb} without",
+                     f"{s['timing']['wall_seconds'] / 60:.1f} min"]
+
+
+@pytest.mark.parametrize("name, runs", [("hippocampus_2d_seeds", 32), ("hippocampus_2d_plain", 21),
+                                        ("hippocampus_2d_plain_sgd", 12), ("hippocampus_2d_controls", 21)])
+def test_round2_study_report_is_redrawn_and_its_figures_are_quoted(name, runs, tmp_path):
+    """The round-2 studies (issue 11): each committed report is what --report-only makes from its artefacts, every
+    run is in it, and docs/ablation.md's reading of it quotes its figures."""
+    s = assert_redrawn_from_artefacts(name, tmp_path)
+    assert s["runs_found"] == s["runs_expected"] == runs and not s["quick"]
     section = (DOCS / "ablation.md").read_text().split(f"<!-- reading: {name} -->", 1)[1]
-    section = " ".join(section.split())
-    missing = [q for q in quoted if q not in section]
+    section = " ".join(section.split("<!-- reading:", 1)[0].split())
+    missing = [q for q in _round2_quoted(s) if q not in section]
     assert not missing, missing
