@@ -121,6 +121,7 @@ def _how_made(summary: dict[str, Any]) -> list[str]:
     name = summary["study"]
     quick = " --quick" if summary["quick"] else ""
     ran = "; ".join(f"`{c}`" for c in tm["commands"]) or "not recorded"
+    optimizer = "AdamW" if b["optimizer"] == "adamw" else f"SGD (Nesterov momentum {b['momentum']})"
     return [
         "## How it was made", "",
         f"- Reproduce: `unetseg ablate --config {name}{quick} --data-root <folder with the data sets>` (resumable; "
@@ -131,7 +132,7 @@ def _how_made(summary: dict[str, Any]) -> list[str]:
         f"- Data: `{b['dataset']}`, {b['train_cases']} training / {b['val_cases']} validation cases"
         + (f" (first {b['max_cases']} cases)" if b["max_cases"] else "") + "; the same split for every run.",
         f"- Budget per run: {b['epochs']} epochs x {b['steps_per_epoch']} steps = {b['total_steps']} steps of batch "
-        f"{b['batch_size']} ({b['patch_size']} patches), AdamW lr {b['lr']}, {b['schedule']} schedule with "
+        f"{b['batch_size']} ({b['patch_size']} patches), {optimizer} lr {b['lr']}, {b['schedule']} schedule with "
         f"{b['warmup_steps']} warm-up steps; width {b['width']} (doubling per level), depth {b['depth']}; "
         f"seeds {b['seeds']}; gradient norms logged every {b['grad_log_every']} steps.",
         f"- Scores: the final weights (`{b['evaluated_checkpoint']}`, no checkpoint selection) on every validation case; "

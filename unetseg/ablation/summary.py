@@ -61,6 +61,7 @@ def _budget(report_dir: Path, spec: StudySpec, variants: list[Variant], per_case
         "dataset": cfg["data"]["dataset"], "base_config": spec.config,
         "epochs": t["epochs"], "steps_per_epoch": t["steps_per_epoch"], "batch_size": t["batch_size"],
         "total_steps": t["epochs"] * (t["steps_per_epoch"] or 0), "lr": t["lr"], "schedule": t["schedule"],
+        "optimizer": t.get("optimizer", "adamw"), "momentum": t.get("momentum", 0.9),  # configs before SGD: AdamW
         "warmup_steps": t["warmup_steps"], "grad_log_every": t["grad_log_every"],
         "patch_size": cfg["data"]["patch_size"], "max_cases": cfg["data"]["max_cases"],
         "train_cases": len(split["train"]), "val_cases": len(split["val"]), "width": spec.width,
