@@ -113,10 +113,13 @@ def same_layer_ratios(numerator: np.ndarray, denominator: np.ndarray) -> dict[st
     Args:
         numerator, denominator: ``(seeds, layers)``, row k of each from seed k, columns the same named layers.
     Returns:
-        ``{"per_seed": (seeds, layers) list, "geo_mean", "min", "max": (layers,) lists}``.
+        ``{"per_seed": (seeds, layers) list, "geo_mean", "min", "max": (layers,) lists}``. A gradient that
+        underflowed to 0 in one seed makes that layer's geometric mean 0, as it should (no warning).
     """
     ratio = np.asarray(numerator, dtype=float) / np.asarray(denominator, dtype=float)
-    return {"per_seed": ratio.tolist(), "geo_mean": np.exp(np.log(ratio).mean(axis=0)).tolist(),
+    with np.errstate(divide="ignore"):
+        geo_mean = np.exp(np.log(ratio).mean(axis=0))
+    return {"per_seed": ratio.tolist(), "geo_mean": geo_mean.tolist(),
             "min": ratio.min(axis=0).tolist(), "max": ratio.max(axis=0).tolist()}
 
 

@@ -150,7 +150,7 @@ def check_variant_names(spec: StudySpec, source: str) -> None:
     for name, (listed, known) in fields.items():
         unknown = sorted(set(listed) - known)
         if unknown:
-            raise UnetsegError(f"{source}: {name} names unknown variant(s) {unknown}; the study has {sorted(known)}")
+            raise UnetsegError(f"{source}: {name} names unknown variant(s) {unknown}; the matrix has {sorted(known)}")
 
 
 def base_config(spec: StudySpec) -> Config:
