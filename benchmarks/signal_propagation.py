@@ -89,7 +89,7 @@ def measure(data_root: str, studies: Sequence[Path] = (), variants: list[str] | 
     """Every arm's profile: one entry per (architecture, norm, skips, seed or trained model)."""
     images, labels = real_batch(data_root)
     loss_fn = make_loss()
-    arms = [arm for study in studies for arm in study_arms(study, variants, images, labels, loss_fn)]
+    arms = []
     for arch, channels in ARCHITECTURES.items():
         for norm in ("batch", "none"):
             for skips in (True, False):
@@ -102,7 +102,7 @@ def measure(data_root: str, studies: Sequence[Path] = (), variants: list[str] | 
         model = Segmenter.from_checkpoint(name).model
         arms.append({"architecture": next(iter(ARCHITECTURES)), "norm": "batch", "skips": model.skips[0],
                      "state": f"trained ({name})", "seed": None, "rows": signal_profile(model, images, labels, loss_fn)})
-    return arms
+    return arms + [arm for study in studies for arm in study_arms(study, variants, images, labels, loss_fn)]
 
 
 def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
