@@ -769,6 +769,9 @@ def test_extends_drop_and_variant_training_fields_are_checked(tmp_path):
         path.write_text("name: loop\n" + text)
         with pytest.raises(UnetsegError, match=message):
             load_study(str(path))
+    path.write_text("extends: hippocampus_2d\nseeds: [4]\n")
+    with pytest.raises(UnetsegError, match="needs its own 'name'"):
+        load_study(str(path))
 
 
 def test_veit_deletion_curve_of_a_same_width_residual_stage(tmp_path, data_root):

@@ -180,6 +180,8 @@ def read_study_fields(name_or_path: str, children: tuple[Path, ...] = ()) -> tup
         raise UnetsegError(f"{path}: extends={parent_name!r} must name one study (a shipped name or a YAML path)")
     if path.resolve() in children:
         raise UnetsegError(f"{path}: 'extends' comes back to this file; a study cannot extend itself")
+    if "name" not in raw:  # else it would share the folders of the study it extends
+        raise UnetsegError(f"{path}: a study that extends {parent_name!r} needs its own 'name'")
     beside = path.parent / parent_name  # a YAML path is read beside the file that names it, where there is one
     parent_ref = str(beside) if Path(parent_name).suffix and beside.is_file() else parent_name
     parent, _ = read_study_fields(parent_ref, children + (path.resolve(),))
