@@ -82,16 +82,17 @@ def test_full_matrix_flips_only_model_fields(study):
     assert base["train"]["steps_per_epoch"] and base["train"]["grad_log_every"] > 0
 
 
-def test_seed_study_is_the_core_matrix_of_the_hippocampus_study_with_more_seeds():
-    """hippocampus_2d_seeds (issue 11: seeds as the unit) trains the same networks on the same budget as
-    hippocampus_2d, so its runs are comparable, cell by cell, with the same training code."""
-    core, seeds = load_study("hippocampus_2d"), load_study("hippocampus_2d_seeds")
+@pytest.mark.parametrize("core_name", ["hippocampus_2d", "dsb2018_2d"])
+def test_seed_study_is_the_core_matrix_of_its_study_with_more_seeds(core_name):
+    """<study>_seeds (issue 11: seeds as the unit) trains the same networks on the same budget as <study>, so its
+    runs are comparable, cell by cell, with the same training code."""
+    core, seeds = load_study(core_name), load_study(f"{core_name}_seeds")
     assert len(seeds.seeds) >= 8 and seeds.overrides == core.overrides
     by_name = {v.name: v for v in build_variants(core)}
     assert [v.name for v in build_variants(seeds)] == ["skip", "noskip", "residual", "residual_noskip"]
     for v in build_variants(seeds):
         assert variant_config(seeds, v, 5).to_dict() == {**variant_config(core, by_name[v.name], 5).to_dict(),
-                                                         "name": f"hippocampus_2d_seeds-{v.name}-seed5"}
+                                                         "name": f"{core_name}_seeds-{v.name}-seed5"}
 
 
 def test_quick_section_and_bad_study_files(tmp_path):
