@@ -34,14 +34,14 @@ import torch
 
 from unetseg.ablation.runs import FINAL_CHECKPOINT
 from unetseg.ablation.signal import shrinkage, signal_profile
-from unetseg.ablation.weights import check_initial_norms, initial_model
+from unetseg.ablation.weights import checked_initial_model
 from unetseg.data.datasets import dataset_info, list_cases, load_cases
 from unetseg.data.preprocess import pad_to_shape, volume_to_slices
-from unetseg.infer import load_checkpoint, Segmenter
+from unetseg.infer import Segmenter, build_model, load_checkpoint
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import subplots
-from unetseg.runlog import read_jsonl, write_json
+from unetseg.runlog import write_json
 
 SEEDS = range(5)
 ARCHITECTURES = {"shipped 2D (16-32-64-128)": (16, 32, 64, 128), "deep, constant width (6 x 16)": (16,) * 6}
@@ -75,9 +75,9 @@ def study_arms(study: Path, variants: list[str] | None, images: torch.Tensor, la
         for run in sorted((study / "runs" / name).glob("seed*"), key=lambda p: int(p.name[4:])):
             payload = load_checkpoint(run / FINAL_CHECKPOINT)
             seed, args = int(payload["config"]["train"]["seed"]), payload["model_args"]
-            initial = initial_model(args, seed)
-            check_initial_norms(initial, read_jsonl(run / "gradients.jsonl")[0]["layers"], str(run))
-            trained = Segmenter.from_checkpoint(run / FINAL_CHECKPOINT).model
+            initial, _ = checked_initial_model(run, args, seed)
+            trained = build_model(args)
+            trained.load_state_dict(payload["state_dict"])
             for state, model in (("initialisation (run's seed)", initial), ("trained (study run)", trained)):
                 arms.append({"architecture": f"{study.name}: {name}", "norm": args["norm"],
                              "skips": any(model.skips), "state": state, "seed": seed,

@@ -52,6 +52,21 @@ def check_initial_norms(initial: torch.nn.Module, logged: Sequence[dict[str, Any
     return worst
 
 
+def checked_initial_model(run: Path, model_args: dict[str, Any], seed: int) -> tuple[UNet, float]:
+    """The network ``run`` started from (:func:`initial_model`), checked against the kernel norms its
+    ``gradients.jsonl`` logged at step 0, and the largest relative difference found.
+
+    Raises:
+        UnetsegError: no step-0 row to check against, or the norms differ (see :func:`check_initial_norms`).
+    """
+    initial = initial_model(model_args, seed)
+    logged = read_jsonl(run / "gradients.jsonl")
+    if not logged or logged[0]["step"] != 0:
+        raise UnetsegError(f"{run}: gradients.jsonl has no step-0 row to check the rebuilt initial weights against; "
+                           "train with train.grad_log_every > 0")
+    return initial, check_initial_norms(initial, logged[0]["layers"], str(run / "gradients.jsonl"))
+
+
 def weight_change(run: str | Path, checkpoint: str, seed: int) -> dict[str, Any]:
     """Per convolution kernel of ``run/checkpoint``: initial and final norm, distance and relative distance.
 
@@ -65,12 +80,7 @@ def weight_change(run: str | Path, checkpoint: str, seed: int) -> dict[str, Any]
     """
     run = Path(run)
     payload = load_checkpoint(run / checkpoint)
-    initial = initial_model(payload["model_args"], seed)
-    logged = read_jsonl(run / "gradients.jsonl")
-    if not logged or logged[0]["step"] != 0:
-        raise UnetsegError(f"{run}: gradients.jsonl has no step-0 row to check the rebuilt initial weights against; "
-                           "train with train.grad_log_every > 0")
-    worst = check_initial_norms(initial, logged[0]["layers"], str(run / "gradients.jsonl"))
+    initial, worst = checked_initial_model(run, payload["model_args"], seed)
     final = build_model(payload["model_args"])
     final.load_state_dict(payload["state_dict"])
     end = _kernels(final)
