@@ -746,6 +746,31 @@ def test_controls_study_matches_parameters_and_sweeps_the_rate_per_arm():
     assert by_name["noskip_lr1e-2"].reference == "skip_lr1e-2"
 
 
+def test_depth_study_holds_the_width_constant_and_everything_else_to_the_seeds_study():
+    """hippocampus_2d_depth (issue 11 item 4, depth at constant width): every level of every network has 16 maps,
+    parameters grow linearly with depth (not x4 per level), each no-skip cell is compared with its own depth's skip
+    cell, and the data, budget and loss are hippocampus_2d_seeds'."""
+    from unetseg.checkpoint import build_model, model_arguments
+
+    seeds, depth = load_study("hippocampus_2d_seeds"), load_study("hippocampus_2d_depth")
+    core = variant_config(seeds, build_variants(seeds)[0], 2).to_dict()
+    counts = {}
+    for v in build_variants(depth):
+        own = variant_config(depth, v, 2).to_dict()
+        levels = int(v.name[len("const")])
+        assert own["model"]["channels"] == [16] * levels and own["model"]["skips"] == v.name.endswith("_skip")
+        assert {k: own[k] for k in own if k not in ("model", "name")} == {k: core[k] for k in core
+                                                                        if k not in ("model", "name")}
+        assert {k: own["model"][k] for k in own["model"] if k not in ("channels", "skips")} == \
+            {k: core["model"][k] for k in core["model"] if k not in ("channels", "skips")}
+        if not v.name.endswith("_skip"):
+            assert v.reference == v.name.replace("_noskip", "_skip")
+        counts[v.name] = sum(p.numel() for p in build_model(model_arguments(v.model, 1, 3)).parameters())
+    added = [counts[f"const{d + 1}_skip"] - counts[f"const{d}_skip"] for d in (3, 4)]
+    assert added[0] == added[1] and sorted(counts) == sorted(f"const{d}_{a}" for d in (3, 4, 5)
+                                                             for a in ("skip", "noskip"))
+
+
 def test_extends_drop_and_variant_training_fields_are_checked(tmp_path):
     """A study that extends another lays its fields over the parent's; a cycle, a dropped name the matrix lacks
     and a training field outside the optimiser are one-line errors naming the file."""
