@@ -22,6 +22,12 @@ inference time depends only on the size). Warm repeats use its mirror images.
 measuring before the shipped models exist (the viewer picks it when no shipped
 model suits the input). A breakdown of the server-side steps, timed directly
 through the package, is printed too.
+
+The floor: the same uploads, timed the same way, into a bare Streamlit page
+that only shows a 420 x 420 picture captioned with the file's name
+(``FLOOR_APP``: no decoding, no model). What it takes is Streamlit's upload and
+rerun round trip plus the browser, which no change to the viewer can remove
+(``--no-floor`` skips it).
 """
 
 from __future__ import annotations
@@ -73,13 +79,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_root: Path, log) -> tuple[subprocess.Popen, str]:
+FLOOR_APP = """import hashlib
+
+import numpy as np
+import streamlit as st
+
+left, right = st.columns(2)
+upload = left.file_uploader("Scan or image")
+right.file_uploader("Ground truth (optional)")
+if upload is not None:
+    colour = np.frombuffer(hashlib.md5(upload.name.encode()).digest()[:3], np.uint8)  # a new picture per file
+    picture = np.broadcast_to(colour, (420, 420, 3))
+    st.caption(f"{upload.name}: {len(upload.getvalue())} bytes")
+    st.image(picture, caption=f"floor {upload.name}")
+"""
+
+
+def start_server(data_root: Path, log, script: Path) -> tuple[subprocess.Popen, str]:
+    """``streamlit run script`` on a free local port; returns the process and its URL once it answers."""
     import urllib.request
 
     port = free_port()
     env = {**os.environ, "UNETSEG_DATA_ROOT": str(data_root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "apps/viewer.py", "--server.headless", "true",
+        [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -146,10 +169,13 @@ def time_upload(page, path: Path) -> tuple[float, float]:
     return first, time.perf_counter() - start
 
 
-def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: list[str], log) -> dict[str, list[float]]:
+def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: list[str], log,
+                script: Path = REPO / "apps" / "viewer.py") -> dict[str, list[tuple[float, float]]]:
+    """One fresh server of ``script`` and browser; per kind of input, (first picture, first overlay) seconds of
+    each upload in turn."""
     from playwright.sync_api import sync_playwright
 
-    proc, url = start_server(data_root, log)
+    proc, url = start_server(data_root, log, script)
     out: dict[str, list[float]] = {}
     try:
         with sync_playwright() as p:
@@ -211,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         "for them)")
     parser.add_argument("--image-model", help="model for the breakdown of 2D images (default: the viewer's default "
                         "for them)")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the same uploads into a bare Streamlit page (default: %(default)s)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     data_root = Path(args.data_root).resolve()
@@ -220,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(Path(tmp) / "server.log", "w") as log:
             for _ in range(args.repeats):
                 runs.append(browser_run(data_root, inputs, args.checkpoint, log))
+            floor_runs = []
+            if args.floor:
+                (Path(tmp) / "floor.py").write_text(FLOOR_APP)
+                floor_runs = [browser_run(data_root, inputs, [], log, Path(tmp) / "floor.py")
+                              for _ in range(args.repeats)]
         steps = breakdown(inputs, {"volume": args.volume_model or best_shipped_model("nifti"),
                                    "image": args.image_model or best_shipped_model("image2d")})
     summary = {}
@@ -230,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[kind] = {"cold_median_s": statistics.median(cold), "warm_median_s": statistics.median(warm),
                          "first_picture_median_s": statistics.median(first), "cold_s": cold, "warm_s": warm,
                          "first_picture_s": first}
+        if floor_runs:
+            floor = [t[1] for r in floor_runs for t in r[kind]]
+            summary[kind].update({"floor_median_s": statistics.median(floor), "floor_s": floor})
     result = {
         "summary": summary, "breakdown": steps,
         "machine": {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "python": platform.python_version(),
