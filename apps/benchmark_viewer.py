@@ -91,7 +91,7 @@ if upload is not None:
     colour = np.frombuffer(hashlib.md5(upload.name.encode()).digest()[:3], np.uint8)  # a new picture per file
     picture = np.broadcast_to(colour, (420, 420, 3))
     st.caption(f"{upload.name}: {len(upload.getvalue())} bytes")
-    st.image(picture, caption=f"floor {upload.name}")
+    st.image(picture, caption=f"floor {upload.name}", output_format="PNG")
 """
 
 
