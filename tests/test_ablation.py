@@ -877,3 +877,16 @@ def test_claims_table_names_an_arm_and_a_traceable_interval_for_every_verdict():
         for quoted in figure.findall(interval):  # the report may write "mean +x, 95 % t-interval [a, b]"
             mean, bracket = quoted.replace("-", "−").split(" ", 1)
             assert mean in reports and bracket in reports, f"{quoted} is not in the report of {studies}"
+
+
+def test_the_depth_trend_is_read_only_over_several_depths():
+    """A study with one depth has no depth trend: its report must not say the gap grows (it did, for one depth)."""
+    from unetseg.ablation.findings import _depth_findings
+
+    rows = json.loads((DOCS / "ablation" / "dsb2018_2d" / "summary.json").read_text())["depth"]
+    assert [r["depth"] for r in rows] == [3, 4, 5]
+    assert "grow with depth, as the degradation story predicts" in _depth_findings(rows)[0]
+    shrinking = [rows[2], rows[1], rows[0]]  # gaps +0.044, +0.016, +0.009 at made-up depths 3, 4, 5
+    assert "do **not** grow" in _depth_findings([{**r, "depth": d} for r, d in zip(shrinking, (3, 4, 5))])[0]
+    single = _depth_findings(rows[1:2])[0]
+    assert "One depth only" in single and "grow" not in single

@@ -114,9 +114,10 @@ def _depth_findings(rows: list[dict[str, Any]]) -> list[str]:
     widening = all(b[1] > a[1] for a, b in zip(gaps, gaps[1:]))
     seeds = "; ".join(f"depth {r['depth']}: {seed_level_text(r['gap'])}{comparison_flag(r['gap'])}" for r in rows)
     healthy = ", ".join(f"depth {r['depth']}: {_healthy_gap(r['gap_without_collapsed'])}" for r in rows)
-    return [f"- Skip minus no-skip gap by depth (per-case mean; CIs in the depth figure): {text}. "
-            + ("The point estimates grow with depth, as the degradation story predicts."
-               if widening else "The point estimates do **not** grow with depth, contrary to the degradation story."),
+    trend = ("One depth only: no trend to read." if len(gaps) < 2 else
+             "The point estimates grow with depth, as the degradation story predicts." if widening else
+             "The point estimates do **not** grow with depth, contrary to the degradation story.")
+    return [f"- Skip minus no-skip gap by depth (per-case mean; CIs in the depth figure): {text}. " + trend,
             f"- The same gaps with seeds as the unit (mean of per-seed differences, 95 % t-interval): {seeds}.",
             f"- The same gap between seed means with collapsed runs left out: {healthy}."]
 
