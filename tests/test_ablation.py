@@ -837,7 +837,7 @@ def _round2_quoted(s: dict) -> list[str]:
 
 @pytest.mark.parametrize("name, runs", [("hippocampus_2d_seeds", 32), ("hippocampus_2d_plain", 21),
                                         ("hippocampus_2d_plain_sgd", 12), ("hippocampus_2d_controls", 21),
-                                        ("dsb2018_2d_seeds", 32)])
+                                        ("dsb2018_2d_seeds", 32), ("hippocampus_2d_depth", 18)])
 def test_round2_study_report_is_redrawn_and_its_figures_are_quoted(name, runs, tmp_path):
     """The round-2 studies (issue 11): each committed report is what --report-only makes from its artefacts, every
     run is in it, and docs/ablation.md's reading of it quotes its figures."""
