@@ -27,7 +27,8 @@ The floor: the same uploads, timed the same way, into a bare Streamlit page
 that only shows a 420 x 420 picture captioned with the file's name
 (``FLOOR_APP``: no decoding, no model). What it takes is Streamlit's upload and
 rerun round trip plus the browser, which no change to the viewer can remove
-(``--no-floor`` skips it).
+(``--no-floor`` skips it). Its median is over every upload, the first of each
+server included: a bare page has no model to load, so it has no cold case.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: lis
     from playwright.sync_api import sync_playwright
 
     proc, url = start_server(data_root, log, script)
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[tuple[float, float]]] = {}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)

@@ -67,8 +67,10 @@ def freeze_imported_heap() -> int:
 
     Streamlit collects garbage after every run (``runner.postScriptGC``). Over that heap a collection took
     0.35-0.45 s on the 2-core machine, and replacing an upload pays it between the run without a file and the run
-    with the new one; frozen, it takes under a millisecond. Frozen objects are still freed by reference counting;
-    only a cycle among them would outlive the process, and the collection just before the freeze leaves none.
+    with the new one; frozen, it takes under a millisecond. Frozen objects are still freed by reference counting,
+    but a reference cycle among them that becomes garbage later is never collected: the first run's script module
+    and session objects alive at the freeze leak once per process (kilobytes). Clearing the resource cache
+    (``st.cache_resource.clear()``) freezes again whatever is alive then.
     """
     gc.collect()
     gc.freeze()
@@ -478,7 +480,8 @@ def show_panels(panels: list[tuple[np.ndarray | bytes, str]], view: View, first_
 def show(slot, picture: np.ndarray | bytes, caption: str, view: View) -> None:
     """``picture`` (RGB ``(H, W, 3)``, or already :func:`encoded`) in ``slot`` with its caption."""
     data = picture if isinstance(picture, bytes) else encoded(picture, view)
-    # output_format: Streamlit's "auto" re-encodes an RGB PNG as JPEG (quality 90), blurring the label edges.
+    # output_format: Streamlit's "auto" re-encodes an RGB PNG as JPEG (quality 90), blurring the label edges. Pictures
+    # wider than 1460 px are still shrunk (bilinear) and re-encoded by Streamlit: zoom shows their pixels.
     slot.image(data, caption=caption, width="stretch", output_format="PNG")
 
 
