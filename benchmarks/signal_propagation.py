@@ -37,7 +37,7 @@ from unetseg.ablation.signal import shrinkage, signal_profile
 from unetseg.ablation.weights import checked_initial_model
 from unetseg.data.datasets import dataset_info, list_cases, load_cases
 from unetseg.data.preprocess import pad_to_shape, volume_to_slices
-from unetseg.infer import Segmenter, build_model, load_checkpoint
+from unetseg.infer import Checkpoint, Segmenter, load_checkpoint
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import subplots
@@ -73,11 +73,10 @@ def study_arms(study: Path, variants: list[str] | None, images: torch.Tensor, la
     arms = []
     for name in names:
         for run in sorted((study / "runs" / name).glob("seed*"), key=lambda p: int(p.name[4:])):
-            payload = load_checkpoint(run / FINAL_CHECKPOINT)
-            seed, args = int(payload["config"]["train"]["seed"]), payload["model_args"]
+            saved = Checkpoint.load(run / FINAL_CHECKPOINT)
+            seed, args = int(saved.config["train"]["seed"]), saved.model_args
             initial, _ = checked_initial_model(run, args, seed)
-            trained = build_model(args)
-            trained.load_state_dict(payload["state_dict"])
+            trained = saved.build_model()  # the network the load built to check the weights
             for state, model in (("initialisation (run's seed)", initial), ("trained (study run)", trained)):
                 arms.append({"architecture": f"{study.name}: {name}", "norm": args["norm"],
                              "skips": any(model.skips), "state": state, "seed": seed,

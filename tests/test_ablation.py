@@ -706,6 +706,18 @@ def test_extra_variants_are_the_base_model_with_their_fields_and_bad_entries_are
             load_study(str(path))
 
 
+def _without(mapping: dict, *keys: str) -> dict:
+    """``mapping`` less ``keys``: what two configs must share when they differ only in those."""
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def _parameter_count(model: ModelConfig) -> int:
+    """Trainable parameters of a hippocampus network (1 input channel, 3 classes) built from ``model``."""
+    from unetseg.checkpoint import build_model, model_arguments
+
+    return sum(p.numel() for p in build_model(model_arguments(model, 1, 3)).parameters())
+
+
 def test_sgd_twin_extends_the_plain_study_and_differs_only_by_the_optimiser():
     """hippocampus_2d_plain_sgd (issue 11 item 3) is hippocampus_2d_plain's plain arms with SGD: the same runs but
     for train.optimizer / momentum / lr, and the analyses of the cells it keeps."""
@@ -719,20 +731,17 @@ def test_sgd_twin_extends_the_plain_study_and_differs_only_by_the_optimiser():
         twin, own = variant_config(adamw, by_name[v.name], 2).to_dict(), variant_config(sgd, v, 2).to_dict()
         changed = {k for k in own["train"] if own["train"][k] != twin["train"][k]}
         assert changed == {"optimizer", "momentum", "lr"} and own["train"]["optimizer"] == "sgd"
-        assert {k: own[k] for k in own if k not in ("train", "name")} == {k: twin[k] for k in twin
-                                                                       if k not in ("train", "name")}
+        assert _without(own, "train", "name") == _without(twin, "train", "name")
 
 
 def test_controls_study_matches_parameters_and_sweeps_the_rate_per_arm():
     """hippocampus_2d_controls (issue 11 item 4): the widened no-skip network has the skip network's parameter
     count within 0.5 %, and each arm runs at three learning rates with everything else the seeds study's."""
-    from unetseg.checkpoint import build_model, model_arguments
-
     seeds, controls = load_study("hippocampus_2d_seeds"), load_study("hippocampus_2d_controls")
     by_name = {v.name: v for v in build_variants(controls)}
 
     def parameters(name: str) -> int:
-        return sum(p.numel() for p in build_model(model_arguments(by_name[name].model, 1, 3)).parameters())
+        return _parameter_count(by_name[name].model)
 
     assert parameters("noskip") < 0.92 * parameters("skip")
     assert parameters("noskip_wide") == pytest.approx(parameters("skip"), rel=0.005)
@@ -750,8 +759,6 @@ def test_depth_study_holds_the_width_constant_and_everything_else_to_the_seeds_s
     """hippocampus_2d_depth (issue 11 item 4, depth at constant width): every level of every network has 16 maps,
     parameters grow linearly with depth (not x4 per level), each no-skip cell is compared with its own depth's skip
     cell, and the data, budget and loss are hippocampus_2d_seeds'."""
-    from unetseg.checkpoint import build_model, model_arguments
-
     seeds, depth = load_study("hippocampus_2d_seeds"), load_study("hippocampus_2d_depth")
     core = variant_config(seeds, build_variants(seeds)[0], 2).to_dict()
     counts = {}
@@ -759,13 +766,11 @@ def test_depth_study_holds_the_width_constant_and_everything_else_to_the_seeds_s
         own = variant_config(depth, v, 2).to_dict()
         levels = int(v.name[len("const")])
         assert own["model"]["channels"] == [16] * levels and own["model"]["skips"] == v.name.endswith("_skip")
-        assert {k: own[k] for k in own if k not in ("model", "name")} == {k: core[k] for k in core
-                                                                        if k not in ("model", "name")}
-        assert {k: own["model"][k] for k in own["model"] if k not in ("channels", "skips")} == \
-            {k: core["model"][k] for k in core["model"] if k not in ("channels", "skips")}
+        assert _without(own, "model", "name") == _without(core, "model", "name")
+        assert _without(own["model"], "channels", "skips") == _without(core["model"], "channels", "skips")
         if not v.name.endswith("_skip"):
             assert v.reference == v.name.replace("_noskip", "_skip")
-        counts[v.name] = sum(p.numel() for p in build_model(model_arguments(v.model, 1, 3)).parameters())
+        counts[v.name] = _parameter_count(v.model)
     added = [counts[f"const{d + 1}_skip"] - counts[f"const{d}_skip"] for d in (3, 4)]
     assert added[0] == added[1] and sorted(counts) == sorted(f"const{d}_{a}" for d in (3, 4, 5)
                                                              for a in ("skip", "noskip"))

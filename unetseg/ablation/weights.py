@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from unetseg.errors import UnetsegError
-from unetseg.infer import build_model, load_checkpoint
+from unetseg.infer import Checkpoint, build_model
 from unetseg.model import UNet
 from unetseg.runlog import read_jsonl, write_json
 
@@ -79,17 +79,15 @@ def weight_change(run: str | Path, checkpoint: str, seed: int) -> dict[str, Any]
         "distance", "relative_distance"}, ...]}`` (layers in registration order).
     """
     run = Path(run)
-    payload = load_checkpoint(run / checkpoint)
-    initial, worst = checked_initial_model(run, payload["model_args"], seed)
-    final = build_model(payload["model_args"])
-    final.load_state_dict(payload["state_dict"])
-    end = _kernels(final)
+    saved = Checkpoint.load(run / checkpoint)
+    initial, worst = checked_initial_model(run, saved.model_args, seed)
+    end = _kernels(saved.build_model())  # the network the load built to check the weights: not built again
     rows = []
     for name, w0 in _kernels(initial).items():
         init_norm, distance = float(w0.norm()), float((end[name] - w0).norm())
         rows.append({"layer": name, "init_norm": init_norm, "final_norm": float(end[name].norm()),
                      "distance": distance, "relative_distance": distance / init_norm})
-    return {"checkpoint": checkpoint, "epoch": int(payload["epoch"]), "seed": seed, "init_check": worst, "layers": rows}
+    return {"checkpoint": checkpoint, "epoch": int(saved.epoch), "seed": seed, "init_check": worst, "layers": rows}
 
 
 def write_weight_change(run: str | Path, checkpoint: str, seed: int, path: str | Path) -> None:
