@@ -9,7 +9,8 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from unetseg.ablation.compare import collapsed_classes, compare, healthy_mean_di
 from unetseg.ablation.gradients import same_layer_comparison
 from unetseg.ablation.landscape import filter_normalized_direction, loss_slices
 from unetseg.ablation.report import write_report
-from unetseg.ablation.runs import run_dir
+from unetseg.ablation.runs import finished_twin, run_dir
 from unetseg.ablation.stats import (
     bootstrap_ci,
     exact_p_floor,
@@ -501,6 +502,37 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
             str(tmp_path / "r")]
     assert main(args) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_reuse_copies_identical_finished_runs_of_another_study_and_only_those(quick_study, tmp_path, capsys,
+                                                                            data_root):
+    """--reuse: a study under another name whose runs have the quick study's training configs copies them (logged
+    with their source, scores unchanged, config under its own name); a run whose budget differs is not a twin."""
+    raw = yaml.safe_load((STUDY_DIR / "hippocampus_2d.yaml").read_text())
+    raw["name"] = "twin_study"
+    twin_file = tmp_path / "twin_study.yaml"
+    twin_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "twin"
+    args = ["ablate", "--config", str(twin_file), "--quick", "--out", str(out), "--report-dir", str(tmp_path / "r"),
+            "--data-root", str(data_root), "--quiet",
+            "--reuse", str(quick_study["study"]), "--shard", "1/1"]
+    assert main(args) == 0
+    spec = load_study(str(twin_file), quick=True)
+    rows = [r for r in read_jsonl(out / "log.jsonl") if r["event"] == "run"]
+    assert len(rows) == len(build_variants(spec)) * len(spec.seeds)
+    for row in rows:
+        assert row["action"] == "reused" and row["from"] == str(run_dir(quick_study["study"], row["variant"], row["seed"]))
+        copied, source = run_dir(out, row["variant"], row["seed"]), Path(row["from"])
+        assert (copied / "per_case.json").read_text() == (source / "per_case.json").read_text()
+        assert yaml.safe_load((copied / "config.yaml").read_text())["name"].startswith("twin_study")
+
+    variant = next(v for v in build_variants(spec) if v.name == "skip")
+    cfg = variant_config(spec, variant, spec.seeds[0])
+    assert finished_twin([quick_study["study"]], spec.seeds[0], cfg) is not None
+    assert finished_twin([quick_study["study"]], spec.seeds[0], replace(cfg, train=replace(cfg.train, lr=0.5))) is None
+    assert main(["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(tmp_path / "x"),
+                 "--reuse", str(tmp_path / "nowhere")]) == 2
+    assert "not a study folder" in capsys.readouterr().err
 
 
 def test_a_study_saved_before_an_analysis_field_existed_is_the_same_study(tmp_path):

@@ -176,6 +176,10 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                    help="train only every N-th run, starting with the K-th, into the shared --out folder, and stop: "
                    "N machines (a scheduler's job array) share the matrix; then run the same command without --shard "
                    "to analyse and report (finished runs are kept)")
+    p.add_argument("--reuse", action="append", default=[], metavar="STUDY_DIR",
+                   help="another study's --out folder: a run not yet trained here whose exact training config "
+                   "(data, model, budget, seed; the name aside) a finished run there has is copied, not retrained "
+                   "(CPU training repeats bit for bit); logged as 'reused' with its source (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -443,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             report = ablate(args.config, args.quick, args.out, args.report_dir, args.data_root,
                             args.report_only, args.jobs, progress=not args.quiet, command=["unetseg", *argv],
-                            shard=args.shard)
+                            shard=args.shard, reuse=args.reuse)
             if report is None:
                 print(f"shard {args.shard} trained; once every shard is done, run the same command without --shard "
                       "to analyse and report")

@@ -146,9 +146,19 @@ def _how_made(summary: dict[str, Any]) -> list[str]:
         f"- Wall time: {tm['wall_seconds'] / 60:.1f} min over {tm['invocations']} invocation(s); training time per run "
         f"median {tm['run_seconds']['median']:.0f} s (min {tm['run_seconds']['min']:.0f}, max {tm['run_seconds']['max']:.0f}); "
         f"analyses {tm['analysis_seconds']:.0f} s.",
+        *_reused_runs_line(tm.get("reused_runs", [])),
         "- Every number below is in `summary.json`, computed from `runs/<variant>/seed<k>/per_case.json` "
         "(and `metrics.jsonl`, `gradients.jsonl`, `analysis/*`) in this folder.",
     ]
+
+
+def _reused_runs_line(reused: list[str]) -> list[str]:
+    """The runs copied from another study's identical runs (``--reuse``), when there are any."""
+    if not reused:
+        return []
+    return [f"- {len(reused)} run(s) copied, not retrained, from finished runs of another study with the same "
+            f"training config (`--reuse`; CPU training repeats bit for bit): {'; '.join(reused)}. Their training "
+            "time counts in the per-run figures, not in the wall time."]
 
 
 def _results_and_seeds(summary: dict[str, Any]) -> list[str]:

@@ -39,8 +39,10 @@ from unetseg.ablation.qualitative import qualitative_arrays
 from unetseg.ablation.runs import (
     FINAL_CHECKPOINT,
     SMALL_FILES,
+    adopt_twin,
     analysis_path,
     clear_partial_files,
+    finished_twin,
     run_dir,
     score_run,
     training_state,
@@ -84,8 +86,10 @@ def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | No
 
 
 def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, study_dir: str,
-                    data_root: str | None, threads: int, progress: bool) -> dict[str, Any]:
-    """Bring one run to ``done``: train (or resume) with ``fit``, then score its final weights.
+                    data_root: str | None, threads: int, progress: bool, reuse: Sequence[str] = ()) -> dict[str, Any]:
+    """Bring one run to ``done``: train (or resume) with ``fit``, then score its final weights. A new run whose
+    exact training config a finished run in one of the ``reuse`` study folders has is copied from there instead
+    (:func:`unetseg.ablation.runs.finished_twin`).
 
     Top-level and picklable so a process pool can run it. Returns a log row.
     """
@@ -95,6 +99,11 @@ def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, stud
     run = run_dir(study_dir, variant.name, seed)
     state = training_state(run, cfg)
     t0 = time.perf_counter()
+    twin = finished_twin(reuse, seed, cfg) if state == "new" else None
+    if twin is not None:
+        adopt_twin(twin, run, cfg)
+        return {"event": "run", "variant": variant.name, "seed": seed, "action": "reused", "from": str(twin),
+                "seconds": round(time.perf_counter() - t0, 2), "time": time.time()}
     command = ["unetseg", "ablate", "--config", spec.name, *(["--quick"] if spec.quick else []),
                f"# variant {variant.name} seed {seed}"]
     if state == "new":
@@ -266,9 +275,9 @@ def shard_tasks(tasks: list, shard: tuple[int, int] | None) -> list:
 
 
 def _train_runs(spec: StudySpec, tasks: list[tuple[Variant, int]], study_dir: Path, root: str, jobs: int,
-                threads: int, progress: bool) -> None:
-    """Train (or skip, when finished) each ``(variant, seed)`` run, ``jobs`` at a time in spawned processes of
-    ``threads`` threads, logging each to ``log.jsonl`` as it ends."""
+                threads: int, progress: bool, reuse: Sequence[str] = ()) -> None:
+    """Train (or skip, when finished; or copy from a ``reuse`` study) each ``(variant, seed)`` run, ``jobs`` at a
+    time in spawned processes of ``threads`` threads, logging each to ``log.jsonl`` as it ends."""
     spec_dict = spec.to_dict()
     runs_bar = progress_bar(enabled=progress, total=len(tasks), desc="runs", unit="run")
 
@@ -280,10 +289,10 @@ def _train_runs(spec: StudySpec, tasks: list[tuple[Variant, int]], study_dir: Pa
 
     if jobs <= 1:
         for v, s in tasks:
-            finished(train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress))
+            finished(train_and_score(spec_dict, v, s, str(study_dir), root, threads, progress, reuse))
     else:  # parallel runs draw no bars of their own (they would overwrite each other); the runs bar counts them
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, False)
+            futures = [pool.submit(train_and_score, spec_dict, v, s, str(study_dir), root, threads, False, reuse)
                        for v, s in tasks]
             for future in as_completed(futures):
                 finished(future.result())
@@ -292,7 +301,7 @@ def _train_runs(spec: StudySpec, tasks: list[tuple[Variant, int]], study_dir: Pa
 
 def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, data_root: str | Path | None = None,
               jobs: int = 1, progress: bool = True, command: list[str] | None = None,
-              shard: tuple[int, int] | None = None) -> Path | None:
+              shard: tuple[int, int] | None = None, reuse: Sequence[str | Path] = ()) -> Path | None:
     """Run (or continue) a whole study and write its report; returns the report's path.
 
     With ``shard = (K, N)`` only every N-th run (starting with the K-th) is trained, into the same
@@ -310,10 +319,15 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
         progress: a bar over the runs and a line per finished run (with ``jobs == 1``
             also each run's own epoch bars), and a line per analysis.
         command: the command line, recorded in ``log.jsonl`` and quoted by the report.
+        reuse: other study folders; a run not yet started here whose exact training config (name aside) a
+            finished run there has is copied, not retrained (logged as ``reused`` with its source).
     """
     from unetseg.ablation.report import write_report
 
     study_dir, report_dir = Path(study_dir), Path(report_dir)
+    for folder in reuse:
+        if not (Path(folder) / "runs").is_dir():
+            raise UnetsegError(f"--reuse {folder}: not a study folder (no runs/ inside); pass a study's --out folder")
     root = str(resolve_data_root(data_root))
     study_dir.mkdir(parents=True, exist_ok=True)
     _check_study_file(spec, study_dir)
@@ -324,7 +338,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
     _append_log(study_dir, {"event": "start", "time": start, "machine": machine_info(jobs, threads),
                             "command": " ".join(command) if command else None})
     tasks = shard_tasks([(v, s) for v in variants for s in spec.seeds], shard)
-    _train_runs(spec, tasks, study_dir, root, jobs, threads, progress)
+    _train_runs(spec, tasks, study_dir, root, jobs, threads, progress, [str(f) for f in reuse])
     if shard is not None:
         _append_log(study_dir, {"event": "shard", "shard": f"{shard[0]}/{shard[1]}", "runs": len(tasks), "start": start,
                                 "end": time.time(), "machine": machine_info(jobs, threads)})
@@ -338,7 +352,7 @@ def run_study(spec: StudySpec, study_dir: str | Path, report_dir: str | Path, da
 
 def ablate(config: str, quick: bool = False, out: str | None = None, report_dir: str | None = None,
            data_root: str | None = None, report_only: bool = False, jobs: int = 1, progress: bool = True,
-           command: list[str] | None = None, shard: str | None = None) -> Path | None:
+           command: list[str] | None = None, shard: str | None = None, reuse: Sequence[str] = ()) -> Path | None:
     """What ``unetseg ablate`` does; returns the path of the written ``report.md``.
 
     Defaults: study folder ``runs/ablation/<name>[-quick]``; report folder
@@ -363,4 +377,4 @@ def ablate(config: str, quick: bool = False, out: str | None = None, report_dir:
     if jobs < 1:
         raise UnetsegError(f"--jobs must be at least 1, got {jobs}")
     return run_study(spec, study_dir, target, data_root, jobs, progress, command,
-                     shard=parse_shard(shard) if shard is not None else None)
+                     shard=parse_shard(shard) if shard is not None else None, reuse=reuse)

@@ -10,13 +10,14 @@ the validation cases) scored on every validation case by
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from unetseg.config import Config, config_from_dict
+from unetseg.config import Config, config_from_dict, save_config
 from unetseg.data.datasets import Case
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate_cases, summarize
@@ -50,21 +51,31 @@ def trained_epochs(run: Path) -> int:
     return len(read_jsonl(run / "metrics.jsonl"))
 
 
+def saved_config(run: Path) -> dict[str, Any] | None:
+    """A run folder's ``config.yaml`` as this code reads configs (fields added since take their defaults), or None."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path)).to_dict()
+
+
 def check_same_config(run: Path, cfg: Config) -> None:
     """Raise when ``run`` was started with a config other than ``cfg`` (a changed budget must not mix)."""
-    path = run / "config.yaml"
-    if path.is_file():  # read as this code reads configs: fields added since take their defaults
-        saved = config_from_dict(yaml.safe_load(path.read_text()), source=str(path)).to_dict()
-        if saved != cfg.to_dict():
-            raise UnetsegError(
-                f"{run} was trained with a different config than the study now asks for; "
-                f"delete that folder or give the study another --out"
-            )
+    saved = saved_config(run)
+    if saved is not None and saved != cfg.to_dict():
+        raise UnetsegError(
+            f"{run} was trained with a different config than the study now asks for; "
+            f"delete that folder or give the study another --out"
+        )
 
 
 def training_state(run: Path, cfg: Config) -> str:
     """``"done"`` (trained and scored), ``"trained"`` (needs scoring), ``"partial"`` (resume) or ``"new"``."""
     check_same_config(run, cfg)
+    return _progress_state(run, cfg)
+
+
+def _progress_state(run: Path, cfg: Config) -> str:
     last = run / FINAL_CHECKPOINT
     if not last.is_file():
         return "new"
@@ -72,6 +83,31 @@ def training_state(run: Path, cfg: Config) -> str:
     if epoch < cfg.train.epochs - 1:
         return "partial"
     return "done" if (run / PER_CASE).is_file() else "trained"
+
+
+def finished_twin(study_dirs: Sequence[str | Path], seed: int, cfg: Config) -> Path | None:
+    """A finished, scored run of another study trained with exactly ``cfg`` but for its name, or None.
+
+    Training on the CPU is repeatable bit for bit (same config, same seed: the same weights and per-case scores;
+    ``test_a_study_that_repeats_runs_of_another_reproduces_them_exactly``), so copying such a run is the same as
+    training it again. Looks at ``<study_dir>/runs/*/seed<seed>`` of each folder in order.
+    """
+    wanted = {**cfg.to_dict(), "name": None}
+    for study_dir in study_dirs:
+        for run in sorted((Path(study_dir) / "runs").glob(f"*/seed{seed}")):
+            saved = saved_config(run)
+            if saved is not None and {**saved, "name": None} == wanted and _progress_state(run, cfg) == "done":
+                return run
+    return None
+
+
+def adopt_twin(twin: Path, run: Path, cfg: Config) -> None:
+    """Copy every file of the finished run ``twin`` into ``run``, with ``cfg`` (this study's name) as its config."""
+    run.mkdir(parents=True, exist_ok=True)
+    for path in twin.iterdir():
+        if path.is_file() and path.name != "config.yaml":
+            shutil.copy2(path, run / path.name)
+    save_config(cfg, run / "config.yaml")
 
 
 def clear_partial_files(run: Path) -> None:

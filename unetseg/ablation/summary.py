@@ -305,12 +305,15 @@ def _timing(report_dir: Path, table: dict[str, Any]) -> dict[str, Any]:
     log = read_jsonl(report_dir / "log.jsonl")
     invocations = invocation_spans(log)
     train_s = [s for e in table.values() for s in e["train_seconds"]]
+    reused = sorted({f"{r['variant']} seed {r['seed']} from {r['from']}"
+                     for r in log if r["event"] == "run" and r["action"] == "reused"})
     return {
         "wall_seconds": float(sum(end - start for start, end, _ in invocations)),
         "invocations": len(invocations),
         "run_seconds": {"median": float(np.median(train_s)), "min": float(np.min(train_s)), "max": float(np.max(train_s)),
                         "total": float(np.sum(train_s))},
         "analysis_seconds": float(sum(r["seconds"] for r in log if r["event"] == "analysis")),
+        **({"reused_runs": reused} if reused else {}),  # runs copied by --reuse (absent from older reports)
         "machine": invocations[-1][2] if invocations else None,
         "commands": sorted({r["command"] for r in log if r["event"] == "start" and r.get("command")}),
     }
