@@ -3,7 +3,7 @@
     git worktree add /tmp/unetseg-aa74eaf aa74eaf
     PYTHONPATH=/tmp/unetseg-aa74eaf python benchmarks/collapse_causes.py CHANGE [RUN ...] --data-root ../shared/data
 
-Runs the study's own config (docs/ablation/hippocampus_2d/runs/<variant>/seed<k>/config.yaml)
+Runs the study's own config (docs/ablation/hippocampus_2d_round1/runs/<variant>/seed<k>/config.yaml)
 with the code the study ran (commit aa74eaf, put first on PYTHONPATH), to step 400, with
 one change: ``none`` (unchanged: the run must repeat exactly), ``batch`` (soft Dice summed
 over the batch), ``nobg`` (Dice over the foreground classes only), ``batch_nobg``,
@@ -27,7 +27,7 @@ import unetseg.train
 from unetseg.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO / "docs" / "ablation" / "hippocampus_2d" / "runs"
+STUDY = REPO / "docs" / "ablation" / "hippocampus_2d_round1" / "runs"
 COLLAPSED = ["depth3_skip/seed2", "depth5_skip/seed2", "add/seed1"]
 LOSS_ARGS = {"batch": {"batch": True}, "nobg": {"include_background": False},
              "batch_nobg": {"batch": True, "include_background": False},

@@ -568,9 +568,10 @@ def assert_redrawn_from_artefacts(name: str, tmp_path) -> dict:
     return json.loads((committed / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d"])
+@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d", "hippocampus_2d_round1"])
 def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
-    """The committed report.md and summary.json are exactly what --report-only makes from the committed runs."""
+    """The committed report.md and summary.json are exactly what --report-only makes from the committed runs
+    (today's recipe, and the round-1 studies trained under the old one, kept for docs/collapse.md)."""
     summary = assert_redrawn_from_artefacts(name, tmp_path)
     assert summary["runs_found"] == summary["runs_expected"] == 36 and not summary["quick"]
 
@@ -886,14 +887,18 @@ def test_round2_study_report_is_redrawn_and_its_figures_are_quoted(name, runs, t
     assert not missing, missing
 
 
-def test_a_study_that_repeats_runs_of_another_reproduces_them_exactly():
-    """hippocampus_2d_controls trains `skip` and `noskip` seeds 0-2 with the configs of hippocampus_2d_seeds (a test
-    above holds them equal); trained a week later in another process, every validation case scores the same."""
+@pytest.mark.parametrize("study", ["hippocampus_2d_controls", "hippocampus_2d"])
+def test_a_study_that_repeats_runs_of_another_reproduces_them_exactly(study):
+    """hippocampus_2d_controls and the rerun hippocampus_2d train `skip` and `noskip` seeds 0-2 with the configs of
+    hippocampus_2d_seeds (tests above hold them equal); trained days later in other processes, every validation case
+    scores the same. That is what lets `ablate --reuse` copy such runs instead of training them again."""
     for variant in ("skip", "noskip"):
         for seed in range(3):
-            runs = [json.loads((run_dir(DOCS / "ablation" / study, variant, seed) / "per_case.json").read_text())
-                    for study in ("hippocampus_2d_seeds", "hippocampus_2d_controls")]
+            runs = [json.loads((run_dir(DOCS / "ablation" / name, variant, seed) / "per_case.json").read_text())
+                    for name in ("hippocampus_2d_seeds", study)]
             assert runs[0]["cases"] == runs[1]["cases"] and runs[0]["summary"] == runs[1]["summary"]
+    reused = [r for r in read_jsonl(DOCS / "ablation" / study / "log.jsonl") if r.get("action") == "reused"]
+    assert not {(r["variant"], r["seed"]) for r in reused} & {(v, k) for v in ("skip", "noskip") for k in range(3)}
 
 
 def test_claims_table_names_an_arm_and_a_traceable_interval_for_every_verdict():
