@@ -507,32 +507,48 @@ def test_changed_study_settings_are_refused(quick_study, tmp_path, capsys):
 def test_reuse_copies_identical_finished_runs_of_another_study_and_only_those(quick_study, tmp_path, capsys,
                                                                             data_root):
     """--reuse: a study under another name whose runs have the quick study's training configs copies them (logged
-    with their source, scores unchanged, config under its own name); a run whose budget differs is not a twin."""
+    with their source, scores unchanged, config under its own name, command.txt saying so), and a second call keeps
+    them; a run whose budget or split differs, or that is not finished, is not a twin."""
     raw = yaml.safe_load((STUDY_DIR / "hippocampus_2d.yaml").read_text())
     raw["name"] = "twin_study"
     twin_file = tmp_path / "twin_study.yaml"
     twin_file.write_text(yaml.safe_dump(raw))
     out = tmp_path / "twin"
     args = ["ablate", "--config", str(twin_file), "--quick", "--out", str(out), "--report-dir", str(tmp_path / "r"),
-            "--data-root", str(data_root), "--quiet",
-            "--reuse", str(quick_study["study"]), "--shard", "1/1"]
-    assert main(args) == 0
+            "--data-root", str(data_root), "--quiet", "--reuse", str(quick_study["study"]), "--shard", "1/1"]
+    assert main(args) == 0 and main(args) == 0
     spec = load_study(str(twin_file), quick=True)
     rows = [r for r in read_jsonl(out / "log.jsonl") if r["event"] == "run"]
-    assert len(rows) == len(build_variants(spec)) * len(spec.seeds)
-    for row in rows:
-        assert row["action"] == "reused" and row["from"] == str(run_dir(quick_study["study"], row["variant"], row["seed"]))
+    tasks = len(build_variants(spec)) * len(spec.seeds)
+    assert len(rows) == 2 * tasks and {r["action"] for r in rows[tasks:]} == {"skipped"}
+    for row in rows[:tasks]:
+        assert row["action"] == "reused" and row["from_study"] == "hippocampus_2d"
+        assert row["from"] == str(run_dir(quick_study["study"], row["variant"], row["seed"]))
         copied, source = run_dir(out, row["variant"], row["seed"]), Path(row["from"])
-        assert (copied / "per_case.json").read_text() == (source / "per_case.json").read_text()
+        assert (copied / "per_case.json").read_bytes() == (source / "per_case.json").read_bytes()
+        assert (copied / "last.pt").read_bytes() == (source / "last.pt").read_bytes()
         assert yaml.safe_load((copied / "config.yaml").read_text())["name"].startswith("twin_study")
+        assert f"copied by unetseg ablate --reuse from {source}" in (copied / "command.txt").read_text()
+    assert not list((out / "runs").glob("*/.*"))  # no staging folder left behind
 
     variant = next(v for v in build_variants(spec) if v.name == "skip")
-    cfg = variant_config(spec, variant, spec.seeds[0])
-    assert finished_twin([quick_study["study"]], spec.seeds[0], cfg) is not None
-    assert finished_twin([quick_study["study"]], spec.seeds[0], replace(cfg, train=replace(cfg.train, lr=0.5))) is None
+    seed = spec.seeds[0]
+    cfg = variant_config(spec, variant, seed)
+    donor = run_dir(quick_study["study"], "skip", seed)
+    split = json.loads((donor / "split.json").read_text())
+    assert finished_twin([quick_study["study"]], seed, cfg, split) == donor
+    assert finished_twin([quick_study["study"]], seed, replace(cfg, train=replace(cfg.train, lr=0.5)), split) is None
+    assert finished_twin([quick_study["study"]], seed, cfg, {**split, "val": split["val"][1:]}) is None
+    unscored = tmp_path / "unscored"
+    shutil.copytree(donor, run_dir(unscored, "skip", seed))
+    (run_dir(unscored, "skip", seed) / "per_case.json").unlink()
+    assert finished_twin([unscored], seed, cfg, split) is None
     assert main(["ablate", "--config", "hippocampus_2d", "--quick", "--out", str(tmp_path / "x"),
                  "--reuse", str(tmp_path / "nowhere")]) == 2
     assert "not a study folder" in capsys.readouterr().err
+    assert main(["ablate", "--config", "hippocampus_2d", "--quick", "--report-only", "--report-dir",
+                 str(quick_study["report"]), "--reuse", str(quick_study["study"])]) == 2
+    assert "--reuse is about training runs" in capsys.readouterr().err
 
 
 def test_a_study_saved_before_an_analysis_field_existed_is_the_same_study(tmp_path):

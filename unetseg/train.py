@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from unetseg import __version__
 from unetseg.checkpoint import TRAINING_ENTRIES, Checkpoint, Preprocessing, TrainingState, build_model, model_arguments
 from unetseg.config import Config, TrainConfig, apply_overrides, load_config, save_config
-from unetseg.data.datasets import Case, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
+from unetseg.data.datasets import Case, CaseRef, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
 from unetseg.eventlog import EVENT_DIR, EventLog
@@ -272,23 +272,35 @@ def _mean_across_ranks(value: float, di: DistInfo, device: torch.device) -> floa
     return float(t.item()) / di.world_size
 
 
-def prepare_data(
-    cfg: Config, data_root: str | Path | None, progress: bool = True
-) -> tuple[DatasetInfo, dict[str, list[str]], list[Case], list[Case]]:
-    """Load the data set, split it by case, and return info, split, train cases, val cases."""
+def case_split(cfg: Config, data_root: str | Path | None) -> tuple[list[CaseRef], DatasetInfo, dict[str, list[str]], set[str]]:
+    """The labelled cases a run of ``cfg`` uses and their split, without reading any image.
+
+    Returns:
+        ``(refs, info, split, held_out)``: the case references (``data.max_cases`` applied), the data set's info,
+        ``{"train": ids, "val": ids}`` as ``split.json`` records it (``train.val_max_cases`` applied to ``val``),
+        and every held-out id (no training on them, also those ``val_max_cases`` leaves unscored).
+    """
     refs, info = list_cases(dataset_info(cfg.data.dataset), data_root or cfg.data.root)
     if cfg.data.max_cases:
         refs = refs[: cfg.data.max_cases]
     split = split_cases(
         [r.case_id for r in refs], cfg.data.val_fraction, cfg.data.split_seed, cfg.data.num_folds, cfg.data.fold
     )
-    val_ids = set(split["val"])
-    cases = load_cases(refs, info, cfg.data.normalization, progress=progress)
-    train = [c for c in cases if c.case_id not in val_ids]
-    val = [c for c in cases if c.case_id in val_ids]
+    held_out = set(split["val"])
     if cfg.train.val_max_cases:
-        val = val[: cfg.train.val_max_cases]
-        split["val"] = [c.case_id for c in val]
+        split["val"] = [r.case_id for r in refs if r.case_id in held_out][: cfg.train.val_max_cases]
+    return refs, info, split, held_out
+
+
+def prepare_data(
+    cfg: Config, data_root: str | Path | None, progress: bool = True
+) -> tuple[DatasetInfo, dict[str, list[str]], list[Case], list[Case]]:
+    """Load the data set, split it by case, and return info, split, train cases, val cases."""
+    refs, info, split, held_out = case_split(cfg, data_root)
+    cases = load_cases(refs, info, cfg.data.normalization, progress=progress)
+    scored = set(split["val"])
+    train = [c for c in cases if c.case_id not in held_out]
+    val = [c for c in cases if c.case_id in scored]
     return info, split, train, val
 
 

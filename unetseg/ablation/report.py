@@ -157,8 +157,9 @@ def _reused_runs_line(reused: list[str]) -> list[str]:
     if not reused:
         return []
     return [f"- {len(reused)} run(s) copied, not retrained, from finished runs of another study with the same "
-            f"training config (`--reuse`; CPU training repeats bit for bit): {'; '.join(reused)}. Their training "
-            "time counts in the per-run figures, not in the wall time."]
+            f"training config and split (`--reuse`; retrained on the CPU, such a run repeats case for case): "
+            f"{'; '.join(reused)}. Their training time, measured where they were trained, counts in the per-run "
+            "figures, not in the wall time."]
 
 
 def _results_and_seeds(summary: dict[str, Any]) -> list[str]:

@@ -54,7 +54,7 @@ from unetseg.data.datasets import Case, resolve_data_root
 from unetseg.errors import UnetsegError
 from unetseg.infer import Segmenter
 from unetseg.runlog import append_jsonl
-from unetseg.train import fit, prepare_data
+from unetseg.train import case_split, fit, prepare_data
 from unetseg.progress import progress_bar
 
 LOG = "log.jsonl"
@@ -85,6 +85,12 @@ def _val_cases(spec: StudySpec, variant: Variant, seed: int, data_root: str | No
     return prepare_data(variant_config(spec, variant, seed), data_root, progress=progress)[3]
 
 
+def _study_name(study_dir: Path) -> str | None:
+    """The name in a study folder's ``study.yaml`` (None without one)."""
+    path = study_dir / "study.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("name") if path.is_file() else None
+
+
 def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, study_dir: str,
                     data_root: str | None, threads: int, progress: bool, reuse: Sequence[str] = ()) -> dict[str, Any]:
     """Bring one run to ``done``: train (or resume) with ``fit``, then score its final weights. A new run whose
@@ -99,10 +105,13 @@ def train_and_score(spec_dict: dict[str, Any], variant: Variant, seed: int, stud
     run = run_dir(study_dir, variant.name, seed)
     state = training_state(run, cfg)
     t0 = time.perf_counter()
-    twin = finished_twin(reuse, seed, cfg) if state == "new" else None
+    twin = finished_twin(reuse, seed, cfg, case_split(cfg, data_root)[2]) if reuse and state == "new" else None
     if twin is not None:
+        if run.exists():  # a run killed before its first checkpoint: nothing of it is kept
+            shutil.rmtree(run)
         adopt_twin(twin, run, cfg)
         return {"event": "run", "variant": variant.name, "seed": seed, "action": "reused", "from": str(twin),
+                "from_study": _study_name(twin.parents[2]),
                 "seconds": round(time.perf_counter() - t0, 2), "time": time.time()}
     command = ["unetseg", "ablate", "--config", spec.name, *(["--quick"] if spec.quick else []),
                f"# variant {variant.name} seed {seed}"]
@@ -365,8 +374,9 @@ def ablate(config: str, quick: bool = False, out: str | None = None, report_dir:
     spec = load_study(config, quick=quick)
     study_dir = Path(out or f"runs/ablation/{spec.name}{'-quick' if quick else ''}")
     target = Path(report_dir or (study_dir / "report" if quick else f"docs/ablation/{spec.name}"))
-    if report_only and shard is not None:
-        raise UnetsegError("--shard trains a share of the runs; it does not go with --report-only")
+    if report_only and (shard is not None or reuse):
+        raise UnetsegError(f"{'--shard' if shard is not None else '--reuse'} is about training runs; it does not go "
+                           "with --report-only")
     if report_only:
         if not (target / "study.yaml").is_file():
             raise UnetsegError(f"{target}: no study artefacts to report on; run the study first or pass --report-dir")

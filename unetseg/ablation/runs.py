@@ -85,29 +85,40 @@ def _progress_state(run: Path, cfg: Config) -> str:
     return "done" if (run / PER_CASE).is_file() else "trained"
 
 
-def finished_twin(study_dirs: Sequence[str | Path], seed: int, cfg: Config) -> Path | None:
-    """A finished, scored run of another study trained with exactly ``cfg`` but for its name, or None.
+def finished_twin(study_dirs: Sequence[str | Path], seed: int, cfg: Config, split: dict[str, list[str]]) -> Path | None:
+    """A finished, scored run of another study trained with exactly ``cfg`` but for its name, on the same ``split``
+    (its ``split.json``: the data folder is not part of the config), or None.
 
-    Training on the CPU is repeatable bit for bit (same config, same seed: the same weights and per-case scores;
-    ``test_a_study_that_repeats_runs_of_another_reproduces_them_exactly``), so copying such a run is the same as
-    training it again. Looks at ``<study_dir>/runs/*/seed<seed>`` of each folder in order.
+    Training on the CPU repeats bit for bit (same config, same seed, same cases: the same weights and per-case
+    scores; ``test_a_study_that_repeats_runs_of_another_reproduces_them_exactly``), so copying such a run is the
+    same as training it again. Looks at ``<study_dir>/runs/*/seed<seed>`` of each folder in order.
     """
     wanted = {**cfg.to_dict(), "name": None}
     for study_dir in study_dirs:
         for run in sorted((Path(study_dir) / "runs").glob(f"*/seed{seed}")):
             saved = saved_config(run)
-            if saved is not None and {**saved, "name": None} == wanted and _progress_state(run, cfg) == "done":
+            if (saved is not None and {**saved, "name": None} == wanted and (run / "split.json").is_file()
+                    and json.loads((run / "split.json").read_text()) == split and _progress_state(run, cfg) == "done"):
                 return run
     return None
 
 
 def adopt_twin(twin: Path, run: Path, cfg: Config) -> None:
-    """Copy every file of the finished run ``twin`` into ``run``, with ``cfg`` (this study's name) as its config."""
-    run.mkdir(parents=True, exist_ok=True)
+    """Copy every file of the finished run ``twin`` into ``run`` (which must not exist yet), with ``cfg`` (this
+    study's name) as its config and a line in ``command.txt`` saying where it came from.
+
+    The copy is made in a sibling folder and renamed into place, so a kill leaves no half-copied run.
+    """
+    staging = run.with_name(f".{run.name}.copying")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     for path in twin.iterdir():
         if path.is_file() and path.name != "config.yaml":
-            shutil.copy2(path, run / path.name)
-    save_config(cfg, run / "config.yaml")
+            shutil.copy2(path, staging / path.name)
+    save_config(cfg, staging / "config.yaml")
+    with open(staging / "command.txt", "a") as f:
+        f.write(f"# copied by unetseg ablate --reuse from {twin} (trained there with the same config)\n")
+    staging.rename(run)
 
 
 def clear_partial_files(run: Path) -> None:

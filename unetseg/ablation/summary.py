@@ -305,8 +305,8 @@ def _timing(report_dir: Path, table: dict[str, Any]) -> dict[str, Any]:
     log = read_jsonl(report_dir / "log.jsonl")
     invocations = invocation_spans(log)
     train_s = [s for e in table.values() for s in e["train_seconds"]]
-    reused = sorted({f"{r['variant']} seed {r['seed']} from {r['from']}"
-                     for r in log if r["event"] == "run" and r["action"] == "reused"})
+    reused = [f"{v} seed {k} from {src}" for v, k, src in
+              sorted({(r["variant"], r["seed"], r["from"]) for r in log if r["event"] == "run" and r["action"] == "reused"})]
     return {
         "wall_seconds": float(sum(end - start for start, end, _ in invocations)),
         "invocations": len(invocations),
