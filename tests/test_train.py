@@ -210,3 +210,27 @@ def test_a_run_logged_with_epochs_from_0_resumes_with_its_log_counted_from_1(tmp
     assert [r["epoch"] for r in read_epoch_log(run / "metrics.jsonl")] == [1]
     fit(cfg, run, data_root=data_root, progress=False, resume=True)
     assert [r["epoch"] for r in metrics(run)] == [1, 2]
+
+
+def test_init_from_starts_from_the_checkpoint_s_weights_and_refuses_what_would_mislead(tiny_run, tmp_path, data_root):
+    """train.init_from (unetseg train --init-from): the fine-tuned run's logged step-0 weights are the checkpoint's;
+    another network, or a split whose validation cases the checkpoint was trained on, is a one-line error."""
+    from unetseg.checkpoint import Checkpoint
+    from unetseg.runlog import read_jsonl
+
+    start = Checkpoint.load(tiny_run / "last.pt").state_dict
+    out = fit(tiny_config([f"train.init_from={tiny_run / 'last.pt'}", "train.grad_log_every=1"]), tmp_path / "ft",
+              data_root=data_root, progress=False)
+    step0 = next(r for r in read_jsonl(out / "gradients.jsonl") if r["step"] == 0)
+    assert step0["layers"]
+    for layer in step0["layers"]:
+        assert layer["weight_norm"] == pytest.approx(float(start[layer["layer"]].norm()), rel=1e-6), layer["layer"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["init_from"] == str(tiny_run / "last.pt")
+
+    with pytest.raises(UnetsegError, match="a different network.*channels"):
+        fit(tiny_config([f"train.init_from={tiny_run}", "model.channels=[4, 8, 32]"]), tmp_path / "other_net",
+            data_root=data_root, progress=False)
+    with pytest.raises(UnetsegError, match="trained on [0-9]+ of this run's validation cases"):
+        fit(tiny_config([f"train.init_from={tiny_run}", "data.split_seed=7"]), tmp_path / "other_split",
+            data_root=data_root, progress=False)
+    assert not (tmp_path / "other_split").exists() and not (tmp_path / "other_net").exists()

@@ -31,6 +31,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last.pt, with its saved config.yaml (no other settings)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune: start from these weights (a .pt, a run folder or a shipped model name) instead of a "
+                   "random initialisation; the network, input settings and classes must match, and the run's "
+                   "validation cases must not be among the ones it was trained on (sets train.init_from)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -203,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The config that ``--config``, ``--set``, ``--epochs``, ``--no-skip``, ``--seed`` and ``--device`` describe."""
+    """The config that ``--config``, ``--set``, ``--epochs``, ``--no-skip``, ``--seed``, ``--device`` and (train)
+    ``--init-from`` describe."""
     from unetseg.config import apply_overrides, load_config
 
     overrides = list(args.overrides)
@@ -215,6 +220,8 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"train.seed={args.seed}")
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if getattr(args, "init_from", None):
+        overrides.append(f"train.init_from={args.init_from}")
     return apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
 
 
@@ -241,7 +248,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
     if args.resume:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides), ("--no-skip", args.no_skip),
-                                          ("--seed", args.seed), ("--out", args.out), ("--device", args.device))
+                                          ("--seed", args.seed), ("--out", args.out), ("--device", args.device),
+                                          ("--init-from", args.init_from))
                  if value not in (None, False, [])]
         if given:
             raise UnetsegError(

@@ -96,6 +96,7 @@ class TrainConfig:
     dice_batch: bool = True  # soft Dice over the whole batch; False: per sample, where an absent class scores a free 1
     dice_background: bool = True  # include the background class in the Dice term (nnU-Net leaves it out)
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard/ (pip install 'unetseg[tensorboard]')
+    init_from: str | None = None  # start from these weights (checkpoint, run folder or shipped model): fine-tuning
 
 
 @dataclass

@@ -187,12 +187,48 @@ def check_resumable(state: Checkpoint, args: dict[str, Any], path: Path) -> None
     if missing:
         raise UnetsegError(f"{path}: holds no training state ({', '.join(missing)} missing; a best.pt or exported "
                            "model copied over last.pt?); start a new run instead of --resume")
-    saved = {k: state.model_args.get(k, UNET_DEFAULTS.get(k)) for k in args}  # an argument added since: its default
-    changed = sorted(k for k in args if saved[k] != args[k])
+    changed = network_differences(state, args)
     if changed:
         raise UnetsegError(f"{path.parent / 'config.yaml'}: describes a different network than {path.name} "
-                           f"({', '.join(f'{k}: {saved[k]} in the checkpoint, {args[k]} in the config' for k in changed)}); "
-                           "restore the run's config.yaml or start a new run")
+                           f"({changed}); restore the run's config.yaml or start a new run")
+
+
+def network_differences(state: Checkpoint, args: dict[str, Any]) -> str:
+    """How the checkpoint's network differs from the one ``args`` build (``""`` when it does not)."""
+    saved = {k: state.model_args.get(k, UNET_DEFAULTS.get(k)) for k in args}  # an argument added since: its default
+    return ", ".join(f"{k}: {saved[k]} in the checkpoint, {args[k]} in the config" for k in sorted(args)
+                     if saved[k] != args[k])
+
+
+def initial_weights(init_from: str, args: dict[str, Any], preprocessing: Preprocessing, class_names: tuple[str, ...],
+                    split: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """The weights of ``train.init_from`` for fine-tuning a run of network ``args`` on ``split``.
+
+    Raises:
+        UnetsegError: another network, other input preprocessing or classes, or a checkpoint whose training cases
+            include this run's validation cases (its scores would be on cases it learnt; checked where the
+            checkpoint records its split, as every run and shipped checkpoint of this version does).
+    """
+    state = Checkpoint.load(init_from)
+    where = f"train.init_from={init_from}"
+    changed = network_differences(state, args)
+    if changed:
+        raise UnetsegError(f"{where}: a different network than this run's config ({changed}); "
+                           "set model.* to match it or start from scratch")
+    mine, theirs = preprocessing, state.preprocessing
+    if (mine.normalization, mine.slice_axis, mine.in_channels) != (theirs.normalization, theirs.slice_axis,
+                                                                   theirs.in_channels):
+        raise UnetsegError(f"{where}: trained on other input (normalization, slice axis, channels: "
+                           f"{theirs.normalization}, {theirs.slice_axis}, {theirs.in_channels}; this run: "
+                           f"{mine.normalization}, {mine.slice_axis}, {mine.in_channels}); set data.* to match it")
+    if tuple(state.class_names) != tuple(class_names):
+        raise UnetsegError(f"{where}: classes {list(state.class_names)}, this run's data set has {list(class_names)}")
+    learnt = sorted(set((state.split or {}).get("train", [])) & set(split["val"]))
+    if learnt:
+        raise UnetsegError(f"{where}: it was trained on {len(learnt)} of this run's validation cases (e.g. "
+                           f"{learnt[0]}); fine-tune with the split it was trained with (data.split_seed, "
+                           "data.val_fraction, data.num_folds/fold as in its config)")
+    return state.state_dict
 
 
 def _truncate_jsonl(path: Path, keep: Any) -> None:
@@ -337,9 +373,13 @@ def fit(
 
     torch.manual_seed(cfg.train.seed)
     info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
+    init = None  # checked before the run folder is made: a refused checkpoint leaves nothing behind
+    if cfg.train.init_from and not resume:
+        init = initial_weights(cfg.train.init_from, model_args(cfg, info), preprocessing_settings(cfg, info),
+                               info.class_names, split)
     if di.is_main:
         start_run_folder(cfg, out, split, restart, command)
-    training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume)
+    training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume, init)
     for epoch in range(training.start_epoch, cfg.train.epochs):
         row, out_of_time = training.epoch(epoch)
         if out_of_time and epoch < cfg.train.epochs - 1 and progress and di.is_main:
@@ -386,7 +426,8 @@ class _Training:
     """The state of one run between epochs: model, optimiser, schedule, data, history; :func:`fit` drives it."""
 
     def __init__(self, cfg: Config, out: Path, info: DatasetInfo, split: dict[str, list[str]], train_cases: list[Case],
-                 val_cases: list[Case], device: torch.device, di: DistInfo, progress: bool, resume: bool) -> None:
+                 val_cases: list[Case], device: torch.device, di: DistInfo, progress: bool, resume: bool,
+                 init_weights: dict[str, torch.Tensor] | None = None) -> None:
         self.cfg, self.out, self.info, self.split, self.val_cases = cfg, out, info, split, val_cases
         self.device, self.di, self.progress = device, di, progress
         self.args = model_args(cfg, info)
@@ -415,6 +456,8 @@ class _Training:
         self.last_epoch_s: float | None = None
         if resume:
             self._resume()
+        elif init_weights is not None:
+            self.model.load_state_dict(init_weights)
         self.events = EventLog(out, t.tensorboard and di.is_main,
                                purge_step=self.start_epoch * self.batches_per_epoch + 1 if resume else None)
 
