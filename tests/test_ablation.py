@@ -584,7 +584,7 @@ def assert_redrawn_from_artefacts(name: str, tmp_path) -> dict:
     return json.loads((committed / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d", "hippocampus_2d_round1"])
+@pytest.mark.parametrize("name", ["hippocampus_2d", "dsb2018_2d", "hippocampus_2d_round1", "dsb2018_2d_round1"])
 def test_committed_study_report_is_redrawn_from_its_artefacts(name, tmp_path):
     """The committed report.md and summary.json are exactly what --report-only makes from the committed runs
     (today's recipe, and the round-1 studies trained under the old one, kept for docs/collapse.md)."""
