@@ -353,3 +353,16 @@ def test_models_lists_data_set_input_skips_classes_and_dice(capsys):
         dice = _json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())["mean_dice"]
         assert f"{dice:.4f}" in row and ("3D net" in row) == ("_3d" in name)
         assert (" off " in row) == name.endswith("_noskip")
+
+
+@pytest.mark.parametrize("value", ["runs/exp #2/best.pt", "null", "2026-12-05", "dsb2018_2d", "C:\\runs\\a.pt"])
+def test_init_from_is_taken_literally_and_does_not_go_with_resume(value, tmp_path, capsys):
+    """--init-from VALUE becomes train.init_from exactly as typed (not read as YAML: '#' is no comment, 'null' no
+    None); with --resume it is refused in one line (the run continues from its own last.pt)."""
+    from unetseg.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--init-from", value])
+    assert config_from_args(args).train.init_from == value
+    assert main(["train", "--resume", str(tmp_path), "--init-from", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-from would be ignored" in err

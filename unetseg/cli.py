@@ -221,7 +221,7 @@ def config_from_args(args: argparse.Namespace):
     if args.device:
         overrides.append(f"train.device={args.device}")
     if getattr(args, "init_from", None):
-        overrides.append(f"train.init_from={args.init_from}")
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")  # quoted: a path is never read as YAML
     return apply_overrides(load_config(args.config or "hippocampus_2d"), overrides)
 
 

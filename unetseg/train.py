@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,14 +201,15 @@ def network_differences(state: Checkpoint, args: dict[str, Any]) -> str:
                      if saved[k] != args[k])
 
 
-def initial_weights(init_from: str, args: dict[str, Any], preprocessing: Preprocessing, class_names: tuple[str, ...],
+def initial_weights(init_from: str, args: dict[str, Any], preprocessing: Preprocessing, info: DatasetInfo,
                     split: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """The weights of ``train.init_from`` for fine-tuning a run of network ``args`` on ``split``.
 
     Raises:
         UnetsegError: another network, other input preprocessing or classes, or a checkpoint whose training cases
-            include this run's validation cases (its scores would be on cases it learnt; checked where the
-            checkpoint records its split, as every run and shipped checkpoint of this version does).
+            include this run's validation cases (its scores would be on cases it learnt). The check covers the
+            split the checkpoint records (every run and shipped checkpoint of this version does; one without
+            gets a warning), not the cases the weights it was itself fine-tuned from had learnt.
     """
     state = Checkpoint.load(init_from)
     where = f"train.init_from={init_from}"
@@ -221,9 +223,14 @@ def initial_weights(init_from: str, args: dict[str, Any], preprocessing: Preproc
         raise UnetsegError(f"{where}: trained on other input (normalization, slice axis, channels: "
                            f"{theirs.normalization}, {theirs.slice_axis}, {theirs.in_channels}; this run: "
                            f"{mine.normalization}, {mine.slice_axis}, {mine.in_channels}); set data.* to match it")
-    if tuple(state.class_names) != tuple(class_names):
-        raise UnetsegError(f"{where}: classes {list(state.class_names)}, this run's data set has {list(class_names)}")
-    learnt = sorted(set((state.split or {}).get("train", [])) & set(split["val"]))
+    if tuple(state.class_names) != tuple(info.class_names):
+        raise UnetsegError(f"{where}: classes {list(state.class_names)}, this run's data set has "
+                           f"{list(info.class_names)}")
+    if state.split is None:
+        warnings.warn(f"{where}: the checkpoint records no split, so it cannot be checked that this run's "
+                      "validation cases were not among its training cases", stacklevel=2)
+    same_data = state.dataset in (None, info.name)
+    learnt = sorted(set((state.split or {}).get("train", [])) & set(split["val"])) if same_data else []
     if learnt:
         raise UnetsegError(f"{where}: it was trained on {len(learnt)} of this run's validation cases (e.g. "
                            f"{learnt[0]}); fine-tune with the split it was trained with (data.split_seed, "
@@ -372,11 +379,12 @@ def fit(
     restart = check_out_dir(out, resume)
 
     torch.manual_seed(cfg.train.seed)
-    info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
-    init = None  # checked before the run folder is made: a refused checkpoint leaves nothing behind
+    init = None  # checked before any image is read or the run folder is made: a refusal leaves nothing behind
     if cfg.train.init_from and not resume:
+        _, info, split, _ = case_split(cfg, data_root)
         init = initial_weights(cfg.train.init_from, model_args(cfg, info), preprocessing_settings(cfg, info),
-                               info.class_names, split)
+                               info, split)
+    info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
     if di.is_main:
         start_run_folder(cfg, out, split, restart, command)
     training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume, init)
