@@ -336,10 +336,14 @@ def case_split(cfg: Config, data_root: str | Path | None) -> tuple[list[CaseRef]
 
 
 def prepare_data(
-    cfg: Config, data_root: str | Path | None, progress: bool = True
+    cfg: Config, data_root: str | Path | None, progress: bool = True,
+    listed: tuple[list[CaseRef], DatasetInfo, dict[str, list[str]], set[str]] | None = None,
 ) -> tuple[DatasetInfo, dict[str, list[str]], list[Case], list[Case]]:
-    """Load the data set, split it by case, and return info, split, train cases, val cases."""
-    refs, info, split, held_out = case_split(cfg, data_root)
+    """Load the data set, split it by case, and return info, split, train cases, val cases.
+
+    ``listed``: what :func:`case_split` returned for ``cfg`` already, so the cases are not listed twice.
+    """
+    refs, info, split, held_out = listed or case_split(cfg, data_root)
     cases = load_cases(refs, info, cfg.data.normalization, progress=progress)
     scored = set(split["val"])
     train = [c for c in cases if c.case_id not in held_out]
@@ -379,12 +383,13 @@ def fit(
     restart = check_out_dir(out, resume)
 
     torch.manual_seed(cfg.train.seed)
+    listed = case_split(cfg, data_root)
+    _, info, split, _ = listed
     init = None  # checked before any image is read or the run folder is made: a refusal leaves nothing behind
     if cfg.train.init_from and not resume:
-        _, info, split, _ = case_split(cfg, data_root)
         init = initial_weights(cfg.train.init_from, model_args(cfg, info), preprocessing_settings(cfg, info),
                                info, split)
-    info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main)
+    info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main, listed=listed)
     if di.is_main:
         start_run_folder(cfg, out, split, restart, command)
     training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume, init)

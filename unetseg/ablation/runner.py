@@ -380,7 +380,7 @@ def ablate(config: str, quick: bool = False, out: str | None = None, report_dir:
     if report_only:
         if not (target / "study.yaml").is_file():
             raise UnetsegError(f"{target}: no study artefacts to report on; run the study first or pass --report-dir")
-        found = (yaml.safe_load((target / "study.yaml").read_text()) or {}).get("name")
+        found = _study_name(target)
         if found != spec.name:
             raise UnetsegError(f"{target} holds the study {found!r}, not {spec.name!r}; pass --config {found}")
         return write_report(target)
