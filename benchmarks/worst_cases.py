@@ -4,7 +4,7 @@ Reads the model's recorded ``per_case.csv`` (``unetseg/pretrained/<model>/``),
 takes the ``--count`` cases with the lowest Dice, predicts each again and
 draws the image beside an error overlay (false positives, false negatives)
 with its Dice, object counts and size. The figure goes to ``--out``. It also
-prints the recorded Dice by kind of image (:func:`image_kind`).
+prints the recorded Dice by kind of image (:func:`unetseg.data.kinds.image_kind`).
 
     python benchmarks/worst_cases.py --data-root ../shared/data [--model dsb2018_2d] [--count 6] \
         [--cases ID ...] [--out docs/figures/dsb2018_2d_worst.jpg]
@@ -23,6 +23,7 @@ import numpy as np
 
 from unetseg.data import io
 from unetseg.data.datasets import dataset_info, list_cases, load_case
+from unetseg.data.kinds import image_kind
 from matplotlib.patches import Patch
 
 from unetseg.display import FALSE_NEGATIVE, FALSE_POSITIVE, apply_window, default_window, error_overlay, to_rgb
@@ -45,17 +46,8 @@ def worst_rows(model: str, count: int, cases: list[str] | None = None) -> list[d
     return sorted(rows, key=lambda r: float(r[dice_key]))[:count]
 
 
-def image_kind(image: np.ndarray) -> str:
-    """What a DSB image ``(C, H, W)`` (raw 0-255 intensities) shows: colour histology, brightfield (grey on a
-    bright background) or fluorescence (grey on a dark background)."""
-    rgb = image[:3].astype(np.float64)
-    if np.abs(rgb[0] - rgb[1]).mean() + np.abs(rgb[1] - rgb[2]).mean() > 5:
-        return "colour (histology)"
-    return "grey, bright background (brightfield)" if rgb.mean() > 100 else "grey, dark background (fluorescence)"
-
-
 def dice_by_kind(model: str, refs: dict) -> None:
-    """Print the recorded validation Dice of ``model`` grouped by :func:`image_kind`."""
+    """Print the recorded validation Dice of ``model`` grouped by :func:`~unetseg.data.kinds.image_kind`."""
     with (PRETRAINED_DIR / model / "per_case.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     dice_key = next(k for k in rows[0] if k.startswith("dice_"))

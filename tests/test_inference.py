@@ -266,6 +266,23 @@ def test_inference_network_computes_what_the_model_computes(args):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
+def test_every_convolution_runs_on_onednn_unless_the_network_is_for_export():
+    """A batch of one small 3D volume is what PyTorch sends to its slow native convolution; the inference network
+    runs each zero-padded convolution on oneDNN instead, with the same result; ``portable`` keeps plain modules."""
+    from unetseg.infer import OneDnnConv
+
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=3, channels=(4, 8, 16), norm="instance").eval()
+    convs = sum(type(m) is torch.nn.Conv3d for m in model.modules())
+    net, portable = inference_network(model), inference_network(model, portable=True)
+    assert sum(isinstance(m, OneDnnConv) for m in net.modules()) == convs > 0
+    assert not any(isinstance(m, OneDnnConv) for m in portable.modules())
+    x = torch.randn(1, 1, 19, 26, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(portable(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_a_model_changed_in_place_is_predicted_as_it_is_now():
     seg = Segmenter.from_checkpoint("hippocampus_2d")
     image = seg.prepare(np.random.default_rng(0).random((40, 48, 6)))

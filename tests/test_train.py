@@ -234,3 +234,47 @@ def test_init_from_starts_from_the_checkpoint_s_weights_and_refuses_what_would_m
         fit(tiny_config([f"train.init_from={tiny_run}", "data.split_seed=7"]), tmp_path / "other_split",
             data_root=data_root, progress=False)
     assert not (tmp_path / "other_split").exists() and not (tmp_path / "other_net").exists()
+
+
+def test_kind_balance_draws_each_kind_equally_often(tmp_path, data_root, monkeypatch):
+    """data.kind_balance=1: a kind of one sample among hundreds is drawn as often as all the others together."""
+    import unetseg.train as train_module
+
+    kinds = iter(["rare"] + ["common"] * 10_000)
+    monkeypatch.setattr(train_module, "image_kind", lambda image: next(kinds))
+    drawn: list[int] = []
+    getitem = train_module.PatchDataset.__getitem__
+    monkeypatch.setattr(train_module.PatchDataset, "__getitem__", lambda self, i: (drawn.append(i), getitem(self, i))[1])
+    fit(tiny_config(["data.kind_balance=1", "train.steps_per_epoch=25", "train.val_max_cases=1"]), tmp_path / "run",
+        data_root=data_root, progress=False)
+    assert len(drawn) == 200 and len(set(drawn)) > 50
+    assert 70 <= drawn.count(0) <= 130  # binomial(200, 0.5); uniform drawing would give about 1
+
+
+def test_kind_balance_with_several_processes_is_refused():
+    from unetseg.train import sampling_weights
+
+    images = [np.zeros((1, 4, 4))] * 3
+    assert sampling_weights(images, 0.0, 1) is None
+    assert sampling_weights(images, 0.5, 1).sum() == pytest.approx(1.0)
+    with pytest.raises(UnetsegError, match="kind_balance"):
+        sampling_weights(images, 0.5, 2)
+
+
+def test_channels_last_training_trains_the_same_network(tmp_path, data_root):
+    """train.channels_last changes the memory layout, not what is learnt: the same gradients at the first step and
+    the same losses within rounding (Adam can turn a rounding-sized gradient into a step of up to train.lr, so
+    weights are compared at that scale)."""
+    from unetseg.runlog import read_jsonl
+
+    runs = {flag: fit(tiny_config([f"train.channels_last={flag}", "train.val_max_cases=2", "train.grad_log_every=1"]),
+                      tmp_path / str(flag), data_root=data_root, progress=False) for flag in (False, True)}
+    a, b = (metrics(runs[flag])[-1] for flag in (False, True))
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["val_mean_dice"] == pytest.approx(b["val_mean_dice"], abs=1e-3)
+    first = [next(r for r in read_jsonl(runs[flag] / "gradients.jsonl") if r["step"] == 0)["layers"] for flag in (False, True)]
+    for la, lb in zip(*first):
+        assert la["layer"] == lb["layer"] and la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-3, abs=1e-7)
+    wa, wb = (torch.load(runs[flag] / "last.pt", weights_only=True)["state_dict"] for flag in (False, True))
+    steps, lr = 3, 3e-3  # tiny_config: 3 steps; hippocampus_2d's learning rate
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=steps * lr) for k in wa)

@@ -51,6 +51,7 @@ class DataConfig:
     fold: int = 0
     split_seed: int = 0  # seed of the case-level train/val split
     max_cases: int | None = None  # use only the first N cases (after sorting) - for quick runs and tests
+    kind_balance: float = 0.0  # draw training images by kind (unetseg.data.kinds): weight (count of its kind)**-k; 0 uniform, 1 kinds equal
 
 
 @dataclass
@@ -97,6 +98,7 @@ class TrainConfig:
     dice_background: bool = True  # include the background class in the Dice term (nnU-Net leaves it out)
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard/ (pip install 'unetseg[tensorboard]')
     init_from: str | None = None  # start from these weights (checkpoint, run folder or shipped model): fine-tuning
+    channels_last: bool = False  # 2D: train in channels_last memory format (about 1.5x faster on a CPU, other rounding)
 
 
 @dataclass
@@ -121,7 +123,7 @@ POSITIVE = {"train": {"epochs", "batch_size", "lr", "steps_per_epoch", "val_ever
             "data": {"max_cases"}, "model": {"stage_blocks"}}
 NON_NEGATIVE = {"train": {"weight_decay", "warmup_steps", "grad_clip", "num_workers", "grad_log_every",
                           "dice_ce_lambda_ce", "seed", "momentum"},
-                "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold", "split_seed"}}
+                "augment": {"strength"}, "model": {"dropout"}, "data": {"val_fraction", "num_folds", "fold", "split_seed", "kind_balance"}}
 SEEDS = {"train": {"seed"}, "data": {"split_seed"}}  # NumPy's generators take seeds below 2**32
 
 

@@ -130,11 +130,14 @@ def window_shape(shape: Sequence[int], floor: Sequence[int], max_voxels: int, mu
     return tuple(roi)
 
 
-def inference_network(model: UNet) -> UNet:
+def inference_network(model: UNet, portable: bool = False) -> UNet:
     """A copy of ``model`` that computes the same function faster: each batch norm in eval mode folded into the
     convolution before it (one pass over memory less per layer), in-place activations where a block's input is not
-    reused, and 2D weights in ``channels_last`` (see :data:`CHANNELS_LAST`). ``model`` itself is not changed.
-    Results equal ``model``'s within float32 rounding (``tests/test_inference.py``).
+    reused, convolutions on oneDNN whatever the batch size (:class:`OneDnnConv`) and 2D weights in
+    ``channels_last`` (see :data:`CHANNELS_LAST`). ``model`` itself is not changed. Results equal ``model``'s
+    within float32 rounding (``tests/test_inference.py``).
+
+    ``portable``: keep PyTorch's own convolution modules (for ONNX and TorchScript export).
     """
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -146,9 +149,42 @@ def inference_network(model: UNet) -> UNet:
                     setattr(block, norm, nn.Identity())
             if not block.residual:  # a residual block's shortcut may hand its input to the activation
                 block.act = _in_place(block.act)
+    if torch.backends.mkldnn.is_available() and not portable:
+        _use_onednn_convolutions(net)
     if CHANNELS_LAST.get(model.spatial_dims, False):
         net = net.to(memory_format=_channels_last(model.spatial_dims))
     return net
+
+
+class OneDnnConv(nn.Module):
+    """A zero-padded convolution that runs on oneDNN (mkldnn) for float32 CPU input, whatever the batch size.
+
+    PyTorch sends a convolution with a batch of one and few feature maps (batch x channels x the first two spatial
+    sizes at most 20,480) to its slower native kernel: for the 3D hippocampus network on a whole volume that is 11 of
+    its 15 convolutions, which made one volume cost nearly as much as two (docs/inference_speed.md). Other input
+    (another device or dtype) goes through ``conv`` itself.
+
+    Shapes: as ``conv``: ``(B, C_in, *S) -> (B, C_out, *S')``.
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != torch.float32:
+            return c(x)
+        return torch.ops.aten.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+
+
+def _use_onednn_convolutions(net: nn.Module) -> None:
+    """Wrap every zero-padded 2D / 3D convolution of ``net`` (in place) in :class:`OneDnnConv`."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) in (nn.Conv2d, nn.Conv3d) and child.padding_mode == "zeros"
+                    and not isinstance(child.padding, str)):
+                setattr(parent, name, OneDnnConv(child))
 
 
 def _channels_last(spatial_dims: int) -> torch.memory_format:

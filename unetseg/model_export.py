@@ -59,7 +59,7 @@ def require_onnx(what: str = "ONNX export") -> None:
 
 def exported_network(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's network as :class:`Segmenter` runs it (batch norm folded, eval), in plain memory layout."""
-    return inference_network(checkpoint.build_model().eval()).to(memory_format=torch.contiguous_format).eval()
+    return inference_network(checkpoint.build_model().eval(), portable=True).to(memory_format=torch.contiguous_format).eval()
 
 
 def model_metadata(checkpoint: Checkpoint, source: str, fmt: str, multiple: int) -> dict[str, Any]:

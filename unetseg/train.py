@@ -29,13 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from unetseg import __version__
 from unetseg.checkpoint import TRAINING_ENTRIES, Checkpoint, Preprocessing, TrainingState, build_model, model_arguments
 from unetseg.config import Config, TrainConfig, apply_overrides, load_config, save_config
 from unetseg.data.datasets import Case, CaseRef, DatasetInfo, PatchDataset, dataset_info, list_cases, load_cases, split_cases, training_samples
+from unetseg.data.kinds import image_kind, kind_balanced_weights
 from unetseg.data.transforms import build_augmentation, flip_combinations, resolve_flip_axes
 from unetseg.errors import UnetsegError
 from unetseg.eventlog import EVENT_DIR, EventLog
@@ -113,6 +114,16 @@ def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[s
         return value is not None and value < COLLAPSE_DICE
 
     return [k for k in class_names[1:] if all(low(r.get(f"val_dice_{k}", 1.0)) for r in validated)]
+
+
+def sampling_weights(images: Sequence[np.ndarray], kind_balance: float, world_size: int) -> np.ndarray | None:
+    """Per-sample drawing weights for ``data.kind_balance`` > 0 (:func:`~unetseg.data.kinds.kind_balanced_weights`
+    over :func:`~unetseg.data.kinds.image_kind` of each ``(C, *S)`` sample); None draws every sample alike."""
+    if kind_balance <= 0:
+        return None
+    if world_size > 1:
+        raise UnetsegError("data.kind_balance is not supported with several processes (torchrun): set it to 0")
+    return kind_balanced_weights([image_kind(image) for image in images], kind_balance)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, time_progress: float = 0.0) -> float:
@@ -448,7 +459,11 @@ class _Training:
         images, labels = training_samples(train_cases, cfg.model.spatial_dims, cfg.data.slice_axis)
         transform = build_augmentation(cfg.augment, cfg.data.normalization, cfg.model.spatial_dims, seed=cfg.train.seed)
         self.dataset = PatchDataset(images, labels, cfg.data.patch_size, transform, seed=cfg.train.seed * 1000 + di.rank)
+        self.sample_weights = sampling_weights(images, cfg.data.kind_balance, di.world_size)
         t = cfg.train
+        self.memory_format = (torch.channels_last if t.channels_last and cfg.model.spatial_dims == 2
+                              else torch.contiguous_format)
+        self.model.to(memory_format=self.memory_format)
         self.batches_per_epoch = t.steps_per_epoch or max(1, len(self.dataset) // (t.batch_size * di.world_size))
         total_steps = self.batches_per_epoch * t.epochs
         self.optimizer = make_optimizer(self.model, t)
@@ -539,6 +554,8 @@ class _Training:
         if di.world_size > 1:
             sampler = DistributedSampler(self.dataset, di.world_size, di.rank, shuffle=True, seed=t.seed)
             sampler.set_epoch(epoch)
+        elif self.sample_weights is not None:
+            sampler = WeightedRandomSampler(self.sample_weights.tolist(), n_samples, replacement=True, generator=generator)
         else:
             sampler = RandomSampler(self.dataset, replacement=n_samples > len(self.dataset), num_samples=n_samples,
                                     generator=generator)
@@ -565,6 +582,7 @@ class _Training:
             if self.step_in_epoch >= self.batches_per_epoch:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=self.memory_format)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = self.net(x)
             loss = self.loss_fn(logits.float(), y[:, None])
