@@ -160,22 +160,28 @@ def tta_cost(seg: Segmenter, image: np.ndarray, repeats: int) -> tuple[float, fl
     return statistics.median(tta) / statistics.median(plain), min(tta) / min(plain)
 
 
-def forward_layouts(seg: Segmenter, image: np.ndarray, repeats: int) -> tuple[float, float]:
-    """Median seconds of the new path's forward pass, contiguous vs channels_last (channels_last_3d in 3D)."""
+def forward_time(seg: Segmenter, image: np.ndarray, repeats: int, channels_last: bool, portable: bool = False) -> float:
+    """Median seconds of the inference network's forward pass on ``image``, in the given layout (channels_last_3d in
+    3D), with oneDNN convolutions or, ``portable``, PyTorch's own choice of kernels."""
     x = network_input(seg, image)
     dims = seg.spatial_dims
     saved = infer.CHANNELS_LAST[dims]
-    result = []
     try:
-        for layout in (False, True):
-            infer.CHANNELS_LAST[dims] = layout
-            net = infer.inference_network(seg.model)
-            xi = seg._layout(x)
-            with torch.inference_mode():
-                result.append(times(partial(net, xi), repeats)[0])
+        infer.CHANNELS_LAST[dims] = channels_last
+        net = infer.inference_network(seg.model, portable=portable)
+        xi = seg._layout(x)
+        with torch.inference_mode():
+            return times(partial(net, xi), repeats)[0]
     finally:
         infer.CHANNELS_LAST[dims] = saved
-    return result[0], result[1]
+
+
+def forward_variants(seg: Segmenter, image: np.ndarray, repeats: int) -> tuple[float, float, float, float]:
+    """Forward-pass seconds (medians): contiguous vs channels_last, then in the layout ``predict`` uses, PyTorch's
+    own kernels (``inference_network(portable=True)``) vs oneDNN convolutions."""
+    layout = infer.CHANNELS_LAST[seg.spatial_dims]
+    return (forward_time(seg, image, repeats, False), forward_time(seg, image, repeats, True),
+            forward_time(seg, image, repeats, layout, portable=True), forward_time(seg, image, repeats, layout))
 
 
 def machine() -> str:
@@ -228,14 +234,18 @@ def main() -> None:
             print(lines[-1], flush=True)
         summary[(name, what)] = (len(seg.tta_flips), *tta_cost(seg, image, 2 * args.repeats - 1))
         if what.startswith("1040") or name == "hippocampus_3d" or name == "hippocampus_2d":
-            layouts.append((name, what, *forward_layouts(seg, image, args.repeats)))
+            layouts.append((name, what, *forward_variants(seg, image, args.repeats)))
     lines += ["", ("TTA cost (new path, runs with and without TTA interleaved): time with TTA / time without, "
                    "ratio of medians (of minima), against the FLOP share:"), ""]
     for (name, what), (members, median_ratio, min_ratio) in summary.items():
         lines.append(f"- {name}, {what}: {median_ratio:.2f}x ({min_ratio:.2f}x) for {members}x the FLOPs")
     lines += ["", "Forward pass of the inference network (median s): contiguous vs channels_last:", ""]
-    for name, what, plain, last in layouts:
+    for name, what, plain, last, *_ in layouts:
         lines.append(f"- {name}, {what}: {plain:.3f} vs {last:.3f} ({plain / last:.2f}x)")
+    lines += ["", ("Forward pass (median s) in the layout predict uses: PyTorch's own choice of convolution kernels "
+                   "(inference_network(portable=True), as before oneDNN convolutions) vs oneDNN convolutions:"), ""]
+    for name, what, *_, portable, onednn in layouts:
+        lines.append(f"- {name}, {what}: {portable:.3f} vs {onednn:.3f} ({portable / onednn:.2f}x)")
     lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
     report = "\n".join(lines) + "\n"
     print("\n" + report)
