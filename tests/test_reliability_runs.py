@@ -302,3 +302,23 @@ def test_export_dest_keeps_the_package_untouched_and_the_folder_is_a_checkpoint(
     assert main(["predict", "--checkpoint", str(tmp_path / "models" / "mine"), str(data_root / "Task04_Hippocampus" /
                  "imagesTr" / "hippocampus_001.nii.gz"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "hippocampus_001.nii.gz").is_file()
+
+
+def test_a_fine_tuned_model_that_replaces_its_starting_model_keeps_that_model_s_history(tiny_run, tmp_path, data_root):
+    """export records where a train.init_from run started (the model's own training record), read before the model
+    it started from is replaced, so the shipped model's metrics.json still names every command that made it."""
+    from unetseg.export import export_run
+    from unetseg.train import fit
+
+    from .conftest import tiny_config
+
+    dest = tmp_path / "models"
+    parent = json.loads((export_run(tiny_run, "m", data_root=data_root, dest=dest) / "metrics.json").read_text())
+    assert "init_from" not in parent["training"]
+    tuned = fit(tiny_config([f"train.init_from={dest / 'm'}"]), tmp_path / "ft", data_root=data_root, progress=False)
+    (tuned / "command.txt").write_text("unetseg train --init-from m\n")
+    child = json.loads((export_run(tuned, "m", data_root=data_root, dest=dest, overwrite=True) / "metrics.json")
+                       .read_text())
+    start = child["training"]["init_from"]
+    assert start["source"] == str(dest / "m") and start["mean_dice"] == parent["mean_dice"]
+    assert start["training"] == parent["training"] and child["training"]["command"] == ["unetseg train --init-from m"]
