@@ -1,6 +1,6 @@
 """Time the viewer from upload to first overlay, in a real browser.
 
-    python apps/benchmark_viewer.py --data-root ../shared/data [--repeats 3] [--out bench.json]
+    python apps/benchmark_viewer.py --data-root ../shared/data [--repeats 3] [--inputs volume image] [--out bench.json]
 
 For each repeat a fresh ``streamlit run apps/viewer.py`` is started and driven
 by Playwright on Debian's chromium. The clock starts when the file is handed to
@@ -240,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                         "for them)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the same uploads into a bare Streamlit page (default: %(default)s)")
+    parser.add_argument("--inputs", nargs="+", choices=("volume", "image"), default=["volume", "image"],
+                        help="which kinds of upload to time (default: both)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     data_root = Path(args.data_root).resolve()
     with tempfile.TemporaryDirectory(prefix="unetseg-bench-") as tmp:
-        inputs = make_inputs(data_root, Path(tmp))
+        inputs = {kind: files for kind, files in make_inputs(data_root, Path(tmp)).items() if kind in args.inputs}
         runs = []
         with open(Path(tmp) / "server.log", "w") as log:
             for _ in range(args.repeats):
