@@ -2,8 +2,11 @@
 
 Times forward + DiceCE loss + backward + optimiser step on random batches
 (batch 32, 3 classes), float32 on the CPU, after warm-up steps. Prints slices/s.
+``--dsb`` adds the ``dsb2018_2d`` network (RGB, 2 classes, 16 crops of 256x256)
+in the default memory layout and in channels-last (``train.channels_last``),
+timed over ``--dsb-steps`` steps each (a step takes seconds).
 
-    python benchmarks/train_throughput.py [--steps 10] [--threads 2]
+    python benchmarks/train_throughput.py [--steps 10] [--threads 2] [--dsb] [--dsb-steps 4]
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ from unetseg.losses import make_loss
 from unetseg.model import UNet
 
 
-def slices_per_second(model: torch.nn.Module, size: tuple[int, int], batch: int, steps: int, warmup: int = 3) -> float:
-    """Mean training-step throughput of ``model`` on ``(batch, 1, *size)`` inputs."""
+def slices_per_second(model: torch.nn.Module, size: tuple[int, int], batch: int, steps: int, warmup: int = 3,
+                      in_channels: int = 1, classes: int = 3, channels_last: bool = False) -> float:
+    """Mean training-step throughput of ``model`` on ``(batch, in_channels, *size)`` inputs with ``classes`` classes,
+    in channels-last memory layout (model and input) when ``channels_last``."""
     loss_fn = make_loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 1, *size)
-    y = torch.randint(0, 3, (batch, 1, *size))
+    x = torch.randn(batch, in_channels, *size)
+    y = torch.randint(0, classes, (batch, 1, *size))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
@@ -39,6 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dsb", action="store_true", help="also time the dsb2018_2d network, both memory layouts")
+    parser.add_argument("--dsb-steps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,6 +67,16 @@ def main() -> None:
         n = sum(p.numel() for p in model.parameters())
         rate = slices_per_second(model, size, 32, args.steps)
         print(f"{name:<34} {n:>10,} {size[0]}x{size[1]:<5} {rate:>9.1f}")
+    if args.dsb:
+        dsb = load_config("dsb2018_2d")
+        for layout in (False, True):
+            torch.manual_seed(0)
+            model = UNet(2, 3, 2, channels=dsb.model.channels, act=dsb.model.act)
+            rate = slices_per_second(model, tuple(dsb.data.patch_size), dsb.train.batch_size, args.dsb_steps, warmup=1,
+                                     in_channels=3, classes=2, channels_last=layout)
+            name = f"unetseg dsb2018_2d{', channels_last' if layout else ''}"
+            print(f"{name:<34} {sum(p.numel() for p in model.parameters()):>10,} 256x256 {rate:>9.2f}  "
+                  f"({dsb.train.batch_size / rate:.1f} s per step of {dsb.train.batch_size})")
 
 
 if __name__ == "__main__":

@@ -322,3 +322,9 @@ def test_a_fine_tuned_model_that_replaces_its_starting_model_keeps_that_model_s_
     start = child["training"]["init_from"]
     assert start["source"] == str(dest / "m") and start["mean_dice"] == parent["mean_dice"]
     assert start["training"] == parent["training"] and child["training"]["command"] == ["unetseg train --init-from m"]
+    # A chain through run folders: a run tuned from the tuned run records both starting points.
+    again = fit(tiny_config([f"train.init_from={tuned}"]), tmp_path / "ft2", data_root=data_root, progress=False)
+    grandchild = json.loads((export_run(again, "m2", data_root=data_root, dest=dest) / "metrics.json").read_text())
+    first = grandchild["training"]["init_from"]
+    assert first["source"] == str(tuned) and first["training"]["command"] == ["unetseg train --init-from m"]
+    assert first["training"]["init_from"]["training"] == parent["training"]

@@ -9,61 +9,20 @@ and ``curves.png``.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from unetseg.checkpoint import PRETRAINED_DIR, Checkpoint, resolve_checkpoint
-from unetseg.config import load_config
+from unetseg.checkpoint import PRETRAINED_DIR, Checkpoint
 from unetseg.errors import UnetsegError
 from unetseg.evaluate import evaluate
-from unetseg.runlog import read_epoch_log, write_json
+from unetseg.provenance import training_history
+from unetseg.runlog import write_json
 
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 FINISHED_RUN_FILES = ("best.pt", "config.yaml", "metrics.jsonl", "curves.png")  # what a finished run folder holds
-
-
-def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
-    """Figures from a run's ``metrics.jsonl``: epochs, wall time, best epoch, time to reach ``threshold``."""
-    rows = read_epoch_log(run_dir / "metrics.jsonl")  # epochs counted from 1
-    val = [r for r in rows if "val_mean_dice" in r]
-    if not val:
-        raise UnetsegError(f"{run_dir}: metrics.jsonl has no validation rows; is the run finished?")
-    best = max(val, key=lambda r: r["val_mean_dice"])
-    reached = next((r for r in val if r["val_mean_dice"] >= threshold), None)
-    command = (run_dir / "command.txt").read_text().strip().splitlines() if (run_dir / "command.txt").is_file() else []
-    return {
-        "epochs": len(rows),
-        "wall_time_s": rows[-1]["elapsed_s"],
-        "best_epoch": best["epoch"],
-        "best_val_mean_dice": best["val_mean_dice"],
-        f"first_epoch_val_dice_ge_{threshold}": None if reached is None else reached["epoch"],
-        f"wall_time_to_val_dice_ge_{threshold}_s": None if reached is None else reached["elapsed_s"],
-        "mean_train_samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
-        "command": command,
-    }
-
-
-def starting_point(run_dir: Path) -> dict[str, Any] | None:
-    """Where a fine-tuned run (``train.init_from``) started: the source as given and, when it is a shipped model or
-    a run folder, its training record (a shipped model's own record, with its starting point in turn), so the
-    model's history survives when it replaces the model it started from. None for a run trained from scratch."""
-    source = load_config(str(run_dir / "config.yaml")).train.init_from
-    if not source:
-        return None
-    try:
-        folder = resolve_checkpoint(source).parent
-    except UnetsegError:
-        return {"source": source}
-    if (folder / "metrics.json").is_file():  # an exported or shipped model
-        recorded = json.loads((folder / "metrics.json").read_text())
-        return {"source": source, "mean_dice": recorded.get("mean_dice"), "training": recorded.get("training")}
-    if (folder / "metrics.jsonl").is_file():  # a run folder
-        return {"source": source, "training": training_record(folder)}
-    return {"source": source}
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -98,10 +57,9 @@ def export_run(
     if missing:
         raise UnetsegError(f"{run_dir}: not a finished unetseg run ({', '.join(missing)} missing); train it to the end "
                            "(or --resume it) and export again")
-    training = training_record(run_dir)  # before any file is written: a run without validation rows stops here
-    start = starting_point(run_dir)  # before the model it started from may be replaced by this one
-    if start is not None:
-        training["init_from"] = start
+    # Before any file is written (a run without validation rows stops here), and before the model it started
+    # from may be replaced by this one.
+    training = training_history(run_dir)
     checkpoint = Checkpoint.load(run_dir / "best.pt")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Everything is built in a hidden folder beside the target and moved into place at the end, so a failure

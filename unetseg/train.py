@@ -45,6 +45,7 @@ from unetseg.evaluate import evaluate_cases, network_predictor, summarize
 from unetseg.losses import make_loss
 from unetseg.model import UNet
 from unetseg.plots import plot_training_curves
+from unetseg.provenance import INIT_FROM_FILE, source_record
 from unetseg.runlog import append_jsonl, read_epoch_log, write_json, write_jsonl
 from unetseg.progress import progress_bar
 
@@ -403,6 +404,8 @@ def fit(
     info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main, listed=listed)
     if di.is_main:
         start_run_folder(cfg, out, split, restart, command)
+        if init is not None:  # what the weights were when read: the source may later be replaced under its name
+            write_json(out / INIT_FROM_FILE, source_record(cfg.train.init_from), indent=1)
     training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume, init)
     for epoch in range(training.start_epoch, cfg.train.epochs):
         row, out_of_time = training.epoch(epoch)
