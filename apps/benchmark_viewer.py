@@ -61,7 +61,7 @@ def make_inputs(data_root: Path, folder: Path) -> dict[str, list[Path]]:
     from skimage.transform import resize
 
     task = data_root / "Task04_Hippocampus" / "imagesTr"
-    volumes = [task / f"hippocampus_{i:03d}.nii.gz" for i in (1, 3, 4)]
+    volumes = [task / f"hippocampus_{i:03d}.nii.gz" for i in (1, 3, 4, 7, 8, 11)]
     source = np.asarray(Image.open(data_root / "dsb2018_stage1_train" / DSB_SOURCE / "images" / f"{DSB_SOURCE}.png"))
     big = np.round(resize(source, (*BIG, source.shape[2]), preserve_range=True, anti_aliasing=True)).astype(np.uint8)
     images = []
@@ -150,6 +150,10 @@ def wait_picture(page, arg: dict, timeout_ms: int = 240_000) -> dict[str, str]:
         raise RuntimeError(f"no new picture for {arg}; page shows {page.evaluate(PAGE_STATE)}") from None
 
 
+# True once the page's script run has ended: Streamlit shows its status widget ("Running...") only during a run.
+IDLE = """() => !document.querySelector('[data-testid="stStatusWidget"]')"""
+
+
 def time_upload(page, path: Path) -> tuple[float, float]:
     """Seconds from handing ``path`` to the upload widget until (a) a new picture and (b) the overlay have loaded.
 
@@ -158,6 +162,7 @@ def time_upload(page, path: Path) -> tuple[float, float]:
     start with "input". Only elements of the current run count (Streamlit marks
     the previous run's as stale), once the page names the new file.
     """
+    page.wait_for_function(IDLE, timeout=120_000)  # the previous upload's run has ended: time this upload alone
     selector = '[data-testid="stImage"] img'
     previous = page.eval_on_selector(selector, "img => img.src") if page.locator(selector).count() else ""
     inputs = page.locator('[data-testid="stFileUploaderDropzoneInput"]')

@@ -1,4 +1,5 @@
-"""docs/gpu_round.md quotes figures that its run records hold, and the shipped 3D and DSB models are those runs."""
+"""docs/gpu_round.md quotes figures that its run records hold; the shipped 3D models are those runs, the DSB models
+those runs fine-tuned on the CPU (docs/dsb_finetune.md)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,26 @@ def test_quoted_dsb_figures_match_the_run_records():
         assert cells[4] == dice(folder / "evaluation_tta.json"), run
 
 
-@pytest.mark.parametrize("name, run", [("hippocampus_3d", "h3d_s0"), ("hippocampus_3d_noskip", "h3d_noskip_s0"),
-                                       ("dsb2018_2d", "dsb_s0"), ("dsb2018_2d_noskip", "dsb_noskip_s0")])
+@pytest.mark.parametrize("name, run", [("hippocampus_3d", "h3d_s0"), ("hippocampus_3d_noskip", "h3d_noskip_s0")])
 def test_shipped_models_are_the_gpu_round_runs(name, run):
     shipped = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())
     assert f"{shipped['mean_dice']:.6f}" == f"{json.loads((RUNS / run / 'evaluation.json').read_text())['mean_dice']:.6f}"
     assert (PRETRAINED_DIR / name / "training_metrics.jsonl").read_text() == (RUNS / run / "metrics.jsonl").read_text()
     config = torch.load(PRETRAINED_DIR / name / "model.pt", weights_only=True)["config"]
-    if name.startswith("hippocampus"):
-        assert config["train"]["max_minutes"] == 6.5 and config["augment"]["strength"] == 1.5
-    else:
-        assert config["train"]["max_minutes"] == 3.5 and config["augment"]["color"] and config["augment"]["invert"]
+    assert config["train"]["max_minutes"] == 6.5 and config["augment"]["strength"] == 1.5
+
+
+@pytest.mark.parametrize("name, run", [("dsb2018_2d", "dsb_s0"), ("dsb2018_2d_noskip", "dsb_noskip_s0")])
+def test_shipped_dsb_models_were_fine_tuned_from_the_gpu_round_runs(name, run):
+    """docs/dsb_finetune.md: each DSB model is its GPU-round run fine-tuned on the CPU; the record of where it
+    started is that run's (its command and recorded figures)."""
+    training = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())["training"]
+    assert training["command"][0].startswith(f"unetseg train --config dsb2018_2d {'--no-skip ' * ('noskip' in name)}"
+                                             f"--init-from {name} ")
+    start = training["init_from"]
+    assert start["source"] == name and "init_from" not in start["training"]
+    assert start["training"]["command"] == (RUNS / run / "command.txt").read_text().strip().splitlines()
+    assert f"{start['mean_dice']:.6f}" == f"{json.loads((RUNS / run / 'evaluation.json').read_text())['mean_dice']:.6f}"
+    config = torch.load(PRETRAINED_DIR / name / "model.pt", weights_only=True)["config"]
+    assert config["data"]["kind_balance"] == 0.5 and config["train"]["init_from"] == name
+    assert config["augment"]["color"] and config["augment"]["invert"]

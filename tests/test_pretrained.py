@@ -41,6 +41,9 @@ def test_noskip_models_differ_only_by_skips(base):
     a = yaml.safe_load((PRETRAINED_DIR / base / "config.yaml").read_text())
     b = yaml.safe_load((PRETRAINED_DIR / f"{base}_noskip" / "config.yaml").read_text())
     assert a["model"].pop("skips") is True and b["model"].pop("skips") is False
+    # A fine-tuned pair starts each model from its own twin: the same recipe, other starting weights.
+    start_a, start_b = a["train"].pop("init_from", None), b["train"].pop("init_from", None)
+    assert (start_a, start_b) in ((None, None), (base, f"{base}_noskip"))
     assert a == b
 
 
