@@ -17,6 +17,7 @@ import time
 import torch
 from monai.networks.nets import BasicUNet
 
+from unetseg.checkpoint import build_model, model_arguments
 from unetseg.config import load_config
 from unetseg.losses import make_loss
 from unetseg.model import UNet
@@ -71,7 +72,7 @@ def main() -> None:
         dsb = load_config("dsb2018_2d")
         for layout in (False, True):
             torch.manual_seed(0)
-            model = UNet(2, 3, 2, channels=dsb.model.channels, act=dsb.model.act)
+            model = build_model(model_arguments(dsb.model, 3, 2))  # the dsb2018_2d network exactly
             rate = slices_per_second(model, tuple(dsb.data.patch_size), dsb.train.batch_size, args.dsb_steps, warmup=1,
                                      in_channels=3, classes=2, channels_last=layout)
             name = f"unetseg dsb2018_2d{', channels_last' if layout else ''}"

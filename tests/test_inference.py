@@ -281,6 +281,10 @@ def test_every_convolution_runs_on_onednn_unless_the_network_is_for_export():
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(portable(x), model(x), atol=1e-4, rtol=1e-4)
+        with torch.profiler.profile() as prof:
+            net(x)
+    ran = {e.key: e.count for e in prof.key_averages()}
+    assert ran.get("aten::mkldnn_convolution") == convs and "aten::slow_conv3d_forward" not in ran, ran
 
 
 def test_a_model_changed_in_place_is_predicted_as_it_is_now():

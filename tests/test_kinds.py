@@ -29,6 +29,9 @@ def test_synthetic_images_of_each_kind():
     assert image_kind(colour) == HISTOLOGY
     assert image_kind(dark[:1]) == FLUORESCENCE  # one channel
     assert image_kind(np.stack([bright[0]] * 4)[:, None]) == BRIGHTFIELD  # 3D: (C, D, H, W)
+    assert image_kind(np.stack([dark[0], dark[0] * 0.5])) == FLUORESCENCE  # two channels are not colour
+    with pytest.raises(ValueError, match="channel axis"):
+        image_kind(dark[0])
 
 
 def test_real_images_raw_and_normalised_give_the_same_kind(data_root):

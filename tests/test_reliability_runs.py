@@ -328,3 +328,25 @@ def test_a_fine_tuned_model_that_replaces_its_starting_model_keeps_that_model_s_
     first = grandchild["training"]["init_from"]
     assert first["source"] == str(tuned) and first["training"]["command"] == ["unetseg train --init-from m"]
     assert first["training"]["init_from"]["training"] == parent["training"]
+
+
+def test_provenance_of_a_killed_fine_tune_and_of_a_loop(tiny_run, tmp_path):
+    """A fine-tune killed before its first checkpoint (split.json, init_from.json) can be started again in its
+    folder; a run whose train.init_from leads back to itself is recorded with a note, not followed for ever."""
+    import yaml
+
+    from unetseg.provenance import training_history
+    from unetseg.train import check_out_dir
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("split.json", "config.yaml", "init_from.json"):
+        (killed / name).write_text("{}")
+    assert check_out_dir(killed, resume=False) is True
+    loop = tmp_path / "loop"
+    shutil.copytree(tiny_run, loop)
+    config = yaml.safe_load((loop / "config.yaml").read_text())
+    config["train"]["init_from"] = str(loop)
+    (loop / "config.yaml").write_text(yaml.safe_dump(config))
+    start = training_history(loop)["init_from"]
+    assert start["source"] == str(loop) and "loops" in start["note"]

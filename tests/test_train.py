@@ -278,3 +278,6 @@ def test_channels_last_training_trains_the_same_network(tmp_path, data_root):
     wa, wb = (torch.load(runs[flag] / "last.pt", weights_only=True)["state_dict"] for flag in (False, True))
     steps, lr = 3, 3e-3  # tiny_config: 3 steps; hippocampus_2d's learning rate
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=steps * lr) for k in wa)
+    convs = [k for k in wb if wb[k].dim() == 4 and wb[k].shape[1] > 1 and wb[k].shape[-1] > 1]
+    assert convs and all(wb[k].is_contiguous(memory_format=torch.channels_last) for k in convs)  # it did train so
+    assert not any(wa[k].is_contiguous(memory_format=torch.channels_last) for k in convs)

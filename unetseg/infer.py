@@ -162,7 +162,7 @@ class OneDnnConv(nn.Module):
     PyTorch sends a convolution with a batch of one and few feature maps (batch x channels x the first two spatial
     sizes at most 20,480) to its slower native kernel: for the 3D hippocampus network on a whole volume that is 11 of
     its 15 convolutions, which made one volume cost nearly as much as two (docs/inference_speed.md). Other input
-    (another device or dtype) goes through ``conv`` itself.
+    (another device or dtype, unbatched, under CPU autocast, or with oneDNN switched off) goes through ``conv``.
 
     Shapes: as ``conv``: ``(B, C_in, *S) -> (B, C_out, *S')``.
     """
@@ -173,7 +173,9 @@ class OneDnnConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != torch.float32:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != torch.float32
+                or x.dim() != c.weight.dim() or not torch.backends.mkldnn.enabled
+                or torch.is_autocast_enabled("cpu")):
             return c(x)
         return torch.ops.aten.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
 

@@ -41,37 +41,46 @@ def training_record(run_dir: Path, threshold: float = 0.85) -> dict[str, Any]:
     }
 
 
-def source_record(source: str) -> dict[str, Any]:
+MAX_CHAIN = 32  # fine-tunes followed back at most; a longer chain (or a loop) is cut with a note
+
+
+def source_record(source: str, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
     """What the weights of ``source`` (a shipped or exported model, a run folder or a checkpoint, as
     ``train.init_from`` takes it) are, read now: the source as given and, for a model, its recorded mean Dice and
-    training record; for a run folder, its :func:`training_history`; for anything else the source alone."""
+    training record; for a run folder, its :func:`training_history`; for anything else (or a run folder without
+    a validated epoch yet) the source alone, with a ``note`` saying why."""
     try:
-        folder = resolve_checkpoint(source).parent
+        folder = resolve_checkpoint(source).parent.resolve()
     except UnetsegError:
-        return {"source": source}
+        return {"source": source, "note": "not found when read"}
     if (folder / "metrics.json").is_file():  # an exported or shipped model
         recorded = json.loads((folder / "metrics.json").read_text())
         return {"source": source, "mean_dice": recorded.get("mean_dice"), "training": recorded.get("training")}
     if (folder / "metrics.jsonl").is_file() and (folder / "config.yaml").is_file():  # a run folder
-        return {"source": source, "training": training_history(folder)}
+        if folder in _seen or len(_seen) >= MAX_CHAIN:
+            return {"source": source, "note": "the chain of fine-tunes loops or is too long; cut here"}
+        try:
+            return {"source": source, "training": training_history(folder, _seen | {folder})}
+        except UnetsegError as exc:  # e.g. no validated epoch yet
+            return {"source": source, "note": str(exc)}
     return {"source": source}
 
 
-def starting_point(run_dir: Path) -> dict[str, Any] | None:
+def starting_point(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any] | None:
     """Where a fine-tuned run started: its ``init_from.json`` (written when its weights were read), else, for runs
     made before that file, :func:`source_record` of its ``train.init_from`` read now. None for a run trained
     from scratch."""
     if (run_dir / INIT_FROM_FILE).is_file():
         return json.loads((run_dir / INIT_FROM_FILE).read_text())
     source = load_config(str(run_dir / "config.yaml")).train.init_from
-    return source_record(source) if source else None
+    return source_record(source, _seen | {Path(run_dir).resolve()}) if source else None
 
 
-def training_history(run_dir: Path) -> dict[str, Any]:
+def training_history(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
     """:func:`training_record` of a run, with where it started (:func:`starting_point`) when it was fine-tuned:
-    a chain of fine-tunes is recorded to its first run."""
+    a chain of fine-tunes is recorded to its first run (at most :data:`MAX_CHAIN` runs; a loop is cut)."""
     training = training_record(run_dir)
-    start = starting_point(run_dir)
+    start = starting_point(run_dir, _seen)
     if start is not None:
         training["init_from"] = start
     return training

@@ -124,6 +124,8 @@ def sampling_weights(images: Sequence[np.ndarray], kind_balance: float, world_si
         return None
     if world_size > 1:
         raise UnetsegError("data.kind_balance is not supported with several processes (torchrun): set it to 0")
+    if not images:
+        raise UnetsegError("data.kind_balance: no training samples to weigh")
     return kind_balanced_weights([image_kind(image) for image in images], kind_balance)
 
 
@@ -260,8 +262,8 @@ def _truncate_jsonl(path: Path, keep: Any) -> None:
 # What fit writes into a run folder (a folder holding only these, but no last.pt, is a run killed before its first
 # checkpoint: it is restarted from scratch); temporary files of killed saves start with a dot.
 RUN_FILES = frozenset({"config.yaml", "command.txt", "split.json", "metrics.jsonl", "gradients.jsonl", "curves.png",
-                       EVENT_DIR})
-RUN_LOGS = ("metrics.jsonl", "gradients.jsonl", "command.txt", "curves.png")
+                       INIT_FROM_FILE, EVENT_DIR})
+RUN_LOGS = ("metrics.jsonl", "gradients.jsonl", "command.txt", "curves.png", INIT_FROM_FILE)
 TEMP_PREFIXES = (".last.pt.", ".best.pt.", ".metrics.jsonl.", ".gradients.jsonl.")
 
 
@@ -397,15 +399,18 @@ def fit(
     torch.manual_seed(cfg.train.seed)
     listed = case_split(cfg, data_root)
     _, info, split, _ = listed
-    init = None  # checked before any image is read or the run folder is made: a refusal leaves nothing behind
+    if di.world_size > 1 and cfg.data.kind_balance > 0:
+        sampling_weights([], cfg.data.kind_balance, di.world_size)  # refuses, before any image is read
+    init, start = None, None  # checked before any image is read or the run folder is made: a refusal leaves nothing
     if cfg.train.init_from and not resume:
         init = initial_weights(cfg.train.init_from, model_args(cfg, info), preprocessing_settings(cfg, info),
                                info, split)
+        start = source_record(cfg.train.init_from)  # what the weights were when read: the source may be replaced
     info, split, train_cases, val_cases = prepare_data(cfg, data_root, progress=progress and di.is_main, listed=listed)
     if di.is_main:
         start_run_folder(cfg, out, split, restart, command)
-        if init is not None:  # what the weights were when read: the source may later be replaced under its name
-            write_json(out / INIT_FROM_FILE, source_record(cfg.train.init_from), indent=1)
+        if start is not None:
+            write_json(out / INIT_FROM_FILE, start, indent=1)
     training = _Training(cfg, out, info, split, train_cases, val_cases, device, di, progress, resume, init)
     for epoch in range(training.start_epoch, cfg.train.epochs):
         row, out_of_time = training.epoch(epoch)
