@@ -252,13 +252,15 @@ def test_kind_balance_draws_each_kind_equally_often(tmp_path, data_root, monkeyp
 
 
 def test_kind_balance_with_several_processes_is_refused():
-    from unetseg.train import sampling_weights
+    from unetseg.train import check_kind_balance, sampling_weights
 
     images = [np.zeros((1, 4, 4))] * 3
-    assert sampling_weights(images, 0.0, 1) is None
-    assert sampling_weights(images, 0.5, 1).sum() == pytest.approx(1.0)
+    assert sampling_weights(images, 0.0) is None
+    assert sampling_weights(images, 0.5).sum() == pytest.approx(1.0)
+    check_kind_balance(0.5, 1)
+    check_kind_balance(0.0, 2)
     with pytest.raises(UnetsegError, match="kind_balance"):
-        sampling_weights(images, 0.5, 2)
+        check_kind_balance(0.5, 2)
 
 
 def test_channels_last_training_trains_the_same_network(tmp_path, data_root):

@@ -117,15 +117,17 @@ def collapsed_classes(history: Sequence[dict[str, Any]], class_names: Sequence[s
     return [k for k in class_names[1:] if all(low(r.get(f"val_dice_{k}", 1.0)) for r in validated)]
 
 
-def sampling_weights(images: Sequence[np.ndarray], kind_balance: float, world_size: int) -> np.ndarray | None:
+def check_kind_balance(kind_balance: float, world_size: int) -> None:
+    """Refuse ``data.kind_balance`` > 0 with several processes: the distributed sampler draws every sample alike."""
+    if kind_balance > 0 and world_size > 1:
+        raise UnetsegError("data.kind_balance is not supported with several processes (torchrun): set it to 0")
+
+
+def sampling_weights(images: Sequence[np.ndarray], kind_balance: float) -> np.ndarray | None:
     """Per-sample drawing weights for ``data.kind_balance`` > 0 (:func:`~unetseg.data.kinds.kind_balanced_weights`
     over :func:`~unetseg.data.kinds.image_kind` of each ``(C, *S)`` sample); None draws every sample alike."""
     if kind_balance <= 0:
         return None
-    if world_size > 1:
-        raise UnetsegError("data.kind_balance is not supported with several processes (torchrun): set it to 0")
-    if not images:
-        raise UnetsegError("data.kind_balance: no training samples to weigh")
     return kind_balanced_weights([image_kind(image) for image in images], kind_balance)
 
 
@@ -399,8 +401,7 @@ def fit(
     torch.manual_seed(cfg.train.seed)
     listed = case_split(cfg, data_root)
     _, info, split, _ = listed
-    if di.world_size > 1 and cfg.data.kind_balance > 0:
-        sampling_weights([], cfg.data.kind_balance, di.world_size)  # refuses, before any image is read
+    check_kind_balance(cfg.data.kind_balance, di.world_size)  # before any image is read
     init, start = None, None  # checked before any image is read or the run folder is made: a refusal leaves nothing
     if cfg.train.init_from and not resume:
         init = initial_weights(cfg.train.init_from, model_args(cfg, info), preprocessing_settings(cfg, info),
@@ -467,7 +468,7 @@ class _Training:
         images, labels = training_samples(train_cases, cfg.model.spatial_dims, cfg.data.slice_axis)
         transform = build_augmentation(cfg.augment, cfg.data.normalization, cfg.model.spatial_dims, seed=cfg.train.seed)
         self.dataset = PatchDataset(images, labels, cfg.data.patch_size, transform, seed=cfg.train.seed * 1000 + di.rank)
-        self.sample_weights = sampling_weights(images, cfg.data.kind_balance, di.world_size)
+        self.sample_weights = sampling_weights(images, cfg.data.kind_balance)  # fit checked: one process
         t = cfg.train
         self.memory_format = (torch.channels_last if t.channels_last and cfg.model.spatial_dims == 2
                               else torch.contiguous_format)
