@@ -279,6 +279,29 @@ def test_colour_and_inversion_fire_at_their_rates_and_keep_intensities_in_range(
         assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("zoom", [0.6, 1.6])
+def test_augment_scale_zooms_isotropically_by_the_range_given(spatial_dims, zoom):
+    """``augment.scale`` = [z, z]: a centred disk (ball) grows by z in every direction, whatever the rotation."""
+    size = 64 if spatial_dims == 2 else 40
+    grid = np.indices((size,) * spatial_dims) - (size - 1) / 2
+    mask = ((grid ** 2).sum(0) <= 7.5 ** 2).astype(np.int64)
+    image = mask[None].astype(np.float32)
+    cfg = AugmentConfig(flip=False, intensity=False, scale=[zoom, zoom], strength=2.0)  # strength 2: the affine always fires
+    augmenter = build_augmentation(cfg, "zscore", spatial_dims=spatial_dims, seed=0)
+    for _ in range(5):
+        _, out = augmenter(image, mask)
+        assert abs(out.sum() / mask.sum() - zoom ** spatial_dims) < 0.15 * zoom ** spatial_dims
+        extents = [np.ptp(np.nonzero(out)[axis]) + 1 for axis in range(spatial_dims)]
+        assert max(extents) - min(extents) <= 3, extents  # still round: x and y zoomed alike
+
+
+def test_augment_scale_is_refused_unless_an_increasing_positive_range():
+    for bad in ("[1.5,0.7]", "[0,1.2]", "[0.8]"):
+        with pytest.raises(UnetsegError, match="augment.scale must be"):
+            apply_overrides(load_config("dsb2018_2d"), [f"augment.scale={bad}"])
+
+
 def test_colour_and_inversion_are_refused_where_they_cannot_apply():
     with pytest.raises(UnetsegError, match="augment.color varies the colour of RGB images"):
         apply_overrides(load_config("hippocampus_2d"), ["augment.color=true"])

@@ -37,8 +37,20 @@ def check_augmentation(cfg: AugmentConfig, spatial_dims: int) -> None:
     """Raise ``ValueError`` for augmentation a ``spatial_dims``-D network cannot take: flip axes it lacks, or the
     2D-only colour and inversion transforms on a 3D network."""
     resolve_flip_axes(cfg, spatial_dims)
+    affine_scale(cfg)
     if spatial_dims == 3 and (cfg.color or cfg.invert):
         raise ValueError("augment.color and augment.invert are 2D augmentations; set them false for a 3D network")
+
+
+def affine_scale(cfg: AugmentConfig) -> tuple[float, float]:
+    """The ``(min, max)`` zoom factor the affine transform draws from: ``cfg.scale`` as given (a zoom range does
+    not scale with strength), else ``1 -+ 0.15 * strength``. Raises ``ValueError`` for a range that is not
+    ``0 < min <= max``."""
+    if cfg.scale is None:
+        return 1 - 0.15 * float(cfg.strength), 1 + 0.15 * float(cfg.strength)
+    if len(cfg.scale) != 2 or not 0 < float(cfg.scale[0]) <= float(cfg.scale[1]):
+        raise ValueError(f"augment.scale must be [min, max] zoom factors with 0 < min <= max, got {cfg.scale}")
+    return float(cfg.scale[0]), float(cfg.scale[1])
 
 
 def flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -97,7 +109,8 @@ def _albumentations_2d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[
         transforms.append(
             A.Affine(
                 rotate=(-15 * s, 15 * s),
-                scale=(1 - 0.15 * s, 1 + 0.15 * s),
+                scale=affine_scale(cfg),
+                keep_ratio=cfg.scale is not None,  # a zoom range given is isotropic; the default draws x and y apart
                 translate_percent=(-0.05 * s, 0.05 * s),
                 interpolation=cv2.INTER_LINEAR,
                 mask_interpolation=cv2.INTER_NEAREST,
@@ -140,8 +153,12 @@ def _monai_3d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[int, ...]
     transforms: list = [RandFlipd(both, prob=0.5, spatial_axis=a) for a in flip_axes]
     if cfg.affine:
         angle = math.radians(15 * s)
+        # MONAI scales the sampling grid, so a factor f zooms the image by 1 / f; it adds 1 to the drawn offset.
+        # Without augment.scale the offsets stay +-0.15 x strength, as the shipped 3D models were trained.
+        low, high = affine_scale(cfg)
+        zoom = (1 / high - 1, 1 / low - 1) if cfg.scale is not None else (-0.15 * s, 0.15 * s)
         transforms.append(
-            RandAffined(both, prob=min(1.0, 0.5 * s), rotate_range=(angle,) * 3, scale_range=(0.15 * s,) * 3,
+            RandAffined(both, prob=min(1.0, 0.5 * s), rotate_range=(angle,) * 3, scale_range=(zoom,) * 3,
                         mode=("bilinear", "nearest"), padding_mode="zeros")
         )
     if cfg.elastic:
