@@ -17,6 +17,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from PIL import Image
 
+from unetseg import infer
 from unetseg.cli import main
 from unetseg.data import io
 from unetseg.errors import UnetsegError
@@ -85,7 +86,7 @@ def count_passes(seg: Segmenter) -> list[tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------------ equal to before
 
 @pytest.mark.parametrize("model", ["hippocampus_2d", "hippocampus_3d"])
-def test_a_volume_is_one_forward_pass_equal_to_the_plain_network_with_and_without_tta(model, data_root):
+def test_a_volume_equals_the_plain_network_with_and_without_tta(model, data_root):
     seg = Segmenter.from_checkpoint(model)
     image = seg.prepare(volume(data_root), channel_axis=0)  # (1, 34, 52, 35): odd sizes, smaller than the old window
     passes = count_passes(seg)
@@ -93,8 +94,10 @@ def test_a_volume_is_one_forward_pass_equal_to_the_plain_network_with_and_withou
     np.testing.assert_allclose(seg.predict_proba(image, normalized=True), members[0], atol=2e-5)
     np.testing.assert_allclose(seg.predict_proba(image, tta=True, normalized=True), np.mean(members, axis=0), atol=2e-5)
     slices = image.shape[1 + seg.preprocessing.slice_axis] if seg.spatial_dims == 2 else 1
-    # one pass each: the whole volume (or all its slices), then the volume and its mirrored copies together
-    assert [p[0] for p in passes] == [slices, slices * len(seg.tta_flips)]
+    # a 2D model's slices (40 x 56 padded) share one pass, and then with their mirrored copies; a 3D volume
+    # (40 x 56 x 40 padded, above SHARED_PASS_MAX_ITEM) and each of its copies have a pass of their own
+    expected = [slices, slices * len(seg.tta_flips)] if seg.spatial_dims == 2 else [1] * (1 + len(seg.tta_flips))
+    assert [p[0] for p in passes] == expected
     votes = seg.flip_predictions(image, normalized=True)
     assert votes.shape == (len(seg.tta_flips), *image.shape[1:]) and votes.dtype == np.int64
     assert (votes == np.argmax(members, axis=1)).mean() > 0.9999
@@ -143,13 +146,21 @@ def test_whole_image_and_large_windows_agree_away_from_window_seams():
 
 # --------------------------------------------------------------------------------------------- budget and passes
 
-def test_flip_members_share_forward_passes_as_far_as_the_budget_allows():
+def test_flip_members_share_forward_passes_while_small_and_within_the_budget(monkeypatch):
     seg = Segmenter.from_checkpoint("dsb2018_2d")
     assert len(seg.tta_flips) == 4
-    image = seg.prepare(rgb((400, 500)), channel_axis=-1)
     passes = count_passes(seg)
+    seg.predict_proba(seg.prepare(rgb((64, 80)), channel_axis=-1), tta=True, normalized=True)
+    assert passes == [(4, 3, 64, 80)]  # the image and its three mirrored copies in one pass: 4 x 5,120 voxels
+    image = seg.prepare(rgb((400, 500)), channel_axis=-1)
+    passes.clear()
+    alone = seg.predict_proba(image, tta=True, normalized=True)
+    assert passes == [(1, 3, 400, 500)] * 4  # on the CPU an image of SHARED_PASS_MAX_ITEM voxels or more goes alone
+    monkeypatch.setattr(infer, "SHARED_PASS_MAX_ITEM", 2**40)  # now only the memory budget limits a pass
+    passes.clear()
     together = seg.predict_proba(image, tta=True, normalized=True)
-    assert passes == [(4, 3, 400, 500)]  # the image and its three mirrored copies in one pass
+    assert passes == [(4, 3, 400, 500)]
+    np.testing.assert_allclose(alone, together, atol=2e-5)
     seg.memory_mb = 1.5 * 400 * 504 * seg.bytes_per_voxel / 2**20  # room for one copy, not two
     passes.clear()
     apart = seg.predict_proba(image, tta=True, normalized=True)
@@ -186,7 +197,9 @@ def test_a_forward_pass_stays_within_its_memory_estimate():
         "import re, numpy as np, torch\n"
         "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
         "torch.set_num_threads(1)\n"
+        "from unetseg import infer\n"
         "from unetseg.infer import Segmenter\n"
+        "infer.SHARED_PASS_MAX_ITEM = 2**40\n"  # the four members in one pass, as the memory budget allows
         "seg = Segmenter.from_checkpoint('dsb2018_2d')\n"
         "x = seg.prepare(np.random.default_rng(0).random((256, 320, 3)), channel_axis=-1)\n"
         "seg._inference_network()\n"

@@ -77,6 +77,12 @@ DEFAULT_INFER_MEMORY_MB = 2048.0
 # level: measured as peak RSS growth (docs/inference_speed.md) at 410-570 bytes per voxel for the shipped networks
 # (16 maps at the finest level = 640 bytes with this factor), 2D and 3D, whole images and batches.
 FLOATS_PER_FINEST_MAP = 10
+# On the CPU, items (flip-TTA copies, the slices of a volume) of at least this many voxels have a forward pass each;
+# smaller ones share passes as far as the memory budget allows. On the 2-core CPU (benchmarks/shared_passes.py,
+# docs/shared_passes.txt) a 256x256 image's four TTA copies took 0.36 s in one pass and 0.28 s one after another
+# (0.074 s plain): large feature maps leave the cache. Small ones (hippocampus slices) gain from sharing, where fixed
+# costs per layer dominate (docs/inference_speed.md).
+SHARED_PASS_MAX_ITEM = 128 * 128
 # Sliding window (above the budget only): MONAI's, Gaussian-weighted, this overlap.
 WINDOW_OVERLAP = 0.25
 # channels_last where it measurably helps (docs/inference_speed.md): 2D convolutions on the CPU run ~1.3-1.8x
@@ -421,6 +427,13 @@ class Segmenter(Predictor):
         memory budget existed, so a budget too small for anything bigger reproduces that behaviour."""
         return tuple(2 * int(p) for p in self.preprocessing.patch_size)
 
+    def items_per_pass(self, items: int, item: int) -> int:
+        """How many of ``items`` inputs of ``item`` voxels (padded) one forward pass takes: as many as the memory
+        budget and ``batch_size`` allow, but on the CPU one at a time from ``SHARED_PASS_MAX_ITEM`` voxels up."""
+        if self.device.type == "cpu" and item >= SHARED_PASS_MAX_ITEM:
+            return 1
+        return min(items, max(1, self.max_voxels() // item), self.batch_size or items)
+
     def max_voxels(self) -> int:
         """Voxels (summed over a batch) one forward pass may take within the memory budget."""
         return max(1, int(infer_memory_mb(self.memory_mb) * 2**20) // self.bytes_per_voxel)
@@ -494,10 +507,10 @@ class Segmenter(Predictor):
 
     def _whole(self, net: UNet, x: torch.Tensor, flip_dims: list[list[int]], item: int) -> torch.Tensor:
         """Whole-image probabilities ``(M, N, K, *S)``: the flipped copies of ``x`` ``(N, C, *S)`` stacked into as
-        few forward passes as the budget allows (``item`` voxels each, padded)."""
+        few forward passes as :meth:`items_per_pass` allows (``item`` voxels each, padded)."""
         members, n = len(flip_dims), x.shape[0]
         batch = torch.cat([torch.flip(x, dims) if dims else x for dims in flip_dims])
-        per_pass = min(len(batch), max(1, self.max_voxels() // item), self.batch_size or len(batch))
+        per_pass = self.items_per_pass(len(batch), item)
         out = torch.empty((len(batch), self.num_classes, *x.shape[2:]))
         for start in range(0, len(batch), per_pass):
             logits = net(self._layout(batch[start:start + per_pass]))
