@@ -69,17 +69,26 @@ def test_shipped_models_are_the_gpu_round_runs(name, run):
     assert config["train"]["max_minutes"] == 6.5 and config["augment"]["strength"] == 1.5
 
 
-@pytest.mark.parametrize("name, run", [("dsb2018_2d", "dsb_s0"), ("dsb2018_2d_noskip", "dsb_noskip_s0")])
-def test_shipped_dsb_models_were_fine_tuned_from_the_gpu_round_runs(name, run):
-    """docs/dsb_finetune.md: each DSB model is its GPU-round run fine-tuned on the CPU; the record of where it
-    started is that run's (its command and recorded figures)."""
+FINETUNE_RUNS = DOCS / "dsb_finetune"
+
+
+@pytest.mark.parametrize("name, run, first, third", [("dsb2018_2d", "dsb_s0", "dsb_ft", "dsb_ft3"),
+                                                     ("dsb2018_2d_noskip", "dsb_noskip_s0", "dsb_noskip_ft",
+                                                      "dsb_noskip_ft3")])
+def test_shipped_dsb_models_were_fine_tuned_twice_from_the_gpu_round_runs(name, run, first, third):
+    """docs/dsb_finetune.md: each DSB model is its GPU-round run fine-tuned on the CPU in round 1, then again in
+    round 3 (a wider zoom); metrics.json records the chain back to the GPU run (its command and figures)."""
     training = json.loads((PRETRAINED_DIR / name / "metrics.json").read_text())["training"]
+    assert training["command"] == (FINETUNE_RUNS / third / "command.txt").read_text().strip().splitlines()
     assert training["command"][0].startswith(f"unetseg train --config dsb2018_2d {'--no-skip ' * ('noskip' in name)}"
                                              f"--init-from {name} ")
-    start = training["init_from"]
-    assert start["source"] == name and "init_from" not in start["training"]
-    assert start["training"]["command"] == (RUNS / run / "command.txt").read_text().strip().splitlines()
-    assert f"{start['mean_dice']:.6f}" == f"{json.loads((RUNS / run / 'evaluation.json').read_text())['mean_dice']:.6f}"
+    round1 = training["init_from"]
+    assert round1["source"] == name
+    assert round1["training"]["command"] == (FINETUNE_RUNS / first / "command.txt").read_text().strip().splitlines()
+    gpu = round1["training"]["init_from"]
+    assert gpu["source"] == name and "init_from" not in gpu["training"]
+    assert gpu["training"]["command"] == (RUNS / run / "command.txt").read_text().strip().splitlines()
+    assert f"{gpu['mean_dice']:.6f}" == f"{json.loads((RUNS / run / 'evaluation.json').read_text())['mean_dice']:.6f}"
     config = torch.load(PRETRAINED_DIR / name / "model.pt", weights_only=True)["config"]
     assert config["data"]["kind_balance"] == 0.5 and config["train"]["init_from"] == name
-    assert config["augment"]["color"] and config["augment"]["invert"]
+    assert config["augment"]["color"] and config["augment"]["invert"] and config["augment"]["scale"] == [0.7, 1.5]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from unetseg.cli import main
+from unetseg.evaluate import read_per_case
 from unetseg.infer import PRETRAINED_DIR, Segmenter, shipped_models
 from unetseg.runlog import read_epoch_log
 
@@ -87,6 +89,14 @@ def test_hippocampus_3d_is_the_most_accurate_hippocampus_model_and_reaches_the_t
     assert max(dice, key=dice.get) == "hippocampus_3d", dice
     assert dice["hippocampus_3d"] >= 0.89  # the accuracy target (nnU-Net's 3D level is about 0.90 / 0.89)
     assert Segmenter.from_checkpoint("hippocampus_3d").spatial_dims == 3
+
+
+def test_dsb2018_2d_reaches_the_target_and_its_recorded_mean_is_its_per_case_rows():
+    record = recorded("dsb2018_2d")
+    assert record["mean_dice"] >= 0.92  # the accuracy target (validation mean per-image Dice, 120 images)
+    rows = read_per_case(PRETRAINED_DIR / "dsb2018_2d" / "per_case.csv")
+    assert len(rows) == record["num_cases"] == 120
+    assert np.mean([r["dice_nucleus"] for r in rows]) == pytest.approx(record["mean_dice"], abs=1e-9)
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("dsb2018")])
