@@ -279,27 +279,41 @@ def test_colour_and_inversion_fire_at_their_rates_and_keep_intensities_in_range(
         assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("zoom", [0.6, 1.6])
-def test_augment_scale_zooms_isotropically_by_the_range_given(spatial_dims, zoom):
-    """``augment.scale`` = [z, z]: a centred disk (ball) grows by z in every direction, whatever the rotation."""
-    size = 64 if spatial_dims == 2 else 40
-    grid = np.indices((size,) * spatial_dims) - (size - 1) / 2
+def test_augment_scale_zooms_a_2d_image_by_the_range_given(zoom):
+    """``augment.scale`` = [z, z]: a centred disk grows by z along both axes, whatever the rotation."""
+    grid = np.indices((64, 64)) - 31.5
     mask = ((grid ** 2).sum(0) <= 7.5 ** 2).astype(np.int64)
-    image = mask[None].astype(np.float32)
     cfg = AugmentConfig(flip=False, intensity=False, scale=[zoom, zoom], strength=2.0)  # strength 2: the affine always fires
-    augmenter = build_augmentation(cfg, "zscore", spatial_dims=spatial_dims, seed=0)
+    augmenter = build_augmentation(cfg, "zscore", spatial_dims=2, seed=0)
     for _ in range(5):
-        _, out = augmenter(image, mask)
-        assert abs(out.sum() / mask.sum() - zoom ** spatial_dims) < 0.15 * zoom ** spatial_dims
-        extents = [np.ptp(np.nonzero(out)[axis]) + 1 for axis in range(spatial_dims)]
-        assert max(extents) - min(extents) <= 3, extents  # still round: x and y zoomed alike
+        _, out = augmenter(mask[None].astype(np.float32), mask)
+        assert abs(out.sum() / mask.sum() - zoom ** 2) < 0.15 * zoom ** 2
 
 
-def test_augment_scale_is_refused_unless_an_increasing_positive_range():
+def test_augment_scale_draws_one_zoom_for_both_axes():
+    """Over a wide range the disk changes size from draw to draw but stays round (x and y zoomed alike)."""
+    grid = np.indices((96, 96)) - 47.5
+    mask = ((grid ** 2).sum(0) <= 7.5 ** 2).astype(np.int64)
+    cfg = AugmentConfig(flip=False, intensity=False, scale=[0.5, 2.0], strength=2.0)
+    augmenter = build_augmentation(cfg, "zscore", spatial_dims=2, seed=1)
+    areas = []
+    for _ in range(12):
+        _, out = augmenter(mask[None].astype(np.float32), mask)
+        extents = [np.ptp(np.nonzero(out)[axis]) + 1 for axis in range(2)]
+        assert abs(extents[0] - extents[1]) <= 3, extents
+        areas.append(out.sum())
+    assert max(areas) > 2 * min(areas)  # the range was used
+
+
+def test_augment_scale_is_refused_unless_an_increasing_positive_range_on_a_2d_affine():
     for bad in ("[1.5,0.7]", "[0,1.2]", "[0.8]"):
         with pytest.raises(UnetsegError, match="augment.scale must be"):
             apply_overrides(load_config("dsb2018_2d"), [f"augment.scale={bad}"])
+    with pytest.raises(UnetsegError, match="augment.scale is a 2D setting"):
+        apply_overrides(load_config("hippocampus_3d"), ["augment.scale=[0.8,1.2]"])
+    with pytest.raises(UnetsegError, match="needs augment.affine=true"):
+        apply_overrides(load_config("dsb2018_2d"), ["augment.scale=[0.8,1.2]", "augment.affine=false"])
 
 
 def test_colour_and_inversion_are_refused_where_they_cannot_apply():

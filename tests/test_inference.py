@@ -172,6 +172,17 @@ def test_flip_members_share_forward_passes_while_small_and_within_the_budget(mon
     assert passes == [(1, 3, 400, 500)] * 4
 
 
+def test_items_share_a_pass_below_the_cpu_threshold_and_on_other_devices_as_the_budget_allows():
+    seg = Segmenter.from_checkpoint("dsb2018_2d")
+    limit = infer.SHARED_PASS_MAX_ITEM
+    assert seg.items_per_pass(4, limit - 1) == 4 and seg.items_per_pass(4, limit) == 1
+    seg.device = torch.device("cuda")  # arithmetic only: nothing runs there
+    assert seg.items_per_pass(4, limit) == 4
+    assert seg.items_per_pass(4, seg.max_voxels() // 2) == 2  # the memory budget still caps a pass
+    seg.batch_size = 3
+    assert seg.items_per_pass(4, limit) == 3
+
+
 def test_memory_budget_from_argument_environment_and_default(monkeypatch):
     monkeypatch.delenv(INFER_MEMORY_ENV, raising=False)
     assert infer_memory_mb() == DEFAULT_INFER_MEMORY_MB == 2048

@@ -66,7 +66,7 @@ class AugmentConfig:
     flip: bool = True  # random mirroring, each axis of flip_axes on its own with probability 0.5
     flip_axes: list[int] | None = None  # spatial axes of the network input to mirror; None: every axis
     affine: bool = True  # rotation +-15 deg, scale 0.85-1.15, shift 5 % (times strength)
-    scale: list[float] | None = None  # [min, max] isotropic zoom of the affine transform; None: 1 -+ 0.15 x strength
+    scale: list[float] | None = None  # 2D: [min, max] isotropic zoom of the affine; None: 1 -+ 0.15 x strength per axis
     elastic: bool = False  # elastic deformation (slower)
     intensity: bool = True  # brightness / contrast, and gamma when normalization is "percentile"
     color: bool = False  # RGB 2D only: stain variation (hue / saturation shifts p 0.5, channel shuffle and grey p 0.2 each)

@@ -326,7 +326,9 @@ class Segmenter(Predictor):
     Prediction is fast: a whole image or volume goes through the network in one
     forward pass (padded to the network's size multiple, cropped back) whenever
     that fits ``memory_mb``; flip test-time augmentation stacks the mirrored
-    copies into the same pass; the network runs with batch norm folded into
+    copies into the same pass, except on the CPU for copies of
+    ``SHARED_PASS_MAX_ITEM`` voxels or more, which go one per pass (faster
+    there); the network runs with batch norm folded into
     its convolutions and, in 2D, ``channels_last``. Only what does not fit is
     segmented with MONAI's sliding window (Gaussian-weighted, 25 % overlap),
     with windows as large as the budget allows and never smaller than twice
@@ -342,7 +344,8 @@ class Segmenter(Predictor):
         class_names: background first.
         device: where to run.
         batch_size: at most this many images, slices or windows per forward
-            pass; None: as many as ``memory_mb`` allows.
+            pass; None: as many as ``memory_mb`` allows (on the CPU, one at a time
+            from ``SHARED_PASS_MAX_ITEM`` voxels up, whatever ``batch_size``).
         dataset: name of the data set the model was trained on (``"hippocampus"``,
             ``"dsb2018"``, ...), when known; used for input-mismatch warnings.
         tta_flips: the members of flip test-time augmentation, each a tuple of
@@ -484,8 +487,8 @@ class Segmenter(Predictor):
         (tuples of spatial axes to mirror; each member's probabilities are mirrored back).
 
         Each member is ``softmax(model(flip(image)))`` flipped back, as one forward per member would give; here
-        the members (and, for a 2D model on a volume, its slices) share forward passes as far as the memory
-        budget allows. An image too large for the budget is segmented in sliding windows, member by member.
+        the members (and, for a 2D model on a volume, its slices) share forward passes as far as
+        :meth:`items_per_pass` allows. An image too large for the budget is segmented in sliding windows, member by member.
         """
         image = np.asarray(image, dtype=np.float32)
         volume_in_2d = self.spatial_dims == 2 and image.ndim == 4

@@ -34,12 +34,16 @@ def resolve_flip_axes(cfg: AugmentConfig, spatial_dims: int) -> tuple[int, ...]:
 
 
 def check_augmentation(cfg: AugmentConfig, spatial_dims: int) -> None:
-    """Raise ``ValueError`` for augmentation a ``spatial_dims``-D network cannot take: flip axes it lacks, or the
-    2D-only colour and inversion transforms on a 3D network."""
+    """Raise ``ValueError`` for augmentation a ``spatial_dims``-D network cannot take: flip axes it lacks, the
+    2D-only colour, inversion and zoom-range settings on a 3D network, or a zoom range without the affine."""
     resolve_flip_axes(cfg, spatial_dims)
     affine_scale(cfg)
     if spatial_dims == 3 and (cfg.color or cfg.invert):
         raise ValueError("augment.color and augment.invert are 2D augmentations; set them false for a 3D network")
+    if cfg.scale is not None and spatial_dims == 3:  # MONAI's RandAffine draws each axis's factor on its own
+        raise ValueError("augment.scale is a 2D setting (an isotropic zoom); leave it null for a 3D network")
+    if cfg.scale is not None and not cfg.affine:
+        raise ValueError("augment.scale sets the affine augmentation's zoom; it needs augment.affine=true")
 
 
 def affine_scale(cfg: AugmentConfig) -> tuple[float, float]:
@@ -153,12 +157,8 @@ def _monai_3d(cfg: AugmentConfig, normalization: str, flip_axes: tuple[int, ...]
     transforms: list = [RandFlipd(both, prob=0.5, spatial_axis=a) for a in flip_axes]
     if cfg.affine:
         angle = math.radians(15 * s)
-        # MONAI scales the sampling grid, so a factor f zooms the image by 1 / f; it adds 1 to the drawn offset.
-        # Without augment.scale the offsets stay +-0.15 x strength, as the shipped 3D models were trained.
-        low, high = affine_scale(cfg)
-        zoom = (1 / high - 1, 1 / low - 1) if cfg.scale is not None else (-0.15 * s, 0.15 * s)
-        transforms.append(
-            RandAffined(both, prob=min(1.0, 0.5 * s), rotate_range=(angle,) * 3, scale_range=(zoom,) * 3,
+        transforms.append(  # MONAI's scale_range: a grid factor 1 + U(-r, r) per axis (zooms by its inverse)
+            RandAffined(both, prob=min(1.0, 0.5 * s), rotate_range=(angle,) * 3, scale_range=(0.15 * s,) * 3,
                         mode=("bilinear", "nearest"), padding_mode="zeros")
         )
     if cfg.elastic:
