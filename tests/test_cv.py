@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from unetseg.cli import main
+from unetseg.config import load_config
+from unetseg.cv import check_cv_dir
 from unetseg.data import io
-from unetseg.ensemble import Ensemble, fold_checkpoints
+from unetseg.ensemble import CV_MANIFEST, Ensemble, fold_checkpoints
+from unetseg.errors import UnetsegError
 from unetseg.infer import load_checkpoint
+from unetseg.runlog import dumps
 
 TINY = ["--set", "data.max_cases=8", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=3",
         "--set", "train.batch_size=8", "--set", "train.warmup_steps=1", "--set", "model.channels=[4, 8, 16]"]
@@ -48,6 +53,20 @@ def test_the_same_command_again_keeps_finished_folds(cv_dir, data_root, capsys):
                  "--out", str(cv_dir), "--quiet"]) == 0
     assert [(cv_dir / f"fold_{k}" / "last.pt").stat().st_mtime for k in range(2)] == before
     assert capsys.readouterr().err.count(": trained (") == 2
+
+
+def test_a_manifest_written_before_a_config_field_existed_is_continued(tmp_path):
+    """A field added later (augment.scale, data.kind_balance) is absent from an older manifest: it counts as its
+    default, so the folder is still the same cross-validation; a field the config does not know is not."""
+    cfg = load_config("hippocampus_2d")
+    stored = json.loads(dumps(dataclasses.asdict(cfg)))
+    del stored["augment"]["scale"], stored["data"]["kind_balance"]
+    (tmp_path / CV_MANIFEST).write_text(json.dumps({"folds": 2, "config": stored}))
+    check_cv_dir(tmp_path, cfg, 2)  # continued, no error
+    stored["augment"]["no_such_field"] = 1
+    (tmp_path / CV_MANIFEST).write_text(json.dumps({"folds": 2, "config": stored}))
+    with pytest.raises(UnetsegError, match="cross-validation of other settings"):
+        check_cv_dir(tmp_path, cfg, 2)
 
 
 def test_other_settings_do_not_continue_a_cross_validation(cv_dir, data_root, capsys):

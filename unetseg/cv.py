@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.checkpoint import Checkpoint
-from unetseg.config import Config, apply_overrides
+from unetseg.config import Config, apply_overrides, config_from_dict
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import CV_MANIFEST, fold_dir, read_cv_manifest
 from unetseg.evaluate import EVALUATION_FILES, evaluate, read_per_case, summarize, write_evaluation
@@ -43,12 +43,23 @@ def check_cv_dir(out: Path, cfg: Config, folds: int) -> None:
     manifest = out / CV_MANIFEST
     if manifest.is_file():
         earlier = read_cv_manifest(manifest)
-        if earlier["folds"] != folds or earlier.get("config") != _plain(cfg):
+        if earlier["folds"] != folds or not _same_config(earlier.get("config"), cfg):
             raise UnetsegError(f"{out} holds a cross-validation of other settings ({manifest}); rerun its own "
                                "command to continue it, or choose another --out")
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UnetsegError(f"--out {out} is not empty and holds no {CV_MANIFEST}; choose a new or empty folder")
+
+
+def _same_config(stored: Any, cfg: Config) -> bool:
+    """Whether a manifest's stored config is ``cfg``; fields added to the config since the manifest was written
+    count as their defaults (a folder started before them is continued), fields since removed as a difference."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return _plain(config_from_dict(stored, source="cross-validation manifest")) == _plain(cfg)
+    except UnetsegError:
+        return False
 
 
 def _plain(cfg: Config) -> dict[str, Any]:
