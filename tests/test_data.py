@@ -310,6 +310,7 @@ def test_augment_scale_is_refused_unless_an_increasing_positive_range_on_a_2d_af
     for bad in ("[1.5,0.7]", "[0,1.2]", "[0.8]"):
         with pytest.raises(UnetsegError, match="augment.scale must be"):
             apply_overrides(load_config("dsb2018_2d"), [f"augment.scale={bad}"])
+    assert apply_overrides(load_config("dsb2018_2d"), ["augment.scale=[7e-1,1.5e0]"]).augment.scale == [0.7, 1.5]
     with pytest.raises(UnetsegError, match="augment.scale is a 2D setting"):
         apply_overrides(load_config("hippocampus_3d"), ["augment.scale=[0.8,1.2]"])
     with pytest.raises(UnetsegError, match="needs augment.affine=true"):

@@ -143,7 +143,10 @@ _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _exponent_number(value: Any, annotation: str) -> Any:
-    """``"1e-3"`` -> ``0.001`` for a float field; every other value unchanged."""
+    """``"1e-3"`` -> ``0.001`` for a float field, and for each item of a float-list field (YAML 1.1 reads
+    ``1e-3`` as text); every other value unchanged."""
+    if isinstance(value, list) and "list[float]" in annotation:
+        return [_exponent_number(item, "float") for item in value]
     if "float" in annotation and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
     return value
