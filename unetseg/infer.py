@@ -431,8 +431,9 @@ class Segmenter(Predictor):
         return tuple(2 * int(p) for p in self.preprocessing.patch_size)
 
     def items_per_pass(self, items: int, item: int) -> int:
-        """How many of ``items`` inputs of ``item`` voxels (padded) one forward pass takes: as many as the memory
-        budget and ``batch_size`` allow, but on the CPU one at a time from ``SHARED_PASS_MAX_ITEM`` voxels up."""
+        """How many of ``items`` inputs (images, slices, flipped copies or sliding windows) of ``item`` voxels
+        (padded) one forward pass takes: as many as the memory budget and ``batch_size`` allow, but on the CPU one
+        at a time from ``SHARED_PASS_MAX_ITEM`` voxels up."""
         if self.device.type == "cpu" and item >= SHARED_PASS_MAX_ITEM:
             return 1
         return min(items, max(1, self.max_voxels() // item), self.batch_size or items)
@@ -527,9 +528,9 @@ class Segmenter(Predictor):
     def _windowed(self, net: UNet, x: torch.Tensor, dims: list[int]) -> torch.Tensor:
         """Sliding-window probabilities ``(N, K, *S)`` of ``x`` ``(N, C, *S)`` mirrored along ``dims``."""
         roi = window_shape(x.shape[2:], self.smallest_window, self.max_voxels(), self.model.size_multiple)
-        per_pass = min(max(1, self.max_voxels() // math.prod(roi)), self.batch_size or 2**31)
         report = self.progress if callable(self.progress) else None  # else a bool: MONAI's own tqdm bar
         total, done = len(x) * math.prod(windows_along(s, r) for s, r in zip(x.shape[2:], roi)), 0
+        per_pass = self.items_per_pass(total, math.prod(roi))
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
             nonlocal done
