@@ -9,7 +9,10 @@ For each case, with and without flip test-time augmentation (TTA), prints:
   for inputs larger than that window, one forward pass per TTA member;
 - MONAI's ``sliding_window_inference`` with its default settings (window = the training patch, 4 windows per
   batch as in MONAI's tutorials, overlap 0.25, constant blending) on the unmodified network: the peer;
-- the new path (``Segmenter.predict_proba``), and its largest difference from the old one.
+- the new path (``Segmenter.predict_proba``), and its largest difference from the old one;
+- for models with an int8 calibration (``unetseg quantize``): the same path in int8 (``Segmenter(int8_ranges=...)``,
+  ``predict --int8``, the viewer's default), its speed-up over float32, and the share of pixels (voxels) whose
+  label equals float32's.
 
 Cases: dsb2018_2d on a 1040 x 1388 RGB image (a DSB 2018 image of 696 x 520 resized, as no training image is
 that large) and on a 256 x 256 DSB image; hippocampus_2d and hippocampus_3d on a hippocampus MRI volume.
@@ -43,7 +46,7 @@ from unetseg import infer
 from unetseg.data import io
 from unetseg.data.datasets import resolve_data_root
 from unetseg.data.preprocess import slices_to_volume, volume_to_slices
-from unetseg.infer import Segmenter
+from unetseg.infer import Segmenter, int8_validation
 
 DSB_LARGE = "07fb37aafa6626608af90c1e18f6a743f29b6b233d2e427dcd1102df6a916cf5"  # 696 x 520, resized to 1388 x 1040
 DSB_SMALL = "00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552"  # 256 x 256
@@ -184,12 +187,33 @@ def forward_variants(seg: Segmenter, image: np.ndarray, repeats: int) -> tuple[f
             forward_time(seg, image, repeats, layout, portable=True), forward_time(seg, image, repeats, layout))
 
 
+def int8_segmenter(name: str) -> Segmenter | None:
+    """The model in int8 with its calibration, or None when it cannot run in int8 here (3D models, uncalibrated
+    ones)."""
+    return Segmenter.from_checkpoint(name, int8=True) if int8_validation(name) is not None else None
+
+
+def int8_columns(seg: Segmenter, seg8: Segmenter | None, image: np.ndarray, tta: bool, new_t: float,
+                 repeats: int) -> str:
+    """The int8 columns of a row: seconds (min), float32 / int8 time, share of labels equal to float32's."""
+    if seg8 is None:
+        return "- | - | -"
+    t, t_min = times(partial(seg8.predict_proba, image, tta=tta, normalized=True), repeats)
+    same = (seg8.predict_proba(image, tta=tta, normalized=True).argmax(0)
+            == seg.predict_proba(image, tta=tta, normalized=True).argmax(0)).mean()
+    return f"{t:.2f} ({t_min:.2f}) | {new_t / t:.1f} | {same:.2%}"
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU") \
         if Path("/proc/cpuinfo").is_file() else platform.processor()
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"load average {os.getloadavg()[0]:.1f} at the start")
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])) if Path("/proc/cpuinfo").is_file() else set()
+    int8 = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return (f"{cpu} (int8-relevant flags: {', '.join(int8) or 'none found'}), {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the "
+            "start")
 
 
 def main() -> None:
@@ -205,14 +229,15 @@ def main() -> None:
     lines += [("The fp32 matmul rate is measured again before each row (2048 x 2048, best of 10): the machine's "
                "load changes it, so each row's bound uses the rate of its own moment."), ""]
     lines += [("| model | input | TTA | GFLOP | matmul GFLOP/s | bound s | old s | MONAI default s | new s (min) | "
-               "new / bound | old / new | max \\|new - old\\| |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "new / bound | old / new | max \\|new - old\\| | int8 s (min) | new / int8 | int8 labels = new |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     layouts = []
     summary = {}
     for name, what, raw in cases(resolve_data_root(args.data_root)):
         if args.models and name not in args.models:
             continue
         seg = Segmenter.from_checkpoint(name)
+        seg8 = int8_segmenter(name)
         image = seg.prepare(raw, channel_axis=-1 if raw.ndim == 3 and name.startswith("dsb") else None)
         for tta in (False, True):
             members = len(seg.tta_flips) if tta else 1
@@ -228,9 +253,10 @@ def main() -> None:
                 old, monai, speedup = f"{old_t:.2f}", f"{monai_t:.2f}", f"{old_t / new_t:.1f}"
                 new = seg.predict_proba(image, tta=tta, normalized=True)
                 diff = f"{np.abs(new - old_predict_proba(seg, image, tta)).max():.1e}"
+            int8 = int8_columns(seg, seg8, image, tta, new_t, args.repeats)
             lines.append(f"| {name} | {what} | {'x' + str(members) if tta else 'no'} | {gflop:.1f} | {rate:.0f} | "
                          f"{bound:.2f} | {old} | {monai} | {new_t:.2f} ({new_min:.2f}) | "
-                         f"{new_t / bound:.1f} | {speedup} | {diff} |")
+                         f"{new_t / bound:.1f} | {speedup} | {diff} | {int8} |")
             print(lines[-1], flush=True)
         summary[(name, what)] = (len(seg.tta_flips), *tta_cost(seg, image, 2 * args.repeats - 1))
         if what.startswith("1040") or name == "hippocampus_3d" or name == "hippocampus_2d":

@@ -24,6 +24,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from unetseg.config import DataConfig, ModelConfig
 from unetseg.data.transforms import flip_combinations
 from unetseg.errors import DataError, UnetsegError
 from unetseg.model import UNet
-from unetseg.runlog import staged_file
+from unetseg.runlog import staged_file, write_json
 
 CHECKPOINT_FORMAT = "unetseg-checkpoint-v1"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -369,3 +371,61 @@ def _trained_flips(
     if not augment.get("flip", True) or augment.get("strength", 1.0) <= 0:
         return [()]
     return [(), (0, 1)] if spatial_dims == 2 else flip_combinations(range(spatial_dims))
+
+
+INT8_FORMAT = "unetseg-int8-calibration-v1"
+
+
+def int8_calibration_path(checkpoint_path: str | Path) -> Path:
+    """Where the int8 calibration of the checkpoint file ``checkpoint_path`` lives: beside it, ``<stem>.int8.json``
+    (``model.pt`` -> ``model.int8.json``)."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.stem}.int8.json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_int8_calibration(checkpoint: str | Path, ranges: Mapping[str, Sequence[float]],
+                          record: Mapping[str, Any]) -> Path:
+    """Write the activation ranges of :class:`~unetseg.model.int8.Int8UNet` for a checkpoint beside its file
+    (:func:`int8_calibration_path`, atomically), tied to the file by its SHA-256, with ``record`` (how they were
+    made and what they score) alongside. Returns the path written."""
+    path = resolve_checkpoint(checkpoint)
+    out = int8_calibration_path(path)
+    write_json(out, {"format": INT8_FORMAT, "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
+                     **record, "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in ranges.items()}})
+    return out
+
+
+def read_int8_calibration(checkpoint: str | Path) -> dict[str, Any]:
+    """The int8 calibration of a checkpoint (path, run folder or shipped model name), as
+    :func:`save_int8_calibration` wrote it; ``ranges`` values as ``(lo, hi)`` tuples.
+
+    Raises:
+        UnetsegError: no calibration beside the checkpoint, or one made for other weights (the file was
+            retrained or replaced since); both say how to make one.
+        DataError: a calibration file that is not one.
+    """
+    path = resolve_checkpoint(checkpoint)
+    side = int8_calibration_path(path)
+    remedy = f"make one with `unetseg quantize {checkpoint} --data-root DIR`"
+    if not side.is_file():
+        raise UnetsegError(f"{path}: no int8 calibration beside it ({side.name}); {remedy}")
+    try:
+        data = json.loads(side.read_text())
+        ranges = {str(k): (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise DataError(side, f"not an int8 calibration file ({INT8_FORMAT}); {remedy}") from None
+    if data.get("format") != INT8_FORMAT:
+        raise DataError(side, f"not an int8 calibration file ({INT8_FORMAT}); {remedy}")
+    if data.get("checkpoint_sha256") != file_sha256(path):
+        raise UnetsegError(f"{side}: made for other weights than {path} holds now (retrained or replaced since); "
+                           f"{remedy}")
+    return {**data, "ranges": ranges}

@@ -21,6 +21,7 @@ import numpy as np
 from unetseg.checkpoint import Checkpoint
 from unetseg.errors import UnetsegError
 from unetseg.infer import Predictor, Segmenter, dataset_kind
+from unetseg.model.int8 import Ranges
 
 # A cross-validation folder (unetseg.cv) is an ensemble too: its manifest names it, its folds are its members.
 CV_MANIFEST = "cv.json"
@@ -99,18 +100,22 @@ class Ensemble(Predictor):
         self.dataset = next((m.dataset for m in members if m.dataset), None)
 
     @classmethod
-    def from_checkpoints(cls, names_or_paths: Sequence[str | Path], device: str = "cpu") -> Ensemble:
-        """Load each checkpoint (path, run folder or shipped model name) as a member."""
-        return cls.from_payloads([Checkpoint.load(n) for n in names_or_paths], [str(n) for n in names_or_paths],
-                                 device)
+    def from_checkpoints(cls, names_or_paths: Sequence[str | Path], device: str = "cpu", int8: bool = False
+                         ) -> Ensemble:
+        """Load each checkpoint (path, run folder or shipped model name) as a member; ``int8``: each with its int8
+        calibration (see :meth:`Segmenter.from_checkpoint`)."""
+        return cls([Segmenter.from_checkpoint(n, device, int8) for n in names_or_paths],
+                   [str(n) for n in names_or_paths])
 
     @classmethod
     def from_payloads(
-        cls, payloads: Sequence[Checkpoint | dict[str, Any]], names: Sequence[str], device: str = "cpu"
+        cls, payloads: Sequence[Checkpoint | dict[str, Any]], names: Sequence[str], device: str = "cpu",
+        int8_ranges: Sequence[Ranges | None] | None = None,
     ) -> Ensemble:
         """Build from :class:`~unetseg.checkpoint.Checkpoint` s, or the dicts
-        :func:`~unetseg.checkpoint.load_checkpoint` returns."""
-        return cls([Segmenter.from_payload(p, device) for p in payloads], names)
+        :func:`~unetseg.checkpoint.load_checkpoint` returns; ``int8_ranges``: one per member (None: float32)."""
+        ranges = list(int8_ranges) if int8_ranges is not None else [None] * len(payloads)
+        return cls([Segmenter.from_payload(p, device, int8_ranges=r) for p, r in zip(payloads, ranges)], names)
 
     @property
     def spatial_dims(self) -> int:
@@ -166,10 +171,12 @@ def expand_checkpoints(names_or_paths: Sequence[str | Path]) -> list[str | Path]
     return expanded
 
 
-def load_predictor(names_or_paths: Sequence[str | Path], device: str = "cpu") -> Segmenter | Ensemble:
-    """One checkpoint -> its :class:`Segmenter`; several, or a cross-validation folder -> their :class:`Ensemble`."""
+def load_predictor(names_or_paths: Sequence[str | Path], device: str = "cpu", int8: bool = False
+                   ) -> Segmenter | Ensemble:
+    """One checkpoint -> its :class:`Segmenter`; several, or a cross-validation folder -> their :class:`Ensemble`;
+    ``int8``: each with its int8 calibration."""
     names_or_paths = expand_checkpoints(names_or_paths)
     if len(names_or_paths) == 1:
-        return Segmenter.from_checkpoint(names_or_paths[0], device)
-    return Ensemble.from_checkpoints(names_or_paths, device)
+        return Segmenter.from_checkpoint(names_or_paths[0], device, int8)
+    return Ensemble.from_checkpoints(names_or_paths, device, int8)
 

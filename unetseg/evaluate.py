@@ -18,7 +18,7 @@ from unetseg.checkpoint import Checkpoint, Preprocessing
 from unetseg.data.datasets import Case, CaseRef, DatasetInfo, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import Ensemble, expand_checkpoints
-from unetseg.infer import Segmenter
+from unetseg.infer import Segmenter, int8_ranges
 from unetseg.instances import average_precision, split_instances
 from unetseg.metrics import score_case, summarize
 from unetseg.model import UNet
@@ -150,6 +150,7 @@ def evaluate(
     tta: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint, or an ensemble of several, on labelled cases and write per-case CSV and summary JSON.
 
@@ -160,6 +161,7 @@ def evaluate(
         progress: loading and scoring bars.
         split: ``"val"`` - the validation cases stored in the checkpoint (its
             training run's split); ``"all"`` - every labelled case under the root.
+        int8: predict with each checkpoint's int8 calibration (``unetseg quantize``).
 
     Returns:
         The summary dict (also written to ``out_dir/summary.json``), with the
@@ -171,8 +173,9 @@ def evaluate(
     loaded = [Checkpoint.load(c) for c in checkpoints]
     names = [str(c) for c in checkpoints]
     checkpoint = " + ".join(names)
-    segmenter = (Segmenter.from_payload(loaded[0], device=device) if len(loaded) == 1
-                 else Ensemble.from_payloads(loaded, names, device=device))
+    ranges = [int8_ranges(c, payload, device) if int8 else None for c, payload in zip(checkpoints, loaded)]
+    segmenter = (Segmenter.from_payload(loaded[0], device=device, int8_ranges=ranges[0]) if len(loaded) == 1
+                 else Ensemble.from_payloads(loaded, names, device=device, int8_ranges=ranges))
     trained = shared_training(loaded, names, same_validation=split == "val")
     dataset = dataset or trained.dataset
     if dataset is None:
@@ -188,7 +191,7 @@ def evaluate(
     rows = evaluate_cases(segmenter, cases, tta=tta, progress=progress)
     seconds = time.perf_counter() - start
     summary = summarize(rows, info.class_names)
-    summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta,
+    summary.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "tta": tta, "int8": int8,
                     "tta_flips": [list(f) for f in segmenter.tta_flips] if tta else [[]],
                     "seconds_per_case": seconds / max(1, len(rows))})
     write_evaluation(rows, summary, out_dir)

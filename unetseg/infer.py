@@ -34,6 +34,7 @@ from unetseg.checkpoint import (  # noqa: F401  (re-exported: unetseg.infer was 
     check_payload,
     checkpoint_tta_flips,
     load_checkpoint,
+    read_int8_calibration,
     resolve_checkpoint,
     save_checkpoint,
     shipped_models,
@@ -54,6 +55,7 @@ from unetseg.limits import env_positive_number, positive_number
 from unetseg.metrics import score_case, summarize  # noqa: F401 (the viewer's scores, see below)
 from unetseg.model import UNet
 from unetseg.model.blocks import ConvBlock
+from unetseg.model.int8 import Int8UNet, Ranges, int8_problem, quantized_engine
 
 
 def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -361,6 +363,12 @@ class Segmenter(Predictor):
             ``4 * (10 * channels[0] + in_channels + 3 * classes)`` bytes per
             voxel); None: ``$UNETSEG_INFER_MEMORY_MB``, else 2048. Read at
             each prediction, so it may be changed on the instance.
+        int8_ranges: run the network in int8 (CPU, 2D networks; see
+            :mod:`unetseg.model.int8`) with these calibrated activation ranges
+            (:func:`~unetseg.checkpoint.read_int8_calibration`); None: float32.
+            Faster where the CPU has int8 instructions, and not the same
+            function: its labels differ from float32's on a fraction of pixels
+            (the calibration file records the validation Dice of both).
 
     Example::
 
@@ -379,6 +387,7 @@ class Segmenter(Predictor):
         tta_flips: Sequence[Sequence[int]] | None = None,
         progress: bool | Callable[[int, int], None] = False,
         memory_mb: float | None = None,
+        int8_ranges: Ranges | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive number or None, got {batch_size}")
@@ -395,23 +404,44 @@ class Segmenter(Predictor):
         self.class_names = tuple(class_names)
         self.batch_size = batch_size
         self.memory_mb = memory_mb
+        self.int8_ranges = int8_ranges
         # {"built": (state of the model, its inference_network)}: a dict, so shallow copies (the viewer gives each
         # prediction one, with its own progress bar) share what one of them built
-        self._network: dict[str, tuple[tuple | None, UNet]] = {}
+        self._network: dict[str, tuple[tuple | None, UNet | Int8UNet]] = {}
 
     @classmethod
-    def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu") -> Segmenter:
-        """Build from a checkpoint path, run folder, or shipped model name."""
-        return cls.from_payload(Checkpoint.load(name_or_path), device)
+    def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu", int8: bool = False) -> Segmenter:
+        """Build from a checkpoint path, run folder, or shipped model name; ``int8``: with the int8 calibration
+        beside the checkpoint (:func:`int8_ranges`, which says what is missing and how to make it)."""
+        checkpoint = Checkpoint.load(name_or_path)
+        ranges = int8_ranges(name_or_path, checkpoint, device) if int8 else None
+        return cls.from_payload(checkpoint, device, int8_ranges=ranges)
+
+    @property
+    def int8_ranges(self) -> dict[str, tuple[float, float]] | None:
+        """The calibrated activation ranges the network runs in int8 with, or None (float32). Set it to switch;
+        it is checked (a 2D network on the CPU that :func:`~unetseg.model.int8.int8_problem` accepts) and copied."""
+        return None if self._int8 is None else dict(self._int8)
+
+    @int8_ranges.setter
+    def int8_ranges(self, ranges: Ranges | None) -> None:
+        if ranges is not None:
+            problem = (int8_problem(self.model) if self.device.type == "cpu"
+                       else f"int8 inference runs on the CPU, not {self.device}; pass --device cpu")
+            if problem:
+                raise UnetsegError(problem)
+        # a tuple: a copy the caller cannot change, compared by value when the network is rebuilt
+        self._int8 = None if ranges is None else tuple((k, (float(v[0]), float(v[1]))) for k, v in ranges.items())
 
     @classmethod
-    def from_payload(cls, checkpoint: Checkpoint | dict[str, Any], device: str = "cpu") -> Segmenter:
+    def from_payload(cls, checkpoint: Checkpoint | dict[str, Any], device: str = "cpu",
+                     int8_ranges: Ranges | None = None) -> Segmenter:
         """Build from a :class:`~unetseg.checkpoint.Checkpoint`, or a checkpoint dict that :func:`load_checkpoint`
         returned. A freshly loaded Checkpoint hands over the network it was checked with (no second build)."""
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = Checkpoint.from_dict(checkpoint)
         return cls(checkpoint.build_model().eval(), checkpoint.preprocessing, checkpoint.class_names, device,
-                   dataset=checkpoint.dataset, tta_flips=checkpoint.flips)
+                   dataset=checkpoint.dataset, tta_flips=checkpoint.flips, int8_ranges=int8_ranges)
 
     @property
     def spatial_dims(self) -> int:
@@ -468,13 +498,16 @@ class Segmenter(Predictor):
         image = to_channels(image, self.preprocessing.in_channels, source)
         return normalize_intensity(image, self.preprocessing.normalization)
 
-    def _inference_network(self) -> UNet:
-        """:func:`inference_network` of ``self.model``, rebuilt whenever the model changed since the last call
-        (weights, mode, lesion switches), so a model trained or lesioned in place is always predicted as it is."""
-        state = _model_state(self.model)
+    def _inference_network(self) -> UNet | Int8UNet:
+        """:func:`inference_network` of ``self.model`` (or its :class:`Int8UNet` with ``int8_ranges``), rebuilt
+        whenever the model changed since the last call (weights, mode, lesion switches) or the ranges did, so a
+        model trained or lesioned in place is always predicted as it is."""
+        state = (_model_state(self.model), self._int8)
         built = self._network.get("built")
-        if built is None or state is None or built[0] != state:
-            built = self._network["built"] = (state, inference_network(self.model))
+        if built is None or state[0] is None or built[0] != state:
+            net = (inference_network(self.model) if self._int8 is None
+                   else Int8UNet(inference_network(self.model, portable=True), dict(self._int8)))
+            built = self._network["built"] = (state, net)
         return built[1]
 
     def _layout(self, batch: torch.Tensor) -> torch.Tensor:
@@ -574,6 +607,34 @@ class Segmenter(Predictor):
         if not normalized:
             image = self.prepare(image, channel_axis)
         return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
+
+
+def int8_ranges(name_or_path: str | Path, checkpoint: Checkpoint | None = None, device: str = "cpu") -> Ranges:
+    """The int8 calibration ranges of a checkpoint (``checkpoint``: it, already loaded), once its network is found
+    to run in int8 on ``device`` with this PyTorch.
+
+    Raises:
+        UnetsegError: naming the checkpoint: a device other than the CPU, a network or PyTorch int8 does not
+            cover, no calibration beside it, or one made for other weights (each says what to do).
+    """
+    checkpoint = checkpoint if checkpoint is not None else Checkpoint.load(name_or_path)
+    problem = (int8_problem(build_model(checkpoint.model_args)) if resolve_device(device).type == "cpu"
+               else "int8 inference runs on the CPU; pass --device cpu")
+    if problem:
+        raise UnetsegError(f"{name_or_path}: {problem}")
+    return read_int8_calibration(name_or_path)["ranges"]
+
+
+def int8_validation(name_or_path: str | Path) -> dict[str, Any] | None:
+    """What ``unetseg quantize`` measured on the validation split for a checkpoint (the ``validation`` entry of its
+    calibration) when it can run in int8 here, else None: no calibration, one for other weights, or a PyTorch
+    without an x86 quantized engine."""
+    if quantized_engine() is None:
+        return None
+    try:
+        return read_int8_calibration(name_or_path)["validation"]
+    except UnetsegError:
+        return None
 
 
 def dataset_kind(dataset: str | None) -> str | None:

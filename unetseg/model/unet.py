@@ -133,22 +133,34 @@ class UNet(nn.Module):
         """Spatial sizes the network takes without padding are multiples of this."""
         return 2 ** (len(self.channels) - 1)
 
+    def input_padding(self, spatial: Sequence[int]) -> list[int]:
+        """Voxels to add at the high end of each spatial axis of an input of size ``spatial`` (the forward pass
+        pads with zeros and crops the output back): up to the next multiple of :attr:`size_multiple`, and one
+        multiple more along the first axis when the coarsest level would hold a single voxel (instance and group
+        norm need more than one value).
+
+        Raises:
+            ValueError: padding needed by a network built with ``pad_to_multiple=False``.
+        """
+        m = self.size_multiple
+        pad = [(-s) % m for s in spatial]
+        if all((s + p) // m == 1 for s, p in zip(spatial, pad)):
+            pad[0] += m
+        if any(pad) and not self.pad_to_multiple:
+            raise ValueError(
+                f"spatial size {tuple(spatial)} is not a multiple of {m}; pad the input "
+                f"or build the UNet with pad_to_multiple=True"
+            )
+        return pad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"expected a {self.spatial_dims + 2}D tensor (B, C, *spatial), got shape {tuple(x.shape)}"
             )
         spatial = x.shape[2:]
-        m = self.size_multiple
-        pad = [(-s) % m for s in spatial]
-        if all((s + p) // m == 1 for s, p in zip(spatial, pad)):
-            pad[0] += m  # one voxel at the coarsest level: instance and group norm need more than one value
+        pad = self.input_padding(spatial)
         if any(pad):
-            if not self.pad_to_multiple:
-                raise ValueError(
-                    f"spatial size {tuple(spatial)} is not a multiple of {m}; pad the input "
-                    f"or build the UNet with pad_to_multiple=True"
-                )
             # F.pad takes (last_lo, last_hi, ..., first_lo, first_hi): pad at the high end only.
             x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
 
