@@ -204,7 +204,8 @@ def browser_run(data_root: Path, inputs: dict[str, list[Path]], checkpoints: lis
 
 
 def breakdown(inputs: dict[str, list[Path]], models: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Server-side steps of one cold upload per kind, timed through the package."""
+    """Server-side steps of one cold upload per kind, timed through the package (a model with an int8 calibration
+    in int8, as the viewer runs it by default, and then its prediction in float32 for comparison)."""
     import io
 
     from PIL import Image
@@ -218,7 +219,8 @@ def breakdown(inputs: dict[str, list[Path]], models: dict[str, str]) -> dict[str
         t0 = time.perf_counter()
         image, meta = uploads.read_upload(files[0].name, data)
         t1 = time.perf_counter()
-        seg = Segmenter.from_checkpoint(models[kind])
+        int8 = has_int8_calibration(models[kind])  # the viewer's "Fast int8 inference" is on by default
+        seg = Segmenter.from_checkpoint(models[kind], int8=int8)
         t2 = time.perf_counter()
         labels = seg.predict(image, channel_axis=0)
         t3 = time.perf_counter()
@@ -229,9 +231,25 @@ def breakdown(inputs: dict[str, list[Path]], models: dict[str, str]) -> dict[str
         rgb = display.upscale(display.overlay(display.apply_window(display.channels_last(picture), level, width), lab, seg.num_classes), 420)
         Image.fromarray(rgb).save(io.BytesIO(), format="PNG")
         t4 = time.perf_counter()
+        float32_s = time_call(Segmenter.from_checkpoint(models[kind]).predict, image, channel_axis=0) if int8 else None
         result[kind] = {"read_s": t1 - t0, "load_model_s": t2 - t1, "predict_s": t3 - t2, "overlay_png_s": t4 - t3,
-                        "shape": list(image.shape), "model": models[kind]}
+                        "shape": list(image.shape), "model": models[kind], "int8": int8,
+                        "predict_float32_s": float32_s}
     return result
+
+
+def has_int8_calibration(model: str) -> bool:
+    """Whether the viewer runs ``model`` in int8 by default: it has a calibration that runs here."""
+    from unetseg.infer import int8_validation
+
+    return int8_validation(model) is not None
+
+
+def time_call(fn, *args, **kwargs) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

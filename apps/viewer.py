@@ -35,9 +35,11 @@ import streamlit as st
 from unetseg import display, uploads
 from unetseg.choice import best_model, suits
 from unetseg.errors import DataError, UnetsegError
+from unetseg.checkpoint import int8_calibration_path
 from unetseg.infer import (
     Segmenter,
     instance_table,
+    int8_validation,
     model_card,
     resolve_checkpoint,
     score_case,
@@ -52,6 +54,7 @@ log = logging.getLogger("unetseg.viewer")
 NO_SAMPLE = "(none)"
 UPLOAD_SHOWN = "Showing the uploaded file: remove it to view a sample case."
 WHAT = {"nifti": "volume", "image2d": "2D image"}
+INT8 = "#int8"  # ends the model key of a model that predicts in int8 (its predictions are cached apart)
 NOSKIP = "_noskip"  # a shipped model ``x`` and its ablation twin ``x_noskip`` differ only in the long skips
 # Temporary files that ``unetseg.uploads`` reads uploads through: their paths must never reach the page.
 TEMP_PATH = re.compile(r"[^\s\"'()]*unetseg-(?:upload|download)-[^\s\"'()]*")
@@ -79,13 +82,20 @@ def freeze_imported_heap() -> int:
 
 @st.cache_resource(max_entries=8, show_spinner="Loading model ...")
 def load_segmenter(model_key: str) -> Segmenter:
-    """One :class:`Segmenter` per model (``model_key`` = reference plus file time)."""
-    return Segmenter.from_checkpoint(model_key.rsplit("@", 1)[0], device="cpu")
+    """One :class:`Segmenter` per model (``model_key`` = reference plus file time, and how it runs)."""
+    return Segmenter.from_checkpoint(checkpoint_ref(model_key), device="cpu", int8=runs_int8(model_key))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def cached_card(model_key: str) -> dict[str, Any]:
-    return model_card(model_key.rsplit("@", 1)[0])
+    return model_card(checkpoint_ref(model_key))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def int8_record(model_key: str) -> dict[str, Any] | None:
+    """What the model's int8 calibration measured on its validation images (``unetseg quantize``), or None when it
+    cannot run in int8 here (:func:`unetseg.infer.int8_validation`)."""
+    return int8_validation(checkpoint_ref(model_key))
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading file ...")
@@ -155,8 +165,27 @@ def samples(root: str) -> dict[str, list]:
 
 
 def model_key(ref: str) -> str:
-    """``ref@mtime``: a checkpoint re-written on disk gets fresh cache entries."""
-    return f"{ref}@{resolve_checkpoint(ref).stat().st_mtime_ns}"
+    """``ref@<checkpoint mtime>.<int8 calibration mtime, 0 for none>``: a checkpoint re-written on disk, or
+    calibrated again, gets fresh cache entries."""
+    path = resolve_checkpoint(ref)
+    calibration = int8_calibration_path(path)
+    stamp = calibration.stat().st_mtime_ns if calibration.is_file() else 0
+    return f"{ref}@{path.stat().st_mtime_ns}.{stamp}"
+
+
+def checkpoint_ref(model_key: str) -> str:
+    """The checkpoint a model key names (shipped name or path)."""
+    return model_key.rsplit("@", 1)[0]
+
+
+def runs_int8(model_key: str) -> bool:
+    """Whether predictions with this model key run in int8 (the key ends in :data:`INT8`)."""
+    return model_key.endswith(INT8)
+
+
+def shown_name(ref: str, model_key: str) -> str:
+    """The model's name as picture captions give it: ``name (int8)`` when it runs in int8."""
+    return f"{ref} (int8)" if runs_int8(model_key) else ref
 
 
 def upload_digest(upload) -> str:
@@ -236,6 +265,25 @@ def no_twin_note(ref: str, shipped: bool) -> str:
     what = "skip" if ref.endswith(NOSKIP) else "no-skip"
     which = f" (no {twin_of(ref)})" if shipped else ""
     return f"{ref} has no {what} twin shipped{which}; choose the second model below."
+
+
+def int8_toggle(refs: dict[str, str], first: str) -> dict[str, str]:
+    """The "Fast int8 inference" switch (on by default); returns ``refs`` with the key of every model that has an int8
+    calibration set to run in int8 while it is on. The sidebar says what int8 costs the first model, measured."""
+    record = int8_record(refs[first])
+    fast = st.sidebar.checkbox("Fast int8 inference", value=True, key="int8", disabled=record is None,
+                               help="Runs the network in 8-bit integers on the CPU: several times faster where the "
+                               "CPU has int8 instructions (AVX-512 VNNI, AMX), not the same function as float32. "
+                               "Calibrated by unetseg quantize; the figures below are its measurement.")
+    if record is None:
+        st.sidebar.caption(f"{first} has no int8 calibration that runs here (`unetseg quantize` makes one): it "
+                           "runs in float32.")
+        return refs  # the switch is greyed out (its value stays), so no model runs in int8
+    if fast:
+        st.sidebar.caption(f"int8 {first}: validation Dice {record['mean_dice_int8']:.4f} (float32 "
+                           f"{record['mean_dice_float32']:.4f}); labels equal to float32's on "
+                           f"{record['label_agreement_mean']:.2%} of pixels ({record['cases']} images).")
+    return {ref: key + INT8 if fast and int8_record(key) is not None else key for ref, key in refs.items()}
 
 
 def _picked_by_hand() -> None:
@@ -539,6 +587,7 @@ def page() -> None:
     source, problem = read_input(chosen)
     # The sidebar's widgets come before every early return below: a run that does not draw them drops their state.
     first, second = pick_models(refs, source.meta.kind if source else None, source.key if source else None)
+    refs = int8_toggle(refs, first)
     opacity = st.sidebar.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
     uncertainty = st.sidebar.checkbox("Uncertainty (flip test-time augmentation)", key="uncertainty")
     if problem:
@@ -558,15 +607,12 @@ def page() -> None:
     view = view_controls(source, opacity)
     legend = st.empty()
     first_row = [col.empty() for col in st.columns(3)]
-    done = st.session_state.setdefault("_predicted", set())
-    if (key, refs[first]) not in done:  # the input straight away; the overlay replaces it when the model is done
-        show(first_row[0], view.input_png, f"input: {view.where} (segmenting with {first} ...)", view)
-    labels = predict(key, refs[first], image)
-    done.add((key, refs[first]))
+    labels = first_prediction(source, shown_name(first, refs[first]), refs[first], view, first_row[0])
     truth = ground_truth(label_upload, sample, image.shape[1:], seg.num_classes)
     legend.markdown(legend_html(seg.class_names), unsafe_allow_html=True)
 
-    panels = [(display.overlay(view.base, view.cut(labels), seg.num_classes, opacity), f"{first}: {view.where}")]
+    panels = [(display.overlay(view.base, view.cut(labels), seg.num_classes, opacity),
+               f"{shown_name(first, refs[first])}: {view.where}")]
     if second is not None:
         panels += compare_panels(second, refs, source, labels, view)
     if truth is not None:
@@ -588,6 +634,17 @@ def page() -> None:
         objects(key, refs[first], labels, seg.class_names[1], name)
     download(key, refs[first], seg.num_classes, labels, meta)
     model_details(refs)
+
+
+def first_prediction(source: Input, name: str, model_ref_key: str, view: View, slot) -> np.ndarray:
+    """The label map of ``source`` by the model (``name`` as captions give it); the first time, the input shows in
+    ``slot`` straight away and the overlay replaces it when the model is done."""
+    done = st.session_state.setdefault("_predicted", set())
+    if (source.key, model_ref_key) not in done:
+        show(slot, view.input_png, f"input: {view.where} (segmenting with {name} ...)", view)
+    labels = predict(source.key, model_ref_key, source.image)
+    done.add((source.key, model_ref_key))
+    return labels
 
 
 def read_input(chosen: tuple[str, str, bytes, Any] | None) -> tuple[Input | None, str | None]:
@@ -625,7 +682,8 @@ def compare_panels(second: str, refs: dict[str, str], source: Input, labels: np.
     differ = display.disagreement(labels, labels_b)
     here = display.disagreement(view.cut(labels), view.cut(labels_b))
     return [
-        (display.overlay(view.base, view.cut(labels_b), seg_b.num_classes, view.opacity), f"{second}: {view.where}"),
+        (display.overlay(view.base, view.cut(labels_b), seg_b.num_classes, view.opacity),
+         f"{shown_name(second, refs[second])}: {view.where}"),
         (display.blend(display.to_rgb(view.base), here, display.DISAGREEMENT, 0.8),
          f"disagreement (green): {int(here.sum())} here, {int(differ.sum())} in all ({float(differ.mean()):.2%})"),
     ]

@@ -26,7 +26,7 @@ from unetseg import display
 from unetseg.data import io
 from unetseg.data.datasets import dataset_info, list_cases, load_cases
 from unetseg.evaluate import evaluate_cases, summarize
-from unetseg.infer import PRETRAINED_DIR, Segmenter, model_card, shipped_models
+from unetseg.infer import PRETRAINED_DIR, Segmenter, model_card, read_int8_calibration, shipped_models
 
 from .conftest import REPO
 
@@ -121,10 +121,10 @@ def table_with(at: AppTest, column: str):
     return tables[0]
 
 
-def predicted(model: str, path: Path) -> np.ndarray:
+def predicted(model: str, path: Path, int8: bool = False) -> np.ndarray:
     """What ``Segmenter.predict`` gives, computed without it (so ``model_calls`` counts the app's calls only)."""
     image, _ = io.read_image(path)
-    return Segmenter.from_checkpoint(model).predict_proba(image, channel_axis=0).argmax(axis=0)
+    return Segmenter.from_checkpoint(model, int8=int8).predict_proba(image, channel_axis=0).argmax(axis=0)
 
 
 # ---------------------------------------------------------------- volumes
@@ -369,9 +369,10 @@ def test_a_new_image_starts_with_an_empty_ground_truth_and_sample_pickers_step_a
     assert table_with(app, "Dice")["class"].tolist() == ["anterior", "posterior"]
 
 
-def evaluate_one_case(model: str, dataset: str, case_id: str, data_root) -> tuple[Segmenter, dict]:
-    """The shipped model and its ``unetseg evaluate`` row for one real case."""
-    segmenter = Segmenter.from_checkpoint(model)
+def evaluate_one_case(model: str, dataset: str, case_id: str, data_root, int8: bool = False
+                      ) -> tuple[Segmenter, dict]:
+    """The shipped model and its ``unetseg evaluate`` (``--int8``) row for one real case."""
+    segmenter = Segmenter.from_checkpoint(model, int8=int8)
     refs, info = list_cases(dataset_info(dataset), data_root)
     cases = load_cases([r for r in refs if r.case_id == case_id], info, segmenter.preprocessing.normalization)
     return segmenter, evaluate_cases(segmenter, cases, progress=False)[0]
@@ -461,15 +462,30 @@ def dsb_png(data_root: Path) -> Path:
     return data_root / "dsb2018_stage1_train" / DSB_CASE / "images" / f"{DSB_CASE}.png"
 
 
+def test_a_model_without_int8_calibration_runs_in_float32_and_says_so(app, data_root):
+    require_shipped(VOLUME_MODEL)
+    image_path, _ = hippocampus_files(data_root)
+    upload(app, "image_upload", image_path.name, image_path.read_bytes())
+    ok(app)
+    assert app.selectbox(key="model").value == VOLUME_MODEL  # a 3D model: int8 is for 2D networks
+    assert app.checkbox(key="int8").disabled
+    assert any(f"{VOLUME_MODEL} has no int8 calibration" in c.value for c in app.sidebar.caption)
+    assert captions(app)[0].startswith(f"{VOLUME_MODEL}: ")
+
+
 def test_png_upload_uses_the_dsb_model_and_reports_area_in_pixels(app, data_root):
     require_shipped(IMAGE_MODEL)
     path = dsb_png(data_root)
     upload(app, "image_upload", path.name, path.read_bytes())
     ok(app)
     assert app.selectbox(key="model").value == IMAGE_MODEL
-    assert captions(app)[0] == f"{IMAGE_MODEL}: image"
+    assert captions(app)[0] == f"{IMAGE_MODEL} (int8): image"  # on by default for a model with a calibration
+    assert app.checkbox(key="int8").value and not app.checkbox(key="int8").disabled
+    recorded = read_int8_calibration(IMAGE_MODEL)["validation"]  # what int8 costs, in the sidebar
+    assert any(f"validation Dice {recorded['mean_dice_int8']:.4f} (float32 {recorded['mean_dice_float32']:.4f})"
+               in c.value for c in app.sidebar.caption)
     assert "slice" not in [s.key for s in app.slider] and "plane" not in [r.key for r in app.radio]
-    labels = predicted(IMAGE_MODEL, path)
+    labels = predicted(IMAGE_MODEL, path, int8=True)
     area = table_with(app, "area (pixels)")
     assert area["area (pixels)"].tolist() == [int((labels == 1).sum())]
     assert app.download_button(key="download").label.endswith(f"({DSB_CASE}_prediction.png)")
@@ -496,7 +512,7 @@ def test_an_upload_run_encodes_no_picture_twice(app, data_root, monkeypatch):
     path = dsb_png(data_root)
     upload(app, "image_upload", path.name, path.read_bytes())
     ok(app)
-    assert captions(app)[:2] == [f"{IMAGE_MODEL}: image", "input: image"]
+    assert captions(app)[:2] == [f"{IMAGE_MODEL} (int8): image", "input: image"]
     assert len(encodings) >= 2 and len(set(encodings)) == len(encodings)
     urls = [url for element in app.get("image") for url in element.value]
     assert len(urls) >= 2 and all(u.endswith(".png") for u in urls), urls
@@ -509,7 +525,7 @@ def test_dsb_image_shows_the_nucleus_count_and_a_table_of_their_areas(app, data_
     path = dsb_png(data_root)
     upload(app, "image_upload", path.name, path.read_bytes())
     ok(app)
-    expected = instance_table(split_instances(predicted(IMAGE_MODEL, path) == 1))
+    expected = instance_table(split_instances(predicted(IMAGE_MODEL, path, int8=True) == 1))
     assert len(expected) > 5  # several nuclei in this image
     count = next(m for m in app.metric if m.label == "Number of nuclei")
     assert count.value == str(len(expected))
@@ -541,7 +557,7 @@ def test_zoom_shows_part_of_a_large_image_at_full_detail_without_predicting_agai
     app.slider(key="zoom_down").set_value(100).run()
     assert np.array_equal(shown[-2], whole[192:, :64])  # bottom left
     assert model_calls == ["predict"]
-    assert captions(app)[0] == f"{IMAGE_MODEL}: image"
+    assert captions(app)[0] == f"{IMAGE_MODEL} (int8): image"
     image_path, _ = hippocampus_files(data_root)
     upload(app, "image_upload", image_path.name, image_path.read_bytes())  # a new input starts unzoomed
     assert app.select_slider(key="zoom").value == 1 and "zoom_across" not in [s.key for s in app.slider]
@@ -593,10 +609,14 @@ def test_dsb_ground_truth_from_a_zip_of_masks_equals_unetseg_evaluate(app, data_
     upload(app, "image_upload", path.name, path.read_bytes())
     upload(app, "label_upload", "masks.zip", buf.getvalue())
     ok(app)
-    _, row = evaluate_one_case(IMAGE_MODEL, "dsb2018", DSB_CASE, data_root)
-    metrics = table_with(app, "Dice")
-    assert metrics["Dice"].tolist() == [row["dice_nucleus"]]
-    assert metrics["HD95 (px)"].tolist() == pytest.approx([row["hd95_nucleus"]], nan_ok=True)
+    for int8 in (True, False):  # the viewer's default, then with the switch off: each as unetseg evaluate scores it
+        _, row = evaluate_one_case(IMAGE_MODEL, "dsb2018", DSB_CASE, data_root, int8=int8)
+        metrics = table_with(app, "Dice")
+        assert metrics["Dice"].tolist() == [row["dice_nucleus"]]
+        assert metrics["HD95 (px)"].tolist() == pytest.approx([row["hd95_nucleus"]], nan_ok=True)
+        app.checkbox(key="int8").uncheck().run()
+        ok(app)
+    assert captions(app)[0] == f"{IMAGE_MODEL}: image"
 
 
 def test_mismatched_models_get_a_warning(app, data_root):
