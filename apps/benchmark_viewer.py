@@ -242,7 +242,7 @@ def has_int8_calibration(model: str) -> bool:
     """Whether the viewer runs ``model`` in int8 by default: it has a calibration that runs here."""
     from unetseg.infer import int8_validation
 
-    return int8_validation(model) is not None
+    return int8_validation(model)[0] is not None
 
 
 def time_call(fn, *args, **kwargs) -> float:

@@ -82,7 +82,8 @@ def freeze_imported_heap() -> int:
 
 @st.cache_resource(max_entries=8, show_spinner="Loading model ...")
 def load_segmenter(model_key: str) -> Segmenter:
-    """One :class:`Segmenter` per model (``model_key`` = reference plus file time, and how it runs)."""
+    """One :class:`Segmenter` per model (``model_key`` = reference, checkpoint and calibration file times, and
+    whether it runs in int8)."""
     return Segmenter.from_checkpoint(checkpoint_ref(model_key), device="cpu", int8=runs_int8(model_key))
 
 
@@ -92,8 +93,8 @@ def cached_card(model_key: str) -> dict[str, Any]:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def int8_record(model_key: str) -> dict[str, Any] | None:
-    """What the model's int8 calibration measured on its validation images (``unetseg quantize``), or None when it
+def int8_record(model_key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """What the model's int8 calibration measured on its validation images (``unetseg quantize``), or why the model
     cannot run in int8 here (:func:`unetseg.infer.int8_validation`)."""
     return int8_validation(checkpoint_ref(model_key))
 
@@ -270,20 +271,19 @@ def no_twin_note(ref: str, shipped: bool) -> str:
 def int8_toggle(refs: dict[str, str], first: str) -> dict[str, str]:
     """The "Fast int8 inference" switch (on by default); returns ``refs`` with the key of every model that has an int8
     calibration set to run in int8 while it is on. The sidebar says what int8 costs the first model, measured."""
-    record = int8_record(refs[first])
+    record, why_not = int8_record(refs[first])
     fast = st.sidebar.checkbox("Fast int8 inference", value=True, key="int8", disabled=record is None,
                                help="Runs the network in 8-bit integers on the CPU: several times faster where the "
                                "CPU has int8 instructions (AVX-512 VNNI, AMX), not the same function as float32. "
                                "Calibrated by unetseg quantize; the figures below are its measurement.")
     if record is None:
-        st.sidebar.caption(f"{first} has no int8 calibration that runs here (`unetseg quantize` makes one): it "
-                           "runs in float32.")
+        st.sidebar.caption(f"{first} runs in float32: {why_not}")
         return refs  # the switch is greyed out (its value stays), so no model runs in int8
     if fast:
         st.sidebar.caption(f"int8 {first}: validation Dice {record['mean_dice_int8']:.4f} (float32 "
                            f"{record['mean_dice_float32']:.4f}); labels equal to float32's on "
                            f"{record['label_agreement_mean']:.2%} of pixels ({record['cases']} images).")
-    return {ref: key + INT8 if fast and int8_record(key) is not None else key for ref, key in refs.items()}
+    return {ref: key + INT8 if fast and int8_record(key)[0] is not None else key for ref, key in refs.items()}
 
 
 def _picked_by_hand() -> None:
@@ -617,12 +617,13 @@ def page() -> None:
         panels += compare_panels(second, refs, source, labels, view)
     if truth is not None:
         errors = display.error_overlay(view.base, view.cut(labels), view.cut(truth), opacity=max(opacity, 0.3))
-        panels.append((errors, f"errors of {first}: {display.ERROR_KEY}"))
+        panels.append((errors, f"errors of {shown_name(first, refs[first])}: {display.ERROR_KEY}"))
     if uncertainty:
         vote = flip_disagreement(key, refs[first], image)
         share = float((vote > 0).mean())
         panels.append((display.heat_overlay(view.base, view.cut(vote)),
-                       f"uncertainty of {first}: flip-TTA members disagree on {share:.2%} of the {WHAT[meta.kind]}"))
+                       f"uncertainty of {shown_name(first, refs[first])}: flip-TTA members disagree on {share:.2%} "
+                       f"of the {WHAT[meta.kind]}"))
     if len(panels) == 1:
         panels.append((view.input_png, f"input: {view.where}"))
     show_panels(panels, view, first_row)

@@ -190,7 +190,7 @@ def forward_variants(seg: Segmenter, image: np.ndarray, repeats: int) -> tuple[f
 def int8_segmenter(name: str) -> Segmenter | None:
     """The model in int8 with its calibration, or None when it cannot run in int8 here (3D models, uncalibrated
     ones)."""
-    return Segmenter.from_checkpoint(name, int8=True) if int8_validation(name) is not None else None
+    return Segmenter.from_checkpoint(name, int8=True) if int8_validation(name)[0] is not None else None
 
 
 def int8_columns(seg: Segmenter, seg8: Segmenter | None, image: np.ndarray, tta: bool, new_t: float,

@@ -469,7 +469,8 @@ def test_a_model_without_int8_calibration_runs_in_float32_and_says_so(app, data_
     ok(app)
     assert app.selectbox(key="model").value == VOLUME_MODEL  # a 3D model: int8 is for 2D networks
     assert app.checkbox(key="int8").disabled
-    assert any(f"{VOLUME_MODEL} has no int8 calibration" in c.value for c in app.sidebar.caption)
+    assert any(f"{VOLUME_MODEL} runs in float32: {VOLUME_MODEL}: int8 inference is for 2D networks" in c.value
+               for c in app.sidebar.caption)  # the reason, not "make a calibration"
     assert captions(app)[0].startswith(f"{VOLUME_MODEL}: ")
 
 

@@ -122,7 +122,13 @@ def test_calibration_is_refused_once_its_checkpoint_changes(tmp_path):
     with pytest.raises(UnetsegError, match="no int8 calibration .*unetseg quantize"):
         Segmenter.from_checkpoint(model, int8=True)
     shutil.copyfile(int8_calibration_path(resolve_checkpoint(IMAGE_MODEL)), int8_calibration_path(model))
-    assert Segmenter.from_checkpoint(model, int8=True).int8_ranges is not None
+    assert Segmenter.from_checkpoint(model, torch.device("cpu"), int8=True).int8_ranges is not None
+    record = json.loads(int8_calibration_path(model).read_text())
+    del record["validation"]["mean_dice_int8"]  # what the viewer shows: a file without it is not a calibration
+    int8_calibration_path(model).write_text(json.dumps(record))
+    with pytest.raises(UnetsegError, match="not an int8 calibration file"):
+        read_int8_calibration(model)
+    shutil.copyfile(int8_calibration_path(resolve_checkpoint(IMAGE_MODEL)), int8_calibration_path(model))
     with model.open("ab") as f:  # other bytes, as a retrained or replaced checkpoint has
         f.write(b"\0")
     with pytest.raises(UnetsegError, match="made for other weights"):

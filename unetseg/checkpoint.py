@@ -374,6 +374,8 @@ def _trained_flips(
 
 
 INT8_FORMAT = "unetseg-int8-calibration-v1"
+# What a calibration file records of the validation split (``unetseg quantize``), read back as numbers.
+INT8_VALIDATION = ("cases", "mean_dice_float32", "mean_dice_int8", "label_agreement_mean", "label_agreement_min")
 
 
 def int8_calibration_path(checkpoint_path: str | Path) -> Path:
@@ -421,6 +423,7 @@ def read_int8_calibration(checkpoint: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(side.read_text())
         ranges = {str(k): (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
+        data["validation"] = {k: (int if k == "cases" else float)(data["validation"][k]) for k in INT8_VALIDATION}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         raise DataError(side, f"not an int8 calibration file ({INT8_FORMAT}); {remedy}") from None
     if data.get("format") != INT8_FORMAT:

@@ -1,4 +1,4 @@
-"""Command line: ``unetseg train | predict | evaluate | download | export | ablate | models``.
+"""Command line: ``unetseg train | cv | predict | evaluate | quantize | download | export | ablate | models``.
 
 Each subcommand only parses arguments and calls a plain importable function.
 User errors print one ``error:`` line and exit with status 2, no traceback.

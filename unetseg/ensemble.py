@@ -115,7 +115,8 @@ class Ensemble(Predictor):
         """Build from :class:`~unetseg.checkpoint.Checkpoint` s, or the dicts
         :func:`~unetseg.checkpoint.load_checkpoint` returns; ``int8_ranges``: one per member (None: float32)."""
         ranges = list(int8_ranges) if int8_ranges is not None else [None] * len(payloads)
-        return cls([Segmenter.from_payload(p, device, int8_ranges=r) for p, r in zip(payloads, ranges)], names)
+        return cls([Segmenter.from_payload(p, device, int8_ranges=r) for p, r in zip(payloads, ranges, strict=True)],
+                   names)
 
     @property
     def spatial_dims(self) -> int:

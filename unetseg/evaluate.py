@@ -89,7 +89,8 @@ def _number(value: float | None, digits: int) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines of a summary (in memory, or read back from ``summary.json``)."""
-    lines = [f"{summary['num_cases']} cases, mean foreground Dice {_number(summary['mean_dice'], 4)}"]
+    lines = [f"{summary['num_cases']} cases, mean foreground Dice {_number(summary['mean_dice'], 4)}"
+             + (" (int8)" if summary.get("int8") else "")]
     for name, c in summary["classes"].items():
         lines.append(f"  {name:<12} Dice {_number(c['dice_mean'], 4)} +- {_number(c['dice_std'], 4)}   "
                      f"HD95 {_number(c['hd95_mean'], 3)} +- {_number(c['hd95_std'], 3)}")

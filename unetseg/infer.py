@@ -55,7 +55,7 @@ from unetseg.limits import env_positive_number, positive_number
 from unetseg.metrics import score_case, summarize  # noqa: F401 (the viewer's scores, see below)
 from unetseg.model import UNet
 from unetseg.model.blocks import ConvBlock
-from unetseg.model.int8 import Int8UNet, Ranges, int8_problem, quantized_engine
+from unetseg.model.int8 import Int8UNet, Ranges, int8_problem
 
 
 def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -501,14 +501,24 @@ class Segmenter(Predictor):
     def _inference_network(self) -> UNet | Int8UNet:
         """:func:`inference_network` of ``self.model`` (or its :class:`Int8UNet` with ``int8_ranges``), rebuilt
         whenever the model changed since the last call (weights, mode, lesion switches) or the ranges did, so a
-        model trained or lesioned in place is always predicted as it is."""
+        model trained or lesioned in place is always predicted as it is (in int8, lesioned skips are refused)."""
         state = (_model_state(self.model), self._int8)
         built = self._network.get("built")
         if built is None or state[0] is None or built[0] != state:
-            net = (inference_network(self.model) if self._int8 is None
-                   else Int8UNet(inference_network(self.model, portable=True), dict(self._int8)))
+            net = inference_network(self.model) if self._int8 is None else self._int8_network()
             built = self._network["built"] = (state, net)
         return built[1]
+
+    def _int8_network(self) -> Int8UNet:
+        """:class:`Int8UNet` of the model as it is now, with ``int8_ranges``.
+
+        Raises:
+            UnetsegError: the model was changed since into one int8 does not run (its long skips lesioned).
+        """
+        try:
+            return Int8UNet(inference_network(self.model, portable=True), dict(self._int8))
+        except ValueError as exc:
+            raise UnetsegError(f"{exc}; set int8_ranges to None first") from None
 
     def _layout(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch`` on the device, in the memory format :func:`inference_network` uses."""
@@ -609,7 +619,8 @@ class Segmenter(Predictor):
         return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
 
 
-def int8_ranges(name_or_path: str | Path, checkpoint: Checkpoint | None = None, device: str = "cpu") -> Ranges:
+def int8_ranges(name_or_path: str | Path, checkpoint: Checkpoint | None = None,
+                device: str | torch.device = "cpu") -> Ranges:
     """The int8 calibration ranges of a checkpoint (``checkpoint``: it, already loaded), once its network is found
     to run in int8 on ``device`` with this PyTorch.
 
@@ -618,23 +629,23 @@ def int8_ranges(name_or_path: str | Path, checkpoint: Checkpoint | None = None, 
             cover, no calibration beside it, or one made for other weights (each says what to do).
     """
     checkpoint = checkpoint if checkpoint is not None else Checkpoint.load(name_or_path)
-    problem = (int8_problem(build_model(checkpoint.model_args)) if resolve_device(device).type == "cpu"
+    where = device if isinstance(device, torch.device) else resolve_device(device)
+    problem = (int8_problem(build_model(checkpoint.model_args)) if where.type == "cpu"
                else "int8 inference runs on the CPU; pass --device cpu")
     if problem:
         raise UnetsegError(f"{name_or_path}: {problem}")
     return read_int8_calibration(name_or_path)["ranges"]
 
 
-def int8_validation(name_or_path: str | Path) -> dict[str, Any] | None:
-    """What ``unetseg quantize`` measured on the validation split for a checkpoint (the ``validation`` entry of its
-    calibration) when it can run in int8 here, else None: no calibration, one for other weights, or a PyTorch
-    without an x86 quantized engine."""
-    if quantized_engine() is None:
-        return None
+def int8_validation(name_or_path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` when a checkpoint can run in int8 on this machine's CPU, ``record`` being what ``unetseg
+    quantize`` measured on its validation split; else ``(None, why not)``, one line that says what to do (the
+    reasons of :func:`int8_ranges`)."""
     try:
-        return read_int8_calibration(name_or_path)["validation"]
-    except UnetsegError:
-        return None
+        int8_ranges(name_or_path)
+        return read_int8_calibration(name_or_path)["validation"], None
+    except UnetsegError as exc:
+        return None, str(exc)
 
 
 def dataset_kind(dataset: str | None) -> str | None:

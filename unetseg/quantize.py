@@ -49,8 +49,8 @@ def quantize(checkpoint: str | Path, data_root: str | Path | None, num_cases: in
         num_cases: training cases drawn (with ``seed``) for the ranges.
 
     Raises:
-        UnetsegError: a network int8 does not support, a checkpoint without data set or split, or training cases
-            missing under the data root.
+        UnetsegError: a network int8 does not support, a checkpoint without data set or split, ``num_cases`` under
+            1, or training cases missing under the data root.
     """
     name = str(checkpoint)
     loaded = Checkpoint.load(checkpoint)

@@ -191,7 +191,8 @@ class Int8UNet(nn.Module):
         if missing:
             raise ValueError(f"no calibration range for {', '.join(missing[:3])}; calibrate this network again")
         torch.backends.quantized.engine = quantized_engine()  # read when the weights are packed below
-        self.pad = net.input_padding
+        # what UNet.input_padding reads, so the float network is not kept alive with this one
+        self.size_multiple, self.pad_to_multiple = net.size_multiple, net.pad_to_multiple
         self.input_params = quantization_params(*ranges["input"])
         self.act = _in_place_activation(net.encoder[0].act)
         self.convs = nn.ModuleDict()
@@ -217,7 +218,7 @@ class Int8UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
-        pad = self.pad(spatial)
+        pad = UNet.input_padding(self, spatial)
         x = F.pad(x.float(), [0, pad[1], 0, pad[0]])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_DEPRECATION, category=UserWarning)
