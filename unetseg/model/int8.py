@@ -1,10 +1,12 @@
 """Int8 inference of a 2D :class:`UNet` on the CPU, with PyTorch's quantized kernels (FBGEMM / oneDNN).
 
-Post-training static quantization, as PyTorch's own eager and FX workflows do it, written out for this network:
+Post-training static quantization with min/max calibration, written out for this network with PyTorch's quantized
+modules and operators:
 
 - weights: symmetric int8, one scale per output channel (the largest absolute weight maps to 127);
-- activations: asymmetric unsigned integers over the range each tensor took on calibration images
-  (:func:`activation_ranges`), with :data:`ACTIVATION_MAX` + 1 levels;
+- activations: unsigned integers; the range each convolution's output took on calibration images
+  (:func:`activation_ranges`, before the activation) maps to the levels 0..:data:`ACTIVATION_MAX`, the levels
+  above are headroom; activations run in place on those levels, concatenations requantize over both ranges;
 - the network input is quantized once, the 1x1 head runs in float32 on the dequantized last features, so the
   logits come back in float32.
 
