@@ -21,7 +21,6 @@ import numpy as np
 from unetseg.checkpoint import Checkpoint
 from unetseg.errors import UnetsegError
 from unetseg.infer import Predictor, Segmenter, dataset_kind
-from unetseg.model.int8 import Ranges
 
 # A cross-validation folder (unetseg.cv) is an ensemble too: its manifest names it, its folds are its members.
 CV_MANIFEST = "cv.json"
@@ -109,14 +108,11 @@ class Ensemble(Predictor):
 
     @classmethod
     def from_payloads(
-        cls, payloads: Sequence[Checkpoint | dict[str, Any]], names: Sequence[str], device: str = "cpu",
-        int8_ranges: Sequence[Ranges | None] | None = None,
+        cls, payloads: Sequence[Checkpoint | dict[str, Any]], names: Sequence[str], device: str = "cpu"
     ) -> Ensemble:
         """Build from :class:`~unetseg.checkpoint.Checkpoint` s, or the dicts
-        :func:`~unetseg.checkpoint.load_checkpoint` returns; ``int8_ranges``: one per member (None: float32)."""
-        ranges = list(int8_ranges) if int8_ranges is not None else [None] * len(payloads)
-        return cls([Segmenter.from_payload(p, device, int8_ranges=r) for p, r in zip(payloads, ranges, strict=True)],
-                   names)
+        :func:`~unetseg.checkpoint.load_checkpoint` returns."""
+        return cls([Segmenter.from_payload(p, device) for p in payloads], names)
 
     @property
     def spatial_dims(self) -> int:

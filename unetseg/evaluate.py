@@ -18,7 +18,7 @@ from unetseg.checkpoint import Checkpoint, Preprocessing
 from unetseg.data.datasets import Case, CaseRef, DatasetInfo, dataset_info, list_all_cases, load_cases, unlabelled_note
 from unetseg.errors import UnetsegError
 from unetseg.ensemble import Ensemble, expand_checkpoints
-from unetseg.infer import Segmenter, int8_ranges
+from unetseg.infer import Segmenter, int8_calibration
 from unetseg.instances import average_precision, split_instances
 from unetseg.metrics import score_case, summarize
 from unetseg.model import UNet
@@ -174,9 +174,12 @@ def evaluate(
     loaded = [Checkpoint.load(c) for c in checkpoints]
     names = [str(c) for c in checkpoints]
     checkpoint = " + ".join(names)
-    ranges = [int8_ranges(c, payload, device) if int8 else None for c, payload in zip(checkpoints, loaded)]
-    segmenter = (Segmenter.from_payload(loaded[0], device=device, int8_ranges=ranges[0]) if len(loaded) == 1
-                 else Ensemble.from_payloads(loaded, names, device=device, int8_ranges=ranges))
+    segmenter = (Segmenter.from_payload(loaded[0], device=device) if len(loaded) == 1
+                 else Ensemble.from_payloads(loaded, names, device=device))
+    if int8:
+        members = segmenter.members if isinstance(segmenter, Ensemble) else [segmenter]
+        for name, member in zip(checkpoints, members, strict=True):
+            member.int8_ranges = int8_calibration(name, member)["ranges"]
     trained = shared_training(loaded, names, same_validation=split == "val")
     dataset = dataset or trained.dataset
     if dataset is None:

@@ -412,24 +412,30 @@ class Segmenter(Predictor):
     @classmethod
     def from_checkpoint(cls, name_or_path: str | Path, device: str = "cpu", int8: bool = False) -> Segmenter:
         """Build from a checkpoint path, run folder, or shipped model name; ``int8``: with the int8 calibration
-        beside the checkpoint (:func:`int8_ranges`, which says what is missing and how to make it)."""
-        checkpoint = Checkpoint.load(name_or_path)
-        ranges = int8_ranges(name_or_path, checkpoint, device) if int8 else None
-        return cls.from_payload(checkpoint, device, int8_ranges=ranges)
+        beside the checkpoint (:func:`int8_calibration`, which says what is missing and how to make it)."""
+        segmenter = cls.from_payload(Checkpoint.load(name_or_path), device)
+        if int8:
+            segmenter.int8_ranges = int8_calibration(name_or_path, segmenter)["ranges"]
+        return segmenter
+
+    def int8_problem(self) -> str | None:
+        """Why this segmenter cannot run in int8 (one line), else None: a device other than the CPU, or a network
+        :func:`~unetseg.model.int8.int8_problem` refuses."""
+        if self.device.type != "cpu":
+            return f"int8 inference runs on the CPU, not {self.device}; pass --device cpu"
+        return int8_problem(self.model)
 
     @property
     def int8_ranges(self) -> dict[str, tuple[float, float]] | None:
         """The calibrated activation ranges the network runs in int8 with, or None (float32). Set it to switch;
-        it is checked (a 2D network on the CPU that :func:`~unetseg.model.int8.int8_problem` accepts) and copied."""
+        it is checked (:meth:`int8_problem`) and copied."""
         return None if self._int8 is None else dict(self._int8)
 
     @int8_ranges.setter
     def int8_ranges(self, ranges: Ranges | None) -> None:
-        if ranges is not None:
-            problem = (int8_problem(self.model) if self.device.type == "cpu"
-                       else f"int8 inference runs on the CPU, not {self.device}; pass --device cpu")
-            if problem:
-                raise UnetsegError(problem)
+        problem = None if ranges is None else self.int8_problem()
+        if problem:
+            raise UnetsegError(problem)
         # a tuple: a copy the caller cannot change, compared by value when the network is rebuilt
         self._int8 = None if ranges is None else tuple((k, (float(v[0]), float(v[1]))) for k, v in ranges.items())
 
@@ -619,31 +625,26 @@ class Segmenter(Predictor):
         return self.member_probabilities(image, self.tta_flips).argmax(axis=1)
 
 
-def int8_ranges(name_or_path: str | Path, checkpoint: Checkpoint | None = None,
-                device: str | torch.device = "cpu") -> Ranges:
-    """The int8 calibration ranges of a checkpoint (``checkpoint``: it, already loaded), once its network is found
-    to run in int8 on ``device`` with this PyTorch.
+def int8_calibration(name_or_path: str | Path, segmenter: Segmenter) -> dict[str, Any]:
+    """The int8 calibration of checkpoint ``name_or_path`` (:func:`~unetseg.checkpoint.read_int8_calibration`),
+    once ``segmenter``, its network on its device, is found to run in int8 (:meth:`Segmenter.int8_problem`).
 
     Raises:
         UnetsegError: naming the checkpoint: a device other than the CPU, a network or PyTorch int8 does not
             cover, no calibration beside it, or one made for other weights (each says what to do).
     """
-    checkpoint = checkpoint if checkpoint is not None else Checkpoint.load(name_or_path)
-    where = device if isinstance(device, torch.device) else resolve_device(device)
-    problem = (int8_problem(build_model(checkpoint.model_args)) if where.type == "cpu"
-               else "int8 inference runs on the CPU; pass --device cpu")
+    problem = segmenter.int8_problem()
     if problem:
         raise UnetsegError(f"{name_or_path}: {problem}")
-    return read_int8_calibration(name_or_path)["ranges"]
+    return read_int8_calibration(name_or_path)
 
 
 def int8_validation(name_or_path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     """``(record, None)`` when a checkpoint can run in int8 on this machine's CPU, ``record`` being what ``unetseg
     quantize`` measured on its validation split; else ``(None, why not)``, one line that says what to do (the
-    reasons of :func:`int8_ranges`)."""
+    reasons of :func:`int8_calibration`)."""
     try:
-        int8_ranges(name_or_path)
-        return read_int8_calibration(name_or_path)["validation"], None
+        return int8_calibration(name_or_path, Segmenter.from_checkpoint(name_or_path))["validation"], None
     except UnetsegError as exc:
         return None, str(exc)
 

@@ -24,7 +24,7 @@ from unetseg.errors import UnetsegError
 from unetseg.evaluate import scored_cases, shared_training
 from unetseg.infer import Segmenter, inference_network
 from unetseg.metrics import score_case, summarize
-from unetseg.model.int8 import activation_ranges, int8_problem
+from unetseg.model.int8 import activation_ranges
 from unetseg.progress import progress_bar
 
 CALIBRATION_IMAGES = 32  # training cases whose images (or volumes' slices) set the activation ranges
@@ -55,7 +55,7 @@ def quantize(checkpoint: str | Path, data_root: str | Path | None, num_cases: in
     name = str(checkpoint)
     loaded = Checkpoint.load(checkpoint)
     float32 = Segmenter.from_payload(loaded)
-    problem = int8_problem(float32.model)
+    problem = float32.int8_problem()
     if problem:
         raise UnetsegError(f"{name}: {problem}")
     if loaded.dataset is None or not (loaded.split or {}).get("train"):
