@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetseg.model.blocks import ConvBlock
-from unetseg.model.unet import UNet
+from unetseg.model.unet import UNet, crop_to, pad_high_end
 
 # Calibrated ranges map to levels 0..127, not 0..255: CPUs without VNNI multiply uint8 by int8 in pairs summed into
 # int16 (vpmaddubsw), which 8-bit inputs can overflow; PyTorch's own x86 configs reduce the range the same way. The
@@ -221,7 +221,7 @@ class Int8UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         pad = UNet.input_padding(self, spatial)
-        x = F.pad(x.float(), [0, pad[1], 0, pad[0]])
+        x = pad_high_end(x.float(), pad)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_DEPRECATION, category=UserWarning)
             h = torch.quantize_per_tensor(x.contiguous(memory_format=torch.channels_last), *self.input_params,
@@ -236,4 +236,4 @@ class Int8UNet(nn.Module):
                 h = torch.ops.quantized.cat([encoded[level], h], 1, *self.cat_params[level])
             h = self._block(f"decoder_{level}_block", h)
         logits = self.head(h.dequantize())
-        return logits[..., :spatial[0], :spatial[1]] if any(pad) else logits
+        return crop_to(logits, spatial)

@@ -28,6 +28,18 @@ def resolve_skips(skips: bool | Sequence[bool], num_levels: int) -> tuple[bool, 
     return flags
 
 
+def pad_high_end(x: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
+    """``x`` ``(B, C, *S)`` with ``pad[i]`` zeros added at the high end of spatial axis ``i`` (itself if none)."""
+    if not any(pad):
+        return x
+    return F.pad(x, [v for p in reversed(pad) for v in (0, p)])  # F.pad: (last_lo, last_hi, ..., first_lo, ...)
+
+
+def crop_to(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """``x`` ``(B, C, *S')`` cut back to its first ``spatial`` voxels along each spatial axis (``S' >= S``)."""
+    return x if tuple(x.shape[2:]) == tuple(spatial) else x[(..., *(slice(0, s) for s in spatial))]
+
+
 class UNet(nn.Module):
     """Encoder-decoder segmentation network with symmetrical long skips.
 
@@ -160,9 +172,7 @@ class UNet(nn.Module):
             )
         spatial = x.shape[2:]
         pad = self.input_padding(spatial)
-        if any(pad):
-            # F.pad takes (last_lo, last_hi, ..., first_lo, first_hi): pad at the high end only.
-            x = F.pad(x, [v for p in reversed(pad) for v in (0, p)])
+        x = pad_high_end(x, pad)
 
         encoded: list[torch.Tensor] = []
         stages = getattr(self, "stages", None)
@@ -175,10 +185,7 @@ class UNet(nn.Module):
         for level in reversed(range(len(self.decoder))):
             up = self.decoder[level]
             x = up(x, encoded[level] if up.has_skip else None)
-        logits = self.head(x)
-        if any(pad):
-            logits = logits[(..., *(slice(0, s) for s in spatial))]
-        return logits
+        return crop_to(self.head(x), spatial)
 
     # ---- test-time lesions (Veit et al. 2016 style ablations) -------------------------
 
